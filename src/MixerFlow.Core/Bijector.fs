@@ -1,0 +1,153 @@
+namespace MixerFlow.Core
+
+open System
+open System.Runtime.InteropServices
+open TorchSharp
+open TorchSharp.Modules
+
+type Tensor = torch.Tensor
+
+/// The result of pushing a batch through a bijector: the transformed batch and log|det J|
+/// per sample (shape [batch]). Deconstructs in C# as `var (y, logDet) = b.Forward(x)`.
+[<Sealed; AllowNullLiteral>]
+type Transformed(value: Tensor, logDet: Tensor) =
+    member _.Value = value
+    member _.LogDet = logDet
+    member _.Deconstruct([<Out>] v: byref<Tensor>, [<Out>] l: byref<Tensor>) =
+        v <- value
+        l <- logDet
+
+/// What the generic checks need to know about a bijector beyond forward and inverse.
+type BijectorTraits =
+    { /// A surjection rather than a bijection (uniform dequantisation): inverse(forward(x)) = x
+      /// holds on the discrete data, the inverse is a rounding with no useful Jacobian.
+      Surjective: bool
+      /// Samples interact in training mode (batch normalisation uses batch statistics).
+      BatchCoupledInTraining: bool }
+    static member Bijective = { Surjective = false; BatchCoupledInTraining = false }
+
+/// Known zeros and ones of the Jacobian dy/dx (flattened per sample, row = output element):
+/// NaN where the entry is free. Couplings pin the rows of their conditioning half to the
+/// identity; autoregressive maps pin the upper triangle to zero.
+type IJacobianStructure =
+    abstract ExpectedJacobian: unit -> float[,]
+    abstract StructureDescription: string
+
+module internal Shapes =
+    let show (s: int64 seq) = "[" + String.Join(", ", s) + "]"
+    let numel (s: int64[]) = Array.fold (*) 1L s
+
+/// An invertible, differentiable map with learnable parameters, batch-first.
+/// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
+/// InputShape and OutputShape are the shapes of one sample (without the batch dimension).
+/// A subclass registers its parameters and buffers (register_parameter / register_buffer)
+/// under the same name as the field that holds them, so that `to(device | dtype)` updates
+/// the field too.
+[<AbstractClass>]
+type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
+    inherit torch.nn.Module(name)
+    do
+        if Shapes.numel inputShape <> Shapes.numel outputShape then
+            invalidArg "outputShape"
+                (sprintf "%s: input %s and output %s hold different numbers of elements; a bijection cannot change the dimension"
+                    name (Shapes.show inputShape) (Shapes.show outputShape))
+
+    member _.Name = name
+    member _.InputShape = Array.copy inputShape
+    member _.OutputShape = Array.copy outputShape
+    member _.InputSize = Shapes.numel inputShape
+    /// The forward map x -> y with log|det dy/dx| per sample.
+    abstract Forward: x: Tensor -> Transformed
+    /// The inverse map y -> x with log|det dx/dy| per sample.
+    abstract Inverse: y: Tensor -> Transformed
+    abstract Traits: BijectorTraits
+    default _.Traits = BijectorTraits.Bijective
+
+    /// Throws a clear error unless `t` is a batch of samples of `shape`.
+    member this.CheckShape(t: Tensor, shape: int64[], what: string) =
+        let s = t.shape
+        if s.Length <> shape.Length + 1 || s.[1..] <> shape then
+            invalidArg what
+                (sprintf "%s expects %s of shape [batch, %s], got %s"
+                    this.Name what (String.Join(", ", shape)) (Shapes.show s))
+
+    override this.ToString() =
+        sprintf "%s %s -> %s" this.Name (Shapes.show inputShape) (Shapes.show outputShape)
+
+/// Helpers shared by the bijector implementations.
+module Ops =
+    let inline scalar (v: float) : Scalar = Scalar.op_Implicit v
+    /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
+    let sumPerSample (t: Tensor) : Tensor =
+        if t.dim() = 1L then t else t.flatten(1L).sum(1L)
+    /// A per-sample log-det that is the same constant for every sample of `like`'s batch.
+    let constantLogDet (like: Tensor) (value: Tensor) : Tensor =
+        value.reshape(1L).expand(like.shape.[0]).contiguous()
+    let zeroLogDet (like: Tensor) : Tensor =
+        torch.zeros([| like.shape.[0] |], dtype = like.dtype, device = like.device)
+    let batchShape (batch: int64) (shape: int64[]) = Array.append [| batch |] shape
+    /// The inverse of a permutation given as an index array.
+    let inversePermutation (perm: int64[]) =
+        let inv = Array.zeroCreate perm.Length
+        perm |> Array.iteri (fun i p -> inv.[int p] <- int64 i)
+        inv
+    /// Standard normal log density per sample (sum over event elements).
+    let standardNormalLogProb (z: Tensor) : Tensor =
+        sumPerSample ((z * z + scalar (Math.Log(2.0 * Math.PI))) * scalar -0.5)
+    /// Moves a module's parameters and buffers to a dtype and a device.
+    let moveTo (dtype: torch.ScalarType) (device: torch.Device) (m: 'M when 'M :> torch.nn.Module) : unit =
+        TorchSharp.ModuleExtensionMethods.``to``(m, dtype) |> ignore
+        TorchSharp.ModuleExtensionMethods.``to``(m, device) |> ignore
+
+/// A chain of bijectors applied left to right: log-det = sum of the parts' log-dets;
+/// the inverse applies the parts' inverses in reverse order.
+type Chain private (parts: Bijector[], _dummy: unit) as this =
+    inherit Bijector("Chain", parts.[0].InputShape, parts.[parts.Length - 1].OutputShape)
+    let parts = new ModuleList<Bijector>(parts)
+    do this.register_module("parts", parts)
+
+    new(parts: Bijector seq) =
+        let arr = Seq.toArray parts
+        if arr.Length = 0 then invalidArg "parts" "Chain needs at least one bijector"
+        for i in 1 .. arr.Length - 1 do
+            if arr.[i - 1].OutputShape <> arr.[i].InputShape then
+                invalidArg "parts"
+                    (sprintf "Chain: part %d (%s) outputs %s but part %d (%s) expects %s"
+                        (i - 1) arr.[i - 1].Name (Shapes.show arr.[i - 1].OutputShape)
+                        i arr.[i].Name (Shapes.show arr.[i].InputShape))
+        Chain(arr, ())
+
+    member _.Parts : Bijector list = [ for p in parts -> p ]
+    member _.Count = parts.Count
+
+    override _.Forward(x) =
+        let mutable h = x
+        let mutable ld : Tensor = null
+        for p in parts do
+            let r = p.Forward h
+            h <- r.Value
+            ld <- if isNull ld then r.LogDet else ld + r.LogDet
+        Transformed(h, ld)
+
+    override _.Inverse(y) =
+        let mutable h = y
+        let mutable ld : Tensor = null
+        for i in parts.Count - 1 .. -1 .. 0 do
+            let r = parts.[i].Inverse h
+            h <- r.Value
+            ld <- if isNull ld then r.LogDet else ld + r.LogDet
+        Transformed(h, ld)
+
+    override _.Traits =
+        { Surjective = parts |> Seq.exists (fun p -> p.Traits.Surjective)
+          BatchCoupledInTraining = parts |> Seq.exists (fun p -> p.Traits.BatchCoupledInTraining) }
+
+/// The inverse of a bijector as a bijector: forward and inverse swapped.
+type Inverted(inner: Bijector) as this =
+    inherit Bijector("Inverse(" + inner.Name + ")", inner.OutputShape, inner.InputShape)
+    let inner = inner
+    do this.register_module("inner", inner)
+    member _.Inner = inner
+    override _.Forward(y) = inner.Inverse y
+    override _.Inverse(x) = inner.Forward x
+    override _.Traits = inner.Traits

@@ -1,0 +1,151 @@
+namespace MixerFlow.Core
+
+open System
+open TorchSharp
+open MixerFlow.Core.Ops
+
+/// The built-in bijectors as check specifications: random shapes and options per case. Used by
+/// the property tests and by the `check` command. A new bijector gets every check by adding a
+/// spec here (or by writing a BijectorSpec of its own).
+module Catalogue =
+    let private between (r: Random) lo hi = int64 (r.Next(lo, hi + 1))
+    let private pick (r: Random) (xs: 'a[]) = xs.[r.Next xs.Length]
+    let private spec name (build: Random -> Bijector) = BijectorSpec(name, Func<Random, Bijector>(build))
+    let private specWith name (build: Random -> Bijector) sampler edgesIn edgesOut =
+        BijectorSpec(name, Func<Random, Bijector>(build), sampler, edgesIn, edgesOut)
+
+    /// A vector [d] or an image [c, h, w] event.
+    let private anyShape (r: Random) =
+        if r.Next 2 = 0 then [| between r 2 6 |] else [| between r 1 3; between r 1 3; between r 1 3 |]
+    let private imageShape (r: Random) = [| between r 1 2; 2L * between r 1 2; 2L * between r 1 2 |]
+    let private partition (r: Random) d =
+        let p = if r.Next 2 = 0 then Partition.Halves d else Partition.Alternating d
+        if r.Next 2 = 0 then p else p.Swapped
+    let private mlp (r: Random) = Conditioners.Mlp(between r 4 12, r.Next(1, 3))
+    /// A permutation seed from the torch generator (not the shape seed), so that a fresh
+    /// instance in the save/load check gets a different permutation unless it is loaded.
+    let private torchSeed () = int (torch.randint(0L, 1_000_000L, [| 1L |]).item<int64>())
+
+    let actNorm =
+        spec "actnorm" (fun r ->
+            let s = anyShape r
+            if s.Length = 3 && r.Next 2 = 0 then new ActNorm(s, [| 0 |]) else new ActNorm(s))
+    let batchNorm =
+        spec "batchnorm" (fun r ->
+            let s = anyShape r
+            if s.Length = 3 && r.Next 2 = 0 then new BatchNormFlow(s, [| 0 |]) else new BatchNormFlow(s))
+    let affineCoupling =
+        spec "affine-coupling" (fun r ->
+            let d = between r 2 8
+            new AffineCoupling([| d |], partition r d, mlp r, pick r [| SoftClamp 2.0; SoftClamp 1.0; Sigmoid |]))
+    let affineCouplingConv =
+        spec "affine-coupling-conv" (fun r ->
+            let c = 2L * between r 1 2
+            new AffineCoupling([| c; between r 2 3; between r 2 3 |], partition r c, Conditioners.Conv(between r 4 8)))
+    let additiveCoupling =
+        spec "additive-coupling" (fun r ->
+            let d = between r 2 8
+            new AdditiveCoupling([| d |], partition r d, mlp r))
+
+    let private splineCouplingBuild (r: Random) : Bijector =
+        let d = between r 2 6
+        new SplineCoupling([| d |], partition r d, mlp r, r.Next(2, 7), float (between r 1 3))
+    let splineCoupling =
+        specWith "spline-coupling" splineCouplingBuild
+            // Wider than the spline's interval, so that both tails are exercised.
+            (Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5))
+            // Inputs exactly on knots (bin boundaries), on +-bound, just inside and outside, and far out.
+            (Func<Bijector, Tensor>(fun b ->
+                let s = b :?> SplineCoupling
+                let x = torch.randn(batchShape 6L b.InputShape, dtype = torch.float64) * scalar 2.0
+                let knots = s.InputKnots(x.to_type(s.Partition |> fun _ -> (s.parameters() |> Seq.head).dtype))
+                let tIdx = torch.tensor(s.Partition.Transformed)
+                let bound = s.Bound
+                let special = torch.tensor([| -bound; bound; -bound - 1e-9; bound + 1e-9; -bound + 1e-9; bound - 1e-9; -1e3; 1e3; 0.0 |], dtype = torch.float64)
+                let nB = tIdx.shape.[0]
+                let rows =
+                    [| for i in 0L .. 5L ->
+                        let row = x.[i].clone()
+                        let values =
+                            if i < 3L then
+                                // pick knot (i*j) mod (K+1) for transformed element j
+                                let k = knots.shape.[2]
+                                torch.stack([| for j in 0L .. nB - 1L -> knots.[i, j, (i * 3L + j) % k].to_type(torch.float64) |])
+                            else
+                                torch.stack([| for j in 0L .. nB - 1L -> special.[((i - 3L) * 3L + j) % special.shape.[0]] |])
+                        row.index_copy_(0L, tIdx, values) |]
+                torch.stack(rows)))
+            (Func<Bijector, Tensor>(fun b ->
+                let s = b :?> SplineCoupling
+                torch.tensor([| -s.Bound; s.Bound; -1e3; 1e3; 0.0 |], dtype = torch.float64).unsqueeze(1L).expand(5L, b.InputShape.[0]).contiguous()))
+
+    let maf = spec "maf" (fun r -> new MaskedAutoregressive(between r 2 6, between r 6 12, r.Next(1, 3)))
+    let permutationReverse = spec "permutation-reverse" (fun r -> Permutation.Reverse(anyShape r))
+    let permutationRandom =
+        spec "permutation-random" (fun r ->
+            let s = anyShape r
+            Permutation.Random((if s.[0] < 2L then [| 4L |] else s), torchSeed ()))
+    let luLinear = spec "lu-linear" (fun r -> LULinear.Vector(between r 2 6))
+    let conv1x1 = spec "conv1x1" (fun r -> LULinear.Conv1x1(between r 2 4, between r 1 3, between r 1 3))
+    let squeeze = spec "squeeze" (fun r -> new Squeeze(imageShape r))
+    let private patchify strategy name =
+        spec name (fun r ->
+            let c, h, w = between r 1 2, between r 1 2, between r 1 2
+            let p = between r 1 2
+            new Patchify([| c; h * p; w * p |], strategy, p))
+    let patchifySquare = patchify PatchStrategy.Square "patchify-square"
+    let patchifyBands = patchify PatchStrategy.Bands "patchify-bands"
+    let patchifyStripes = patchify PatchStrategy.Stripes "patchify-stripes"
+    let shift =
+        spec "shift" (fun r ->
+            let s = [| between r 1 2; between r 2 5; between r 2 5 |]
+            new Shift(s, between r -3 3, between r -3 3))
+    let private vectorFlow (r: Random) (d: int64) : Bijector =
+        match r.Next 3 with
+        | 0 -> new AffineCoupling([| d |], partition r d, mlp r)
+        | 1 -> new MaskedAutoregressive(d, between r 4 8, 1)
+        | _ -> new Chain([ new ActNorm([| d |]) :> Bijector; new AdditiveCoupling([| d |], partition r d, mlp r) ])
+    let rowWise =
+        spec "row-wise" (fun r ->
+            let d = between r 2 4
+            new RowWise(between r 2 4, vectorFlow r d))
+    let columnWise =
+        spec "column-wise" (fun r ->
+            let p = between r 2 4
+            new ColumnWise(between r 2 4, vectorFlow r p))
+    let dequantize =
+        specWith "dequantize" (fun r -> new Dequantize(anyShape r))
+            (Func<Bijector, int64, Tensor>(fun b n -> torch.randint(0L, 256L, batchShape n b.InputShape).to_type(torch.float32)))
+            (Func<Bijector, Tensor>(fun b ->
+                let n = b.InputSize
+                torch.stack([| torch.zeros(b.InputShape); torch.full(b.InputShape, scalar 255.0) |])))
+            null
+    let logit =
+        specWith "logit" (fun r -> new Logit(anyShape r, pick r [| 0.05; 0.01; 1e-3 |]))
+            (Func<Bijector, int64, Tensor>(fun b n -> torch.rand(batchShape n b.InputShape)))
+            (Func<Bijector, Tensor>(fun b ->
+                torch.stack([| for v in [ 0.0; 1.0; 1e-12; 1.0 - 1e-12 ] -> torch.full(b.InputShape, scalar v, dtype = torch.float64) |])))
+            (Func<Bijector, Tensor>(fun b ->
+                torch.stack([| for v in [ -40.0; 40.0; -1e4; 1e4 ] -> torch.full(b.InputShape, scalar v, dtype = torch.float64) |])))
+    let chain =
+        spec "chain" (fun r ->
+            let d = between r 2 6
+            new Chain(
+                [ new ActNorm([| d |]) :> Bijector
+                  new AffineCoupling([| d |], partition r d, mlp r)
+                  LULinear.Vector d
+                  Permutation.Random([| d |], torchSeed ())
+                  new SplineCoupling([| d |], partition r d, mlp r) ]))
+    let inverted = spec "inverted-maf" (fun r -> new Inverted(new MaskedAutoregressive(between r 2 5, 8L, 1)))
+
+    /// Every built-in family, in catalogue order.
+    let all : BijectorSpec list =
+        [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
+          permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
+          patchifyStripes; shift; rowWise; columnWise; dequantize; logit; chain; inverted ]
+
+    /// Looks a family up by name; the error lists the names that exist.
+    let find (name: string) =
+        match all |> List.tryFind (fun s -> String.Equals(s.Name, name, StringComparison.OrdinalIgnoreCase)) with
+        | Some s -> s
+        | None -> invalidArg "name" (sprintf "no built-in bijector named '%s'; known: %s" name (String.Join(", ", all |> List.map (fun s -> s.Name))))

@@ -1,0 +1,69 @@
+namespace MixerFlow.Core
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+
+/// Builds a conditioner network from (input features, output features). For vector events the
+/// network maps [B, in] -> [B, out]; for image events [B, in, H, W] -> [B, out, H, W].
+type ConditionerFactory = Func<int64, int64, torch.nn.Module<Tensor, Tensor>>
+
+/// Conditioner networks. The last layer is zero-initialised so a new coupling layer is the
+/// identity (Kingma & Dhariwal 2018, section 3.3).
+[<AbstractClass; Sealed>]
+type Conditioners =
+    static member private ZeroLast(m: torch.nn.Module) =
+        use _ = torch.no_grad()
+        for p in m.parameters() do p.zero_() |> ignore
+
+    /// A multilayer perceptron with `depth` hidden layers of `width` units and ReLU.
+    static member Mlp(width: int64, depth: int) : ConditionerFactory =
+        if width < 1L || depth < 1 then invalidArg "width" (sprintf "Mlp needs width >= 1 and depth >= 1, got %d and %d" width depth)
+        ConditionerFactory(fun inF outF ->
+            let layers = ResizeArray<torch.nn.Module<Tensor, Tensor>>()
+            let mutable d = inF
+            for _ in 1 .. depth do
+                layers.Add(torch.nn.Linear(d, width))
+                layers.Add(torch.nn.ReLU())
+                d <- width
+            let last = torch.nn.Linear(d, outF)
+            Conditioners.ZeroLast last
+            layers.Add last
+            torch.nn.Sequential(layers.ToArray()))
+
+    /// Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
+    static member Conv(width: int64) : ConditionerFactory =
+        if width < 1L then invalidArg "width" (sprintf "Conv needs width >= 1, got %d" width)
+        ConditionerFactory(fun inC outC ->
+            let last = torch.nn.Conv2d(width, outC, 3L, padding = 1L)
+            Conditioners.ZeroLast last
+            torch.nn.Sequential(
+                [| torch.nn.Conv2d(inC, width, 3L, padding = 1L) :> torch.nn.Module<Tensor, Tensor>
+                   torch.nn.ReLU()
+                   torch.nn.Conv2d(width, width, 1L)
+                   torch.nn.ReLU()
+                   last |]))
+
+/// Which slices along the first event axis (features of a vector, channels of an image)
+/// condition the coupling and which are transformed.
+[<Sealed>]
+type Partition(conditioning: int64[], transformed: int64[]) =
+    do
+        let all = Array.append conditioning transformed |> Array.sort
+        if conditioning.Length = 0 || transformed.Length = 0 || all <> Array.init all.Length int64 then
+            invalidArg "conditioning"
+                (sprintf "Partition: conditioning %A and transformed %A must be non-empty and together cover 0..n-1 once" conditioning transformed)
+    member _.Conditioning = Array.copy conditioning
+    member _.Transformed = Array.copy transformed
+    member _.Size = conditioning.Length + transformed.Length
+    /// The roles swapped.
+    member _.Swapped = Partition(transformed, conditioning)
+    /// The first half conditions the second (the split of RealNVP and Glow).
+    static member Halves(n: int64) =
+        if n < 2L then invalidArg "n" (sprintf "a coupling needs at least 2 features, got %d" n)
+        let h = n / 2L
+        Partition([| 0L .. h - 1L |], [| h .. n - 1L |])
+    /// Even indices condition the odd ones (an alternating mask).
+    static member Alternating(n: int64) =
+        if n < 2L then invalidArg "n" (sprintf "a coupling needs at least 2 features, got %d" n)
+        Partition([| 0L .. 2L .. n - 1L |], [| 1L .. 2L .. n - 1L |])

@@ -1,0 +1,58 @@
+namespace MixerFlow.Core
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+open MixerFlow.Core.Ops
+
+/// Invertible linear map over the first event axis with an LU parametrisation (Kingma &
+/// Dhariwal 2018, Glow, section 3.2): W = P L (U + diag(sign * exp(logS))), P fixed, L unit lower
+/// triangular, U strictly upper. Applied to every position of the remaining axes, so on an
+/// image [C, H, W] it is Glow's invertible 1x1 convolution. log|det| = positions * sum(logS).
+/// Initialised from a random rotation.
+type LULinear(eventShape: int64[]) as this =
+    inherit Bijector((if eventShape.Length = 1 then "LULinear" else "Conv1x1"), eventShape, eventShape)
+    do if eventShape.Length = 0 then invalidArg "eventShape" "LULinear needs at least one event axis"
+    let c = eventShape.[0]
+    let positions = float (Shapes.numel eventShape / c)
+    let struct (q, _) = torch.linalg.qr(torch.randn(c, c))
+    let struct (pInit, lInit, uInit) = torch.linalg.lu(q)
+    let sInit = uInit.diagonal()
+    let permutationMatrix = pInit
+    let signS = sInit.sign()
+    let lowerMask = torch.ones(c, c).tril(-1L)
+    let upperMask = torch.ones(c, c).triu(1L)
+    let lower = new Parameter(lInit * lowerMask)
+    let upper = new Parameter(uInit * upperMask)
+    let logS = new Parameter(sInit.abs().log())
+    do
+        this.register_buffer("permutationMatrix", permutationMatrix)
+        this.register_buffer("signS", signS)
+        this.register_buffer("lowerMask", lowerMask)
+        this.register_buffer("upperMask", upperMask)
+        this.register_parameter("lower", lower)
+        this.register_parameter("upper", upper)
+        this.register_parameter("logS", logS)
+
+    static member Vector(dim: int64) = new LULinear([| dim |])
+    static member Conv1x1(channels: int64, height: int64, width: int64) = new LULinear([| channels; height; width |])
+
+    member _.L = lower * lowerMask + torch.eye(c, dtype = lower.dtype, device = lower.device)
+    member _.U = upper * upperMask + torch.diag(signS * logS.exp())
+    /// The weight matrix W = P L U.
+    member this.Weight = permutationMatrix.matmul(this.L.matmul(this.U))
+
+    override this.Forward(x) =
+        this.CheckShape(x, eventShape, "input")
+        let b = x.shape.[0]
+        let y = this.Weight.matmul(x.reshape(b, c, -1L)).reshape(x.shape)
+        Transformed(y, constantLogDet x (logS.sum() * scalar positions))
+
+    override this.Inverse(y) =
+        this.CheckShape(y, eventShape, "input")
+        let b = y.shape.[0]
+        // x = U^-1 L^-1 P^T y by two triangular solves.
+        let r = permutationMatrix.t().matmul(y.reshape(b, c, -1L))
+        let z = torch.linalg.solve_triangular(this.L, r, upper = false, unitriangular = true)
+        let x = torch.linalg.solve_triangular(this.U, z, upper = true)
+        Transformed(x.reshape(y.shape), constantLogDet y (logS.sum() * scalar -positions))

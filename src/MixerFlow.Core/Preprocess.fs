@@ -1,0 +1,56 @@
+namespace MixerFlow.Core
+
+open System
+open TorchSharp
+open MixerFlow.Core.Ops
+
+/// Uniform dequantisation (Theis, van den Oord & Bethge 2016; Dinh et al. 2017): 8-bit pixel
+/// values x in {0..255} (stored as floats) -> y = (x + u) / 256 with u ~ U[0, 1), so y lies in
+/// [0, 1). log|det dy/dx| = -n log 256, which makes a continuous density on y a bound on the
+/// probability of the discrete x (bits/dim of the 8-bit data). The inverse rounds down:
+/// inverse(forward(x)) = x; it is a surjection, not a bijection.
+type Dequantize(eventShape: int64[], levels: int) =
+    inherit Bijector("Dequantize", eventShape, eventShape)
+    let logLevels = Math.Log(float levels) * float (Shapes.numel eventShape)
+    new(eventShape) = Dequantize(eventShape, 256)
+    member _.Levels = levels
+    override this.Forward(x) =
+        this.CheckShape(x, eventShape, "input")
+        let y = (x + torch.rand_like(x)) / scalar (float levels)
+        Transformed(y, torch.full([| x.shape.[0] |], scalar -logLevels, dtype = x.dtype, device = x.device))
+    override this.Inverse(y) =
+        this.CheckShape(y, eventShape, "input")
+        let x = (y * scalar (float levels)).floor().clamp(scalar 0.0, scalar (float (levels - 1)))
+        Transformed(x, torch.full([| y.shape.[0] |], scalar logLevels, dtype = y.dtype, device = y.device))
+    override _.Traits = { BijectorTraits.Bijective with Surjective = true }
+
+/// Logit transform with a margin (Dinh et al. 2017, RealNVP, section 4.1):
+/// y = logit(alpha + (1 - 2 alpha) x) for x in [0, 1]; the margin keeps y finite at 0 and 1.
+/// log|dy/dx| = log(1 - 2 alpha) - log p - log(1 - p), p = alpha + (1 - 2 alpha) x.
+type Logit(eventShape: int64[], alpha: float) =
+    inherit Bijector("Logit", eventShape, eventShape)
+    do if not (alpha > 0.0 && alpha < 0.5) then invalidArg "alpha" (sprintf "Logit: alpha must lie in (0, 0.5), got %g" alpha)
+    new(eventShape) = Logit(eventShape, 0.05)
+    member _.Alpha = alpha
+    override this.Forward(x) =
+        this.CheckShape(x, eventShape, "input")
+        let p = x * scalar (1.0 - 2.0 * alpha) + scalar alpha
+        let y = p.log() - (scalar 1.0 - p).log()
+        let ld = (p.log() + (scalar 1.0 - p).log()).neg() + scalar (Math.Log(1.0 - 2.0 * alpha))
+        Transformed(y, sumPerSample ld)
+    override this.Inverse(y) =
+        this.CheckShape(y, eventShape, "input")
+        let p = y.sigmoid()
+        let x = (p - scalar alpha) / scalar (1.0 - 2.0 * alpha)
+        // log p + log(1 - p) = logsigmoid(y) + logsigmoid(-y), stable for large |y|.
+        let ld = torch.nn.functional.logsigmoid(y) + torch.nn.functional.logsigmoid(y.neg()) - scalar (Math.Log(1.0 - 2.0 * alpha))
+        Transformed(x, sumPerSample ld)
+
+/// Bits per dimension of the discrete data from a log-likelihood in nats.
+[<AbstractClass; Sealed>]
+type Likelihood =
+    /// -log p / (n log 2), n = number of dimensions per sample.
+    static member BitsPerDim(logLikelihoodNats: Tensor, dimensions: int64) =
+        logLikelihoodNats.neg() / scalar (float dimensions * Math.Log 2.0)
+    /// Standard normal log density per sample.
+    static member StandardNormalLogProb(z: Tensor) = standardNormalLogProb z

@@ -1,0 +1,76 @@
+namespace MixerFlow.Core
+
+open System
+open TorchSharp
+open MixerFlow.Core.Ops
+
+/// Monotonic rational-quadratic splines (Durkan, Bekasov, Murray & Papamakarios 2019, "Neural
+/// Spline Flows", section 3.1 and appendix A; the formulas follow their reference code).
+/// K bins on [-bound, bound], identity (linear tails) outside; the derivative at both ends is 1.
+module Spline =
+    /// Minimum bin width, height (as fractions of 2 * bound) and derivative.
+    let minBinWidth = 1e-3
+    let minBinHeight = 1e-3
+    let minDerivative = 1e-3
+
+    /// Knot positions [..., K+1] and bin sizes [..., K] from unnormalised widths [..., K].
+    let knots (unnormalised: Tensor) (bound: float) (minSize: float) =
+        let k = unnormalised.shape.[int (unnormalised.dim() - 1L)]
+        let w = unnormalised.softmax(-1L) * scalar (1.0 - minSize * float k) + scalar minSize
+        let cum = w.cumsum(-1L) * scalar (2.0 * bound) - scalar bound
+        let zero = torch.full_like(cum.narrow(-1L, 0L, 1L), scalar -bound)
+        // Pin the last knot exactly at +bound, as the reference code does.
+        let cum = torch.cat([| zero; cum.narrow(-1L, 0L, k - 1L); torch.full_like(zero, scalar bound) |], -1L)
+        cum, cum.narrow(-1L, 1L, k) - cum.narrow(-1L, 0L, k)
+
+    /// Derivatives at the K+1 knots from K-1 unnormalised inner values; 1 at both ends.
+    let derivatives (unnormalised: Tensor) =
+        let inner = torch.nn.functional.softplus(unnormalised) + scalar minDerivative
+        let one = torch.ones_like(inner.narrow(-1L, 0L, 1L))
+        torch.cat([| one; inner; one |], -1L)
+
+    let private gather (t: Tensor) (idx: Tensor) = t.gather(-1L, idx).squeeze(-1L)
+
+    /// Applies the spline elementwise. x: [...]; widths, heights: [..., K]; derivs: [..., K-1].
+    /// Returns the output and log|dy/dx| elementwise. `inverse` solves the quadratic of the
+    /// reference code's appendix A for the inverse.
+    let apply (x: Tensor) (uw: Tensor) (uh: Tensor) (ud: Tensor) (bound: float) (inverse: bool) =
+        let inside = x.ge(scalar -bound).logical_and(x.le(scalar bound))
+        // Spline branch on clamped inputs, so that the unused branch of `where` stays finite.
+        let xc = x.clamp(scalar -bound, scalar bound)
+        let cumw, w = knots uw bound minBinWidth
+        let cumh, h = knots uh bound minBinHeight
+        let d = derivatives ud
+        let k = w.shape.[int (w.dim() - 1L)]
+        let locations = if inverse then cumh else cumw
+        // Bin index: number of knots at or below x, minus one, clamped to [0, K-1].
+        let idx = (xc.unsqueeze(-1L).ge(locations)).sum(-1L, keepdim = true).sub(scalar 1.0).clamp(scalar 0.0, scalar (float (k - 1L))).to_type(torch.int64)
+        let xk = gather cumw idx
+        let wk = gather w idx
+        let yk = gather cumh idx
+        let hk = gather h idx
+        let delta = hk / wk
+        let dk = gather d idx
+        let dk1 = gather (d.narrow(-1L, 1L, k)) idx
+        let y, logDeriv =
+            if not inverse then
+                let theta = (xc - xk) / wk
+                let t1t = theta * (scalar 1.0 - theta)
+                let numerator = hk * (delta * theta.pow(scalar 2.0) + dk * t1t)
+                let denominator = delta + (dk + dk1 - delta * scalar 2.0) * t1t
+                let y = yk + numerator / denominator
+                let dnum = delta.pow(scalar 2.0) * (dk1 * theta.pow(scalar 2.0) + delta * t1t * scalar 2.0 + dk * (scalar 1.0 - theta).pow(scalar 2.0))
+                y, dnum.log() - denominator.log() * scalar 2.0
+            else
+                let dy = xc - yk
+                let a = dy * (dk + dk1 - delta * scalar 2.0) + hk * (delta - dk)
+                let b = hk * dk - dy * (dk + dk1 - delta * scalar 2.0)
+                let c = delta.neg() * dy
+                let disc = (b.pow(scalar 2.0) - a * c * scalar 4.0).clamp_min(scalar 0.0)
+                let root = (c * scalar 2.0) / (b.neg() - disc.sqrt())
+                let x = root * wk + xk
+                let t1t = root * (scalar 1.0 - root)
+                let denominator = delta + (dk + dk1 - delta * scalar 2.0) * t1t
+                let dnum = delta.pow(scalar 2.0) * (dk1 * root.pow(scalar 2.0) + delta * t1t * scalar 2.0 + dk * (scalar 1.0 - root).pow(scalar 2.0))
+                x, (dnum.log() - denominator.log() * scalar 2.0).neg()
+        torch.where(inside, y, x), torch.where(inside, logDeriv, torch.zeros_like(logDeriv))

@@ -1,0 +1,58 @@
+/// Deliberately broken bijectors: each gets one thing wrong, and the checks must say so.
+module MixerFlow.Properties.Broken
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+open MixerFlow.Core
+open MixerFlow.Core.Ops
+
+/// A correct elementwise affine map y = x * exp(s) + t, with the defects switched on by flags.
+type FaultyAffine(dim: int64, fault: string) as this =
+    inherit Bijector("Faulty(" + fault + ")", [| dim |], [| dim |])
+    let logScale = new Parameter(torch.randn(dim) * scalar 0.5)
+    let shift = new Parameter(torch.randn(dim))
+    let unused = new Parameter(torch.randn(dim))
+    do
+        this.register_parameter("logScale", logScale)
+        this.register_parameter("shift", shift)
+        if fault = "unused-parameter" then this.register_parameter("unused", unused)
+    override this.Forward(x) =
+        let y = x * logScale.exp() + shift
+        let ld = constantLogDet x (logScale.sum())
+        let y =
+            match fault with
+            // Mixes samples: each output depends on the batch mean.
+            | "batch-mixing" -> y + x.mean([| 0L |], keepdim = true) * scalar 0.1
+            // Touches an element a coupling should leave alone, through another one.
+            | "leaky-structure" -> torch.cat([| y.narrow(1L, 0L, 1L) + x.narrow(1L, dim - 1L, 1L) * scalar 0.01; y.narrow(1L, 1L, dim - 1L) |], 1L)
+            | _ -> y
+        let ld =
+            match fault with
+            | "wrong-sign" -> ld.neg()
+            | "offset" -> ld + scalar 0.1
+            | _ -> ld
+        Transformed(y, ld)
+    override this.Inverse(y) =
+        let x = (y - shift) * logScale.neg().exp()
+        let x = if fault = "sloppy-inverse" then x * scalar (1.0 + 1e-3) else x
+        Transformed(x, constantLogDet y (logScale.sum().neg()))
+    interface IJacobianStructure with
+        member _.StructureDescription = "claims element 0 passes unchanged"
+        member _.ExpectedJacobian() =
+            let n = int dim
+            let j = Array2D.create n n Double.NaN
+            if fault = "leaky-structure" then
+                for c in 0 .. n - 1 do j.[0, c] <- if c = 0 then 1.0 else 0.0
+            j
+
+/// A bijector whose save/load loses a buffer: the offset is a plain field, not registered.
+type ForgetfulShift(dim: int64) =
+    inherit Bijector("ForgetfulShift", [| dim |], [| dim |])
+    let offset = torch.randn(dim)
+    override _.Forward(x) = Transformed(x + offset, zeroLogDet x)
+    override _.Inverse(y) = Transformed(y - offset, zeroLogDet y)
+
+let spec fault =
+    BijectorSpec("broken-" + fault, Func<Random, Bijector>(fun r -> new FaultyAffine(int64 (r.Next(2, 6)), fault)))
+let forgetful = BijectorSpec("broken-forgetful", Func<Random, Bijector>(fun r -> new ForgetfulShift(int64 (r.Next(2, 6)))))

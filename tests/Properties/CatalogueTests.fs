@@ -1,0 +1,41 @@
+/// Every check on every built-in bijector, in float64 and float32, with random shapes, seeds
+/// and randomised parameters (see Checks.instantiate).
+module MixerFlow.Properties.CatalogueTests
+
+open System
+open Xunit
+open TorchSharp
+open MixerFlow.Core
+
+let private options dtype = if dtype = "float64" then CheckOptions.Float64 else CheckOptions.Float32
+
+let cases () : seq<obj[]> =
+    seq {
+        for spec in Catalogue.all do
+            for kind in Enum.GetValues(typeof<CheckKind>) |> Seq.cast<CheckKind> do
+                for dtype in [ "float64"; "float32" ] do
+                    if (Checks.applicability spec kind (options dtype)).IsNone then
+                        yield [| box spec.Name; box kind; box dtype |]
+    }
+
+[<Theory>]
+[<MemberData(nameof cases)>]
+let ``built-in bijector passes check`` (name: string, kind: CheckKind, dtype: string) =
+    let result = Checks.run (Catalogue.find name) kind (options dtype)
+    Assert.True(result.Applicable)
+    Assert.True(result.Passed, result.Message)
+    Assert.True(result.Cases >= (options dtype).Cases, sprintf "ran %d cases" result.Cases)
+
+[<Fact>]
+let ``the catalogue covers all eleven families of the design`` () =
+    let names = Catalogue.all |> List.map (fun s -> s.Name) |> Set.ofList
+    for required in
+        [ "actnorm"; "batchnorm"; "affine-coupling"; "additive-coupling"; "spline-coupling"; "maf"
+          "permutation-reverse"; "permutation-random"; "lu-linear"; "conv1x1"; "squeeze"; "patchify-square"
+          "patchify-bands"; "patchify-stripes"; "shift"; "row-wise"; "column-wise"; "dequantize"; "logit" ] do
+        Assert.Contains(required, names)
+
+[<Fact>]
+let ``edge cases are declared for the spline, logit and dequantisation`` () =
+    for name in [ "spline-coupling"; "logit"; "dequantize" ] do
+        Assert.True((Checks.applicability (Catalogue.find name) CheckKind.Edges CheckOptions.Float64).IsNone, name)
