@@ -1,0 +1,48 @@
+using MixerFlow.Core;
+using Spectre.Console;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Host.Commands;
+
+/// <summary>`check`: the Core property checks on the built-in bijectors, as a table.</summary>
+public static class CheckCommand
+{
+    public static int Run(CommandLine.CheckOptions options, TextWriter output)
+    {
+        IEnumerable<BijectorSpec> specs;
+        try
+        {
+            specs = options.Bijector is null ? Catalogue.all : new[] { Catalogue.find(options.Bijector) };
+        }
+        catch (ArgumentException e)
+        {
+            throw new UserError(e.Message);
+        }
+
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output) });
+        if (Console.IsOutputRedirected) console.Profile.Width = 120;
+        var table = new Table().AddColumns("bijector", "check", "dtype", "worst error", "tolerance", "cases", "result");
+        var failures = new List<CheckResult>();
+        var started = DateTime.UtcNow;
+        foreach (var spec in specs)
+            foreach (var dtype in options.DTypes)
+            {
+                var o = (dtype == "float64" ? Core.CheckOptions.Float64 : Core.CheckOptions.Float32)
+                    .WithCases(options.Cases).WithSeed(options.Seed);
+                foreach (var result in Checks.runAll(spec, o))
+                {
+                    if (!result.Applicable) continue;
+                    if (!result.Passed) failures.Add(result);
+                    table.AddRow(
+                        Markup.Escape(result.Bijector), $"({result.Letter}) {result.Check}", result.DType,
+                        result.WorstError.ToString("0.0e+00"), result.Tolerance.ToString("0e+00"),
+                        result.Cases.ToString(), result.Passed ? "[green]pass[/]" : "[red]FAIL[/]");
+                }
+            }
+        console.Write(table);
+        output.WriteLine($"{table.Rows.Count} checks, {failures.Count} failed, {(DateTime.UtcNow - started).TotalSeconds:0.0} s");
+        foreach (var f in failures)
+            output.WriteLine($"\n{f.Bijector} ({f.Letter}) {f.Check} [{f.DType}]:\n{f.Message}");
+        return failures.Count == 0 ? 0 : 1;
+    }
+}

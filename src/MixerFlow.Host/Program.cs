@@ -1,0 +1,34 @@
+using MixerFlow.CommandLine;
+using MixerFlow.Host.Commands;
+
+namespace MixerFlow.Host;
+
+public static class Program
+{
+    public static int Main(string[] args)
+    {
+        var parsed = CommandLine.CommandLine.Parse(args);
+        if (parsed.Verb is null)
+        {
+            (parsed.IsError ? Console.Error : Console.Out).WriteLine(parsed.Message);
+            return parsed.ExitCode;
+        }
+        try
+        {
+            return parsed.Verb switch
+            {
+                "check" => CheckCommand.Run((CommandLine.CheckOptions)parsed.Options, Console.Out),
+                "info" => InfoCommand.Run((InfoOptions)parsed.Options, Console.Out),
+                _ => throw new InvalidOperationException($"verb '{parsed.Verb}' has no handler"),
+            };
+        }
+        catch (UserError e)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 2;
+        }
+    }
+}
+
+/// <summary>A problem with the user's input (a file, an argument): printed without a stack trace, exit code 2.</summary>
+public sealed class UserError(string message, Exception? inner = null) : Exception(message, inner);
