@@ -113,6 +113,19 @@ module Catalogue =
         spec "column-wise" (fun r ->
             let p = between r 2 4
             new ColumnWise(between r 2 4, vectorFlow r p))
+    let partial =
+        spec "partial" (fun r ->
+            let c = between r 2 4
+            let h, w = 2L * between r 1 2, 2L * between r 1 2
+            let k = between r 1 (int c - 1)
+            let inner : Bijector =
+                if r.Next 2 = 0 then new Chain([ new Squeeze([| k; h; w |]) :> Bijector; new ActNorm([| 4L * k; h / 2L; w / 2L |]); new Inverted(new Squeeze([| k; h; w |])) ])
+                else LULinear.Conv1x1(k, h, w) :> Bijector
+            new Partial([| c; h; w |], k, inner))
+    let splitPrior =
+        spec "split-prior" (fun r ->
+            let c = 2L * between r 1 2
+            new AffineCoupling([| c; between r 2 3; between r 2 3 |], Partition.Halves c, Conditioners.ZeroConv()))
     let dequantize =
         specWith "dequantize" (fun r -> new Dequantize(anyShape r))
             (Func<Bijector, int64, Tensor>(fun b n -> torch.randint(0L, 256L, batchShape n b.InputShape).to_type(torch.float32)))
@@ -142,7 +155,7 @@ module Catalogue =
     let all : BijectorSpec list =
         [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-          patchifyStripes; shift; rowWise; columnWise; dequantize; logit; chain; inverted ]
+          patchifyStripes; shift; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted ]
 
     /// Looks a family up by name; the error lists the names that exist.
     let find (name: string) =

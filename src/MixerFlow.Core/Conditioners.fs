@@ -44,6 +44,14 @@ type Conditioners =
                    torch.nn.ReLU()
                    last |]))
 
+    /// One zero-initialised 3x3 convolution: Glow's learned prior for the factored-out half
+    /// at a split (mean and log-scale from the half that stays).
+    static member ZeroConv() : ConditionerFactory =
+        ConditionerFactory(fun inC outC ->
+            let conv = torch.nn.Conv2d(inC, outC, 3L, padding = 1L)
+            Conditioners.ZeroLast conv
+            conv :> torch.nn.Module<Tensor, Tensor>)
+
 /// Which slices along the first event axis (features of a vector, channels of an image)
 /// condition the coupling and which are transformed.
 [<Sealed>]

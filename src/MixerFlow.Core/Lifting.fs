@@ -26,6 +26,30 @@ type RowWise(rows: int64, inner: Bijector) as this =
     override this.Inverse(y) = this.Run(y, true)
     override _.Traits = inner.Traits
 
+/// Applies a shape-preserving bijector to the first `count` slices of the first event axis and
+/// leaves the rest alone (log-det of the slice only). Glow's multi-scale structure: after a
+/// split, the next level works on the half that stays.
+type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
+    inherit Bijector("Partial(" + inner.Name + ")", eventShape, eventShape)
+    do
+        if eventShape.Length = 0 || count < 1L || count >= eventShape.[0] then
+            invalidArg "count" (sprintf "Partial: count %d must lie in 1..%d for event shape %s" count (if eventShape.Length = 0 then 0L else eventShape.[0] - 1L) (Shapes.show eventShape))
+        let expected = Array.append [| count |] eventShape.[1..]
+        if inner.InputShape <> expected || inner.OutputShape <> expected then
+            invalidArg "inner" (sprintf "Partial: inner bijector must map %s to itself, got %O" (Shapes.show expected) inner)
+    let inner = inner
+    do this.register_module("inner", inner)
+    member _.Inner = inner
+    member private this.Run(x: Tensor, inverse: bool) =
+        this.CheckShape(x, eventShape, "input")
+        let head = x.narrow(1L, 0L, count)
+        let tail = x.narrow(1L, count, eventShape.[0] - count)
+        let r = if inverse then inner.Inverse head else inner.Forward head
+        Transformed(torch.cat([| r.Value; tail |], 1L), r.LogDet)
+    override this.Forward(x) = this.Run(x, false)
+    override this.Inverse(y) = this.Run(y, true)
+    override _.Traits = inner.Traits
+
 /// See RowWise: one vector bijector over P entries applied to every column of [P, D].
 type ColumnWise(columns: int64, inner: Bijector) as this =
     inherit Bijector("ColumnWise(" + inner.Name + ")", [| inner.InputSize; columns |], [| inner.InputSize; columns |])

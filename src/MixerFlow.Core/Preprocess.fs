@@ -14,9 +14,13 @@ type Dequantize(eventShape: int64[], levels: int) =
     let logLevels = Math.Log(float levels) * float (Shapes.numel eventShape)
     new(eventShape) = Dequantize(eventShape, 256)
     member _.Levels = levels
+    /// Use u = 1/2 instead of uniform noise: a deterministic map, for embeddings and for
+    /// measuring reconstruction error.
+    member val Midpoint = false with get, set
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        let y = (x + torch.rand_like(x)) / scalar (float levels)
+        let u = if this.Midpoint then torch.full_like(x, scalar 0.5) else torch.rand_like(x)
+        let y = (x + u) / scalar (float levels)
         Transformed(y, torch.full([| x.shape.[0] |], scalar -logLevels, dtype = x.dtype, device = x.device))
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
