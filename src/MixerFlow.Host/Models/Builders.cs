@@ -1,0 +1,134 @@
+using MixerFlow.Core;
+using TorchSharp;
+
+namespace MixerFlow.Host.Models;
+
+/// <summary>A model's bijector with its parts grouped for the parameter breakdown.</summary>
+public sealed record BuiltFlow(Bijector Body, IReadOnlyDictionary<string, IReadOnlyList<torch.nn.Module>> Parts);
+
+/// <summary>MixerFlow assembled from Core bijectors (the seed design).</summary>
+public static class MixerFlowBuilder
+{
+    /// <summary>A vector flow over `dim` values: InnerSteps steps of the chosen kind.</summary>
+    public static Bijector VectorFlow(ModelConfig c, InnerFlow kind, long dim)
+    {
+        var steps = new List<Bijector>();
+        var mlp = Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth);
+        for (int s = 0; s < c.InnerSteps; s++)
+        {
+            // Alternate the halves so that consecutive steps transform every value.
+            var partition = s % 2 == 0 ? Partition.Halves(dim) : Partition.Halves(dim).Swapped;
+            steps.Add(kind switch
+            {
+                InnerFlow.Affine => new AffineCoupling(new[] { dim }, partition, mlp),
+                InnerFlow.Additive => new AdditiveCoupling(new[] { dim }, partition, mlp),
+                InnerFlow.Spline => new SplineCoupling(new[] { dim }, partition, mlp, c.SplineBins, c.SplineBound),
+                InnerFlow.Maf => new MaskedAutoregressive(dim, c.HiddenWidth, c.HiddenDepth),
+                _ => throw new ArgumentOutOfRangeException(nameof(kind)),
+            });
+            if (kind == InnerFlow.Maf && s < c.InnerSteps - 1) steps.Add(Permutation.Reverse(new[] { dim }));
+        }
+        return steps.Count == 1 ? steps[0] : new Chain(steps);
+    }
+
+    static Bijector Norm(ModelConfig c, long[] shape) => c.Norm == Normalisation.ActNorm
+        ? new ActNorm(shape)
+        : new BatchNormFlow(shape);
+
+    /// <summary>The half-patch offset of layer `layer`: alternating directions.</summary>
+    public static (long Dy, long Dx) ShiftOf(ModelConfig c, int layer)
+    {
+        var (ph, pw) = c.PatchDims();
+        long dy = c.Patches == PatchStrategy.Stripes ? 0 : ph / 2;
+        long dx = c.Patches == PatchStrategy.Bands ? 0 : pw / 2;
+        int sign = layer % 2 == 0 ? 1 : -1;
+        return (sign * dy, sign * dx);
+    }
+
+    public static BuiltFlow Build(ModelConfig c)
+    {
+        var image = c.ImageShape;
+        long p = c.PatchCount, d = c.PatchFeatures;
+        var channel = new List<torch.nn.Module>();
+        var patch = new List<torch.nn.Module>();
+        var norms = new List<torch.nn.Module>();
+        var reshapes = new List<torch.nn.Module>();
+        var parts = new List<Bijector> { new Logit(image, c.Alpha) };
+        var preprocess = new List<torch.nn.Module> { parts[0] };
+        for (int l = 0; l < c.Layers; l++)
+        {
+            var patchify = new Patchify(image, c.Patches, c.PatchSize);
+            var channelMixing = new RowWise(p, VectorFlow(c, c.ChannelFlow, d));
+            var patchMixing = new ColumnWise(d, VectorFlow(c, c.PatchFlow, p));
+            var n1 = Norm(c, new[] { p, d });
+            var n2 = Norm(c, new[] { p, d });
+            var unpatchify = new Inverted(new Patchify(image, c.Patches, c.PatchSize));
+            parts.AddRange(new Bijector[] { patchify, channelMixing, n1, patchMixing, n2, unpatchify });
+            channel.Add(channelMixing); patch.Add(patchMixing); norms.Add(n1); norms.Add(n2);
+            reshapes.Add(patchify); reshapes.Add(unpatchify);
+            var (dy, dx) = ShiftOf(c, l);
+            if (c.Shift && l < c.Layers - 1 && (dy != 0 || dx != 0))
+            {
+                var shift = new Shift(image, dy, dx);
+                parts.Add(shift); reshapes.Add(shift);
+            }
+        }
+        return new BuiltFlow(new Chain(parts), new Dictionary<string, IReadOnlyList<torch.nn.Module>>
+        {
+            ["preprocess (logit)"] = preprocess,
+            ["patchify and shifts"] = reshapes,
+            ["channel-mixing flows"] = channel,
+            ["patch-mixing flows"] = patch,
+            ["normalisation"] = norms,
+        });
+    }
+}
+
+/// <summary>Multi-scale Glow (Kingma and Dhariwal 2018) from the same Core bijectors.</summary>
+public static class GlowBuilder
+{
+    public static BuiltFlow Build(ModelConfig c)
+    {
+        var actnorms = new List<torch.nn.Module>();
+        var convs = new List<torch.nn.Module>();
+        var couplings = new List<torch.nn.Module>();
+        var priors = new List<torch.nn.Module>();
+        var logit = new Logit(c.ImageShape, c.Alpha);
+
+        // One level on [C, H, W]: squeeze, K steps, then (but for the last level) a split whose
+        // factored-out half gets a learned Gaussian prior given the other half, with the next
+        // level on the half that stays; unsqueezed at the end so shapes match (log-det 0).
+        Bijector Level(long ch, long h, long w, int levelsLeft)
+        {
+            var squeezed = new[] { 4 * ch, h / 2, w / 2 };
+            var parts = new List<Bijector> { new Squeeze(new[] { ch, h, w }) };
+            for (int k = 0; k < c.StepsPerLevel; k++)
+            {
+                var an = new ActNorm(squeezed, new[] { 0 });
+                var conv = new LULinear(squeezed);
+                var coupling = new AffineCoupling(squeezed, Partition.Halves(4 * ch), Conditioners.Conv(c.GlowWidth), ScaleBound.Sigmoid);
+                parts.AddRange(new Bijector[] { an, conv, coupling });
+                actnorms.Add(an); convs.Add(conv); couplings.Add(coupling);
+            }
+            if (levelsLeft > 1)
+            {
+                var prior = new AffineCoupling(squeezed, Partition.Halves(4 * ch), Conditioners.ZeroConv());
+                priors.Add(prior);
+                parts.Add(prior);
+                parts.Add(new Partial(squeezed, 2 * ch, Level(2 * ch, h / 2, w / 2, levelsLeft - 1)));
+            }
+            parts.Add(new Inverted(new Squeeze(new[] { ch, h, w })));
+            return new Chain(parts);
+        }
+
+        var body = new Chain(new Bijector[] { logit, Level(c.Channels, c.Height, c.Width, c.Levels) });
+        return new BuiltFlow(body, new Dictionary<string, IReadOnlyList<torch.nn.Module>>
+        {
+            ["preprocess (logit)"] = new torch.nn.Module[] { logit },
+            ["actnorm"] = actnorms,
+            ["invertible 1x1 convolutions"] = convs,
+            ["affine couplings"] = couplings,
+            ["split priors"] = priors,
+        });
+    }
+}

@@ -1,0 +1,92 @@
+using System.Text;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Host.Models;
+
+/// <summary>
+/// A checkpoint file: a header, the model configuration (JSON), the training step, the model's
+/// tensors (TorchSharp's format) and, optionally, the optimiser's state. Written to a temporary
+/// file, flushed and renamed, so a crash never leaves a broken checkpoint.
+/// </summary>
+public static class Checkpoint
+{
+    const string Magic = "MIXERFLOW-CHECKPOINT";
+    const int Version = 1;
+
+    public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer);
+
+    public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
+                            Action<BinaryWriter>? writeOptimizer = null)
+    {
+        var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
+        Directory.CreateDirectory(dir);
+        var tmp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
+        try
+        {
+            using (var fs = new FileStream(tmp, FileMode.Create, FileAccess.Write))
+            using (var w = new BinaryWriter(fs, Encoding.UTF8, leaveOpen: true))
+            {
+                w.Write(Magic);
+                w.Write(Version);
+                w.Write(model.Config.ToJson());
+                w.Write(step);
+                w.Write(epoch);
+                w.Write(bestHeldOutBpd);
+                w.Write(writeOptimizer is not null);
+                model.save(w);
+                writeOptimizer?.Invoke(w);
+                w.Flush();
+                fs.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, path, overwrite: true);
+        }
+        finally
+        {
+            if (File.Exists(tmp)) File.Delete(tmp);
+        }
+    }
+
+    static Header ReadHeader(BinaryReader r, string path)
+    {
+        string magic;
+        try { magic = r.ReadString(); }
+        catch (Exception e) when (e is EndOfStreamException or IOException) { throw new UserError($"{path}: not a MixerFlow checkpoint (file too short)"); }
+        if (magic != Magic) throw new UserError($"{path}: not a MixerFlow checkpoint (bad header)");
+        int version = r.ReadInt32();
+        if (version != Version) throw new UserError($"{path}: checkpoint version {version}, this program reads version {Version}");
+        var config = ModelConfig.FromJson(r.ReadString(), path);
+        return new Header(config, r.ReadInt64(), r.ReadInt32(), r.ReadDouble(), r.ReadBoolean());
+    }
+
+    static FileStream Open(string path)
+    {
+        if (!File.Exists(path)) throw new UserError($"{path}: checkpoint file not found");
+        return File.OpenRead(path);
+    }
+
+    public static ModelConfig ReadConfig(string path)
+    {
+        using var fs = Open(path);
+        using var r = new BinaryReader(fs, Encoding.UTF8);
+        return ReadHeader(r, path).Config;
+    }
+
+    /// <summary>Rebuilds the model from the file; `readOptimizer` gets the optimiser state if present.</summary>
+    public static (ImageFlow Model, Header Header) Load(string path, Action<BinaryReader>? readOptimizer = null)
+    {
+        using var fs = Open(path);
+        using var r = new BinaryReader(fs, Encoding.UTF8);
+        var header = ReadHeader(r, path);
+        var model = new ImageFlow(header.Config);
+        try
+        {
+            model.load(r);
+            if (header.HasOptimizer) readOptimizer?.Invoke(r);
+        }
+        catch (Exception e) when (e is not UserError)
+        {
+            throw new UserError($"{path}: checkpoint is damaged or does not match its configuration ({e.Message})", e);
+        }
+        return (model, header);
+    }
+}

@@ -1,0 +1,55 @@
+using MixerFlow.Core;
+
+namespace MixerFlow.Host.Models;
+
+/// <summary>Named configurations.</summary>
+public static class Presets
+{
+    public static readonly IReadOnlyDictionary<string, ModelConfig> All = new Dictionary<string, ModelConfig>
+    {
+        // 28x28x1; 4x4 patches: 49 patches of 16 values. Sized for minutes of training on 2 CPU cores.
+        ["fashion-mnist"] = new()
+        {
+            Name = "fashion-mnist", Channels = 1, Height = 28, Width = 28, PatchSize = 4, Layers = 4,
+            InnerSteps = 2, HiddenWidth = 96, HiddenDepth = 1,
+        },
+        // 32x32x3; 4x4 patches: 64 patches of 48 values. The seed design's headline: ~7.5M parameters.
+        ["cifar10"] = new()
+        {
+            Name = "cifar10", Channels = 3, Height = 32, Width = 32, PatchSize = 4, Layers = 8,
+            InnerSteps = 2, HiddenWidth = 440, HiddenDepth = 2,
+        },
+        // 64x64x3; 8x8 patches: 64 patches of 192 values.
+        ["imagenet64"] = new()
+        {
+            Name = "imagenet64", Channels = 3, Height = 64, Width = 64, PatchSize = 8, Layers = 6,
+            InnerSteps = 2, HiddenWidth = 400, HiddenDepth = 2,
+        },
+        // 16x16x1 = 256 dimensions: small enough for float64 Jacobians in tests.
+        ["tiny"] = new()
+        {
+            Name = "tiny", Channels = 1, Height = 16, Width = 16, PatchSize = 4, Layers = 2,
+            InnerSteps = 2, HiddenWidth = 16, HiddenDepth = 1,
+        },
+        ["glow-fashion-mnist"] = new()
+        {
+            Name = "glow-fashion-mnist", Kind = ModelKind.Glow, Channels = 1, Height = 28, Width = 28,
+            Levels = 2, StepsPerLevel = 4, GlowWidth = 72,
+        },
+        ["glow-cifar10"] = new()
+        {
+            Name = "glow-cifar10", Kind = ModelKind.Glow, Channels = 3, Height = 32, Width = 32,
+            Levels = 3, StepsPerLevel = 8, GlowWidth = 392,
+        },
+        ["glow-tiny"] = new()
+        {
+            Name = "glow-tiny", Kind = ModelKind.Glow, Channels = 1, Height = 8, Width = 8,
+            Levels = 2, StepsPerLevel = 2, GlowWidth = 8,
+        },
+    };
+
+    public static ModelConfig Get(string name) =>
+        All.TryGetValue(name, out var c)
+            ? c
+            : throw new UserError($"unknown preset '{name}'; known presets: {string.Join(", ", All.Keys)}");
+}
