@@ -1,0 +1,85 @@
+using System.Text;
+
+namespace MixerFlow.Host.Files;
+
+/// <summary>
+/// Writes a file so that a crash never leaves it half-written: the content goes to a temporary
+/// file in the same folder, which is flushed to disk and then renamed over the target.
+/// If the writer throws, the temporary file is removed and the target is left as it was.
+/// </summary>
+public static class AtomicFile
+{
+    /// <summary>Writes <paramref name="path"/> through a stream.</summary>
+    public static void Write(string path, Action<Stream> write)
+    {
+        ArgumentNullException.ThrowIfNull(write);
+        var target = Path.GetFullPath(path);
+        var temp = TempPathFor(target);
+        try
+        {
+            using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            {
+                write(stream);
+                stream.Flush(flushToDisk: true);
+            }
+            File.Move(temp, target, overwrite: true);
+        }
+        catch
+        {
+            TryDelete(temp);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Writes <paramref name="path"/> through an API that only writes to a path (for example
+    /// TorchSharp's <c>module.save(path)</c>): it is given a temporary path in the same folder,
+    /// whose file is then flushed to disk and renamed over the target.
+    /// </summary>
+    public static void Write(string path, Action<string> writeToPath)
+    {
+        ArgumentNullException.ThrowIfNull(writeToPath);
+        var target = Path.GetFullPath(path);
+        var temp = TempPathFor(target);
+        try
+        {
+            writeToPath(temp);
+            if (!File.Exists(temp))
+                throw new IOException($"the writer for '{target}' did not create its temporary file '{temp}'");
+            using (var stream = new FileStream(temp, FileMode.Open, FileAccess.ReadWrite, FileShare.None))
+                stream.Flush(flushToDisk: true);
+            File.Move(temp, target, overwrite: true);
+        }
+        catch
+        {
+            TryDelete(temp);
+            throw;
+        }
+    }
+
+    /// <summary>Writes <paramref name="text"/> as UTF-8 (no byte-order mark).</summary>
+    public static void WriteAllText(string path, string text) =>
+        Write(path, (Stream s) =>
+        {
+            var bytes = new UTF8Encoding(encoderShouldEmitUTF8Identifier: false).GetBytes(text);
+            s.Write(bytes, 0, bytes.Length);
+        });
+
+    /// <summary>A fresh temporary name beside the target, keeping its extension so that
+    /// path-based writers which look at the extension still behave.</summary>
+    internal static string TempPathFor(string target)
+    {
+        var folder = Path.GetDirectoryName(target) ?? ".";
+        Directory.CreateDirectory(folder);
+        var name = Path.GetFileNameWithoutExtension(target);
+        var ext = Path.GetExtension(target);
+        return Path.Combine(folder, $".{name}.{Guid.NewGuid():N}.tmp{ext}");
+    }
+
+    static void TryDelete(string path)
+    {
+        try { File.Delete(path); }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+    }
+}
