@@ -1,0 +1,82 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Host.Data;
+
+/// <summary>
+/// Images held as 8-bit values, laid out N x C x H x W in one array. The dataset owns
+/// <see cref="Pixels"/> and <see cref="Labels"/>: nothing mutates them after construction.
+/// </summary>
+public sealed class ImageDataset
+{
+    public byte[] Pixels { get; }
+    public int Count { get; }
+    public int Channels { get; }
+    public int Height { get; }
+    public int Width { get; }
+    /// <summary>One class index per image, or null when the source carries no labels.</summary>
+    public int[]? Labels { get; }
+    /// <summary>The file(s) or folder the images came from.</summary>
+    public string Source { get; }
+
+    /// <summary>Bytes per image: C x H x W.</summary>
+    public int ImageSize => Channels * Height * Width;
+
+    /// <summary>Takes ownership of <paramref name="pixels"/> and <paramref name="labels"/> (no copy).</summary>
+    public ImageDataset(byte[] pixels, int count, int channels, int height, int width, int[]? labels, string source)
+    {
+        ArgumentNullException.ThrowIfNull(pixels);
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(channels);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(height);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(width);
+        if ((long)count * channels * height * width != pixels.LongLength)
+            throw new ArgumentException(
+                $"{pixels.LongLength} pixel bytes do not make {count} images of {channels}x{height}x{width}", nameof(pixels));
+        if (labels is not null && labels.Length != count)
+            throw new ArgumentException($"{labels.Length} labels for {count} images", nameof(labels));
+        Pixels = pixels;
+        Count = count;
+        Channels = channels;
+        Height = height;
+        Width = width;
+        Labels = labels;
+        Source = source;
+    }
+
+    /// <summary>The images at <paramref name="indices"/> as a float32 CPU tensor [n, C, H, W] holding 0..255.</summary>
+    public Tensor Batch(ReadOnlySpan<int> indices)
+    {
+        int size = ImageSize;
+        var values = new float[(long)indices.Length * size];
+        for (int i = 0; i < indices.Length; i++)
+        {
+            var image = Pixels.AsSpan(Offset(indices[i]), size);
+            var target = values.AsSpan(i * size, size);
+            for (int k = 0; k < size; k++) target[k] = image[k];
+        }
+        return torch.tensor(values, new long[] { indices.Length, Channels, Height, Width }, dtype: float32);
+    }
+
+    /// <summary>The images (and labels) at <paramref name="indices"/>, in that order, as a new dataset.</summary>
+    public ImageDataset Subset(int[] indices)
+    {
+        ArgumentNullException.ThrowIfNull(indices);
+        int size = ImageSize;
+        var pixels = new byte[(long)indices.Length * size];
+        for (int i = 0; i < indices.Length; i++)
+            Pixels.AsSpan(Offset(indices[i]), size).CopyTo(pixels.AsSpan(i * size, size));
+        var labels = Labels is null ? null : Array.ConvertAll(indices, i => Labels[i]);
+        return new ImageDataset(pixels, indices.Length, Channels, Height, Width, labels, Source);
+    }
+
+    int Offset(int index)
+    {
+        if ((uint)index >= (uint)Count)
+            throw new ArgumentOutOfRangeException(nameof(index), index, $"the dataset holds {Count} images");
+        return index * ImageSize;
+    }
+}
+
+/// <summary>Training images, images held out for evaluation, and a line saying where they came from.</summary>
+public sealed record DataSplits(ImageDataset Train, ImageDataset HeldOut, string Description);

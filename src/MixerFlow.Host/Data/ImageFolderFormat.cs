@@ -1,0 +1,117 @@
+using SixLabors.ImageSharp;
+using SixLabors.ImageSharp.PixelFormats;
+using SixLabors.ImageSharp.Processing;
+
+namespace MixerFlow.Host.Data;
+
+/// <summary>A folder of PNG/JPEG files, or of class subfolders holding them (the ImageFolder convention).</summary>
+internal static class ImageFolderFormat
+{
+    /// <summary>Larger images are refused before decoding: a small file can declare a huge canvas.</summary>
+    public const int MaxSide = 4096;
+
+    public sealed record Result(ImageDataset Images, string[]? Classes, int Skipped);
+
+    /// <summary>The PNG/JPEG files directly inside <paramref name="folder"/>, in name order; other files are counted.</summary>
+    public static List<string> ImageFiles(string folder, SearchOption depth, ref int skipped)
+    {
+        var images = new List<string>();
+        foreach (var file in Directory.GetFiles(folder, "*", depth).Where(f => !Hidden(f)).Order(StringComparer.Ordinal))
+        {
+            if (FileContent.Sniff(file, out _) is ContentKind.Png or ContentKind.Jpeg) images.Add(file);
+            else skipped++;
+        }
+        return images;
+    }
+
+    static bool Hidden(string path) => Path.GetFileName(path).StartsWith('.');
+
+    /// <summary>
+    /// Reads the folder's images, or, when it holds no images but does hold subfolders, each subfolder's images
+    /// (searched recursively) labelled by the subfolder's place in name order.
+    /// </summary>
+    public static Result Read(string folder, int channels, int height, int width)
+    {
+        if (channels is not (1 or 3))
+            throw new UserError($"images can be read as 1 (grey) or 3 (RGB) channels, but the model expects {channels}");
+        int skipped = 0;
+        var files = ImageFiles(folder, SearchOption.TopDirectoryOnly, ref skipped);
+        string[]? classes = null;
+        List<int>? labels = null;
+        if (files.Count == 0)
+        {
+            var subfolders = Directory.GetDirectories(folder).Where(d => !Hidden(d)).Order(StringComparer.Ordinal).ToArray();
+            if (subfolders.Length > 0)
+            {
+                classes = subfolders.Select(d => Path.GetFileName(d)).ToArray();
+                labels = new List<int>();
+                for (int c = 0; c < subfolders.Length; c++)
+                {
+                    var inClass = ImageFiles(subfolders[c], SearchOption.AllDirectories, ref skipped);
+                    files.AddRange(inClass);
+                    labels.AddRange(Enumerable.Repeat(c, inClass.Count));
+                }
+            }
+        }
+        if (files.Count == 0)
+            throw new UserError(
+                $"'{folder}' holds no PNG or JPEG images{(skipped > 0 ? $" ({skipped} other files)" : "")}; expected IDX files " +
+                "(train-images-idx3-ubyte[.gz], ...), CIFAR-10 batches (data_batch_1.bin, ..., test_batch.bin), " +
+                "or PNG/JPEG images, directly or in one subfolder per class");
+
+        int size = channels * height * width;
+        if ((long)files.Count * size > Array.MaxLength)
+            throw new UserError($"{files.Count} images of {channels}x{height}x{width} are more than one data set may hold here");
+        var pixels = new byte[(long)files.Count * size];
+        for (int i = 0; i < files.Count; i++)
+        {
+            if (channels == 1) Decode<L8>(files[i], height, width, pixels, i * size, (row, plane, x, stride) => plane[x] = row.PackedValue);
+            else Decode<Rgb24>(files[i], height, width, pixels, i * size, (row, plane, x, stride) =>
+            {
+                plane[x] = row.R;
+                plane[stride + x] = row.G;
+                plane[2 * stride + x] = row.B;
+            });
+        }
+        var dataset = new ImageDataset(pixels, files.Count, channels, height, width, labels?.ToArray(), folder);
+        return new Result(dataset, classes, skipped);
+    }
+
+    delegate void Store<TPixel>(TPixel pixel, Span<byte> plane, int x, int planeStride);
+
+    /// <summary>Decodes, scales to cover height x width, centre-crops, and writes channel-major at <paramref name="offset"/>.</summary>
+    static void Decode<TPixel>(string path, int height, int width, byte[] pixels, int offset, Store<TPixel> store)
+        where TPixel : unmanaged, IPixel<TPixel>
+    {
+        try
+        {
+            var info = Image.Identify(path)
+                       ?? throw new UserError($"'{path}' looks like a PNG/JPEG file but cannot be decoded");
+            if (info.Width > MaxSide || info.Height > MaxSide)
+                throw new UserError(
+                    $"'{path}' is {info.Width}x{info.Height} pixels; images larger than {MaxSide}x{MaxSide} are refused");
+            using var image = Image.Load<TPixel>(path);
+            if (image.Width != width || image.Height != height)
+                image.Mutate(x => x.Resize(new ResizeOptions
+                {
+                    Size = new Size(width, height),
+                    Mode = ResizeMode.Crop,
+                    Position = AnchorPositionMode.Center,
+                }));
+            int stride = height * width;
+            image.ProcessPixelRows(rows =>
+            {
+                for (int y = 0; y < rows.Height; y++)
+                {
+                    var row = rows.GetRowSpan(y);
+                    var plane = pixels.AsSpan(offset + y * width);
+                    for (int x = 0; x < row.Length; x++) store(row[x], plane, x, stride);
+                }
+            });
+        }
+        catch (Exception e) when (e is ImageFormatException or NotSupportedException)
+        {
+            throw new UserError($"'{path}' cannot be decoded as an image: {e.Message}", e);
+        }
+    }
+}
