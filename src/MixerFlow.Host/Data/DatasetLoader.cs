@@ -192,7 +192,7 @@ public static partial class DatasetLoader
         if (holds != shape)
             throw new UserError(
                 $"'{data.Source}' holds {format} images of {holds} (channels x height x width), but the model expects {shape}; " +
-                $"{format} data is not resized: choose a model of the data's shape, or pass a folder of PNG/JPEG images, which are");
+                $"{format} data is not resized: choose a model of the data's shape, or pass a folder of PNG/JPEG images, which are resized");
         return data;
     }
 
