@@ -17,6 +17,10 @@ public static class Program
         {
             return parsed.Verb switch
             {
+                "train" => ModelCommands.Train((TrainOptions)parsed.Options, Console.Out),
+                "eval" => ModelCommands.Eval((EvalOptions)parsed.Options, Console.Out),
+                "sample" => ModelCommands.Sample((SampleOptions)parsed.Options, Console.Out),
+                "embed" => ModelCommands.Embed((EmbedOptions)parsed.Options, Console.Out),
                 "check" => CheckCommand.Run((CommandLine.CheckOptions)parsed.Options, Console.Out),
                 "info" => InfoCommand.Run((InfoOptions)parsed.Options, Console.Out),
                 _ => throw new InvalidOperationException($"verb '{parsed.Verb}' has no handler"),

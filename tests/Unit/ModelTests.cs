@@ -99,7 +99,7 @@ public class ModelTests
     public void Channel_mixing_parameters_do_not_grow_with_the_number_of_patches()
     {
         var small = new ImageFlow(Presets.Get("tiny"));
-        var large = new ImageFlow(Presets.Get("tiny") with { Height = 32, Width = 32 });
+        var large = new ImageFlow(Presets.Get("tiny") with { Height = 56, Width = 56 });
         long Part(ImageFlow m, string name) => m.ParameterBreakdown().Single(p => p.Part == name).Parameters;
         Assert.Equal(Part(small, "channel-mixing flows"), Part(large, "channel-mixing flows"));
         Assert.NotEqual(Part(small, "patch-mixing flows"), Part(large, "patch-mixing flows"));
@@ -109,18 +109,18 @@ public class ModelTests
     public void The_shared_channel_flow_applied_to_one_patch_gives_that_patch_row()
     {
         manual_seed(11);
-        var inner = MixerFlowBuilder.VectorFlow(Presets.Get("tiny"), InnerFlow.Affine, 16);
+        var inner = MixerFlowBuilder.VectorFlow(Presets.Get("tiny"), InnerFlow.Affine, 49);
         using (no_grad()) foreach (var p in inner.parameters()) p.add_(randn_like(p) * 0.3);
         var rows = new RowWise(5, inner);
-        var x = randn(3, 5, 16);
+        var x = randn(3, 5, 49);
         var full = rows.Forward(x);
         for (int r = 0; r < 5; r++)
         {
             var alone = inner.Forward(x[.., r, ..]);
-            Assert.True(alone.Value.allclose(full.Value[.., r, ..], 1e-6, 1e-6));
+            Assert.True(alone.Value.allclose(full.Value[.., r, ..], 1e-4, 1e-5)); // float32, batched vs single GEMM
         }
         var perRow = Enumerable.Range(0, 5).Select(r => inner.Forward(x[.., r, ..]).LogDet).Aggregate((a, b) => a + b);
-        Assert.True(perRow.allclose(full.LogDet, 1e-5, 1e-5));
+        Assert.True(perRow.allclose(full.LogDet, 1e-4, 1e-4));
         Assert.True(full.LogDet.abs().max().item<float>() > 1e-3); // randomised, not the identity
     }
 
@@ -141,7 +141,7 @@ public class ModelTests
     {
         var m = Randomised(Presets.Get("tiny"), 4);
         var s = m.Sample(3, 0.7);
-        Assert.Equal(new long[] { 3, 1, 16, 16 }, s.shape);
+        Assert.Equal(new long[] { 3, 1, 28, 28 }, s.shape);
         Assert.InRange(s.min().item<float>(), 0, 255);
         Assert.InRange(s.max().item<float>(), 0, 255);
         var a = m.Sample(2, 0.0);

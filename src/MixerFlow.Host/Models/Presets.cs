@@ -25,10 +25,11 @@ public static class Presets
             Name = "imagenet64", Channels = 3, Height = 64, Width = 64, PatchSize = 8, Layers = 6,
             InnerSteps = 2, HiddenWidth = 400, HiddenDepth = 2,
         },
-        // 16x16x1 = 256 dimensions: small enough for float64 Jacobians in tests.
+        // 28x28x1 (784 dimensions, fits the embedded data) with few, small parts: for tests and
+        // smoke runs; float64 Jacobians of the whole model take about a second.
         ["tiny"] = new()
         {
-            Name = "tiny", Channels = 1, Height = 16, Width = 16, PatchSize = 4, Layers = 2,
+            Name = "tiny", Channels = 1, Height = 28, Width = 28, PatchSize = 7, Layers = 2,
             InnerSteps = 2, HiddenWidth = 16, HiddenDepth = 1,
         },
         ["glow-fashion-mnist"] = new()

@@ -1,0 +1,132 @@
+using MixerFlow.CommandLine;
+using MixerFlow.Host.Training;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Unit;
+
+/// <summary>The training loop on the embedded data with the tiny preset: resume, NaN guard, files.</summary>
+public class TrainingTests
+{
+    static TrainOptions Options(string dir, int steps, string? resume = null, int checkpointEvery = 5) =>
+        new("tiny", null, dir, 0, steps, 16, 1e-3, 7, "cpu", 0, resume, checkpointEvery);
+
+    static string TempDir() => Directory.CreateTempSubdirectory("mixerflow-train-").FullName;
+
+    static float[] Flat(MixerFlow.Host.Models.ImageFlow m) =>
+        m.parameters().SelectMany(p => p.detach().cpu().to_type(float32).data<float>().ToArray()).ToArray();
+
+    [Fact]
+    public void A_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one()
+    {
+        string a = TempDir(), b = TempDir();
+        try
+        {
+            var whole = new Trainer(Options(a, 12), TextWriter.Null);
+            whole.Run();
+            var interrupted = new Trainer(Options(b, 12), TextWriter.Null) { StopAfter = 5 };
+            interrupted.Run();
+            Assert.True(File.Exists(Path.Combine(b, Trainer.LastCheckpoint)));
+            var resumed = new Trainer(Options(b, 12, resume: b), TextWriter.Null);
+            var summary = resumed.Run();
+            Assert.Equal(12, summary.Steps);
+            var pa = Flat(whole.Model!);
+            var pb = Flat(resumed.Model!);
+            Assert.Equal(pa.Length, pb.Length);
+            Assert.Equal(0f, pa.Zip(pb, (x, y) => Math.Abs(x - y)).Max());
+            // and training moved the parameters at all
+            var fresh = Flat(new MixerFlow.Host.Models.ImageFlow(MixerFlow.Host.Models.Presets.Get("tiny")));
+            Assert.True(pa.Zip(fresh, (x, y) => Math.Abs(x - y)).Max() > 1e-4);
+        }
+        finally { Directory.Delete(a, true); Directory.Delete(b, true); }
+    }
+
+    [Fact]
+    public void An_injected_NaN_drops_the_step_and_the_run_goes_on()
+    {
+        var dir = TempDir();
+        try
+        {
+            var t = new Trainer(Options(dir, 8), TextWriter.Null) { InjectNonFinite = s => s == 3 };
+            var summary = t.Run();
+            Assert.Equal(1, summary.DroppedSteps);
+            Assert.Equal(0, summary.Rollbacks);
+            Assert.True(double.IsFinite(summary.HeldOutBpd));
+            Assert.All(Flat(t.Model!), v => Assert.True(float.IsFinite(v)));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void Repeated_NaNs_roll_back_to_the_last_checkpoint()
+    {
+        var dir = TempDir();
+        try
+        {
+            int injected = 0;
+            // Steps 6..10 fail once each, after the checkpoint at step 5.
+            var t = new Trainer(Options(dir, 12), TextWriter.Null) { InjectNonFinite = s => s >= 6 && s <= 10 && injected++ < 5 };
+            var summary = t.Run();
+            Assert.Equal(5, summary.DroppedSteps);
+            Assert.Equal(1, summary.Rollbacks);
+            Assert.Equal(12, summary.Steps);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void A_run_folder_holds_everything_a_person_looks_at()
+    {
+        var dir = TempDir();
+        try
+        {
+            new Trainer(Options(dir, 6), TextWriter.Null).Run();
+            foreach (var f in new[] { "config.json", "metrics.csv", "training-curve.png", "samples-t0.5.png", "samples-t0.7.png",
+                                      "samples-t1.0.png", "reconstructions.png", "last.ckpt", "best.ckpt", "summary.json" })
+                Assert.True(File.Exists(Path.Combine(dir, f)), f);
+            var rows = MixerFlow.Host.Files.CsvLog.Read(Path.Combine(dir, "metrics.csv"));
+            Assert.Contains(rows, r => r["heldout_bpd"] != "");
+            Assert.DoesNotContain(Directory.GetFiles(dir), f => f.EndsWith(".tmp"));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+}
+
+/// <summary>Every verb rejects a bad argument with exit code 2 and a message.</summary>
+public class CommandLineTests
+{
+    [Theory]
+    [InlineData("train", "--batch-size", "0")]
+    [InlineData("train", "--lr", "-1")]
+    [InlineData("train", "--epochs", "2", "--steps", "3")]
+    [InlineData("train", "--device", "tpu")]
+    [InlineData("train", "--preset", "no-such-preset")]
+    [InlineData("eval")]
+    [InlineData("eval", "--checkpoint", "/nonexistent/file.ckpt")]
+    [InlineData("eval", "--checkpoint", "x.ckpt", "--split", "validation")]
+    [InlineData("sample", "--checkpoint", "x.ckpt", "--count", "-4")]
+    [InlineData("sample", "--checkpoint", "x.ckpt", "--temperature", "-1")]
+    [InlineData("embed", "--checkpoint", "x.ckpt")]
+    [InlineData("info")]
+    [InlineData("info", "--preset", "nope")]
+    [InlineData("check", "--bijector", "nope")]
+    [InlineData("check", "--dtype", "float16")]
+    [InlineData("frobnicate")]
+    public void A_bad_argument_exits_with_2(params string[] args)
+    {
+        var err = new StringWriter();
+        var saved = Console.Error;
+        Console.SetError(err);
+        try { Assert.Equal(2, MixerFlow.Host.Program.Main(args)); }
+        finally { Console.SetError(saved); }
+        Assert.False(string.IsNullOrWhiteSpace(err.ToString()));
+    }
+
+    [Fact]
+    public void Help_exits_with_0_and_lists_the_verbs()
+    {
+        var parsed = MixerFlow.CommandLine.CommandLine.Parse(new[] { "--help" });
+        Assert.Equal(0, parsed.ExitCode);
+        foreach (var verb in new[] { "train", "eval", "sample", "embed", "info", "check" })
+            Assert.Contains(verb, parsed.Message);
+    }
+}
