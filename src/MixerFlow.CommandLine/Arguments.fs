@@ -21,9 +21,11 @@ type CheckArgs =
 type InfoArgs =
     | Preset of name: string
     | Checkpoint of file: string
+    | Time_Step
     interface IArgParserTemplate with
         member a.Usage =
             match a with
+            | Time_Step -> "also time training steps (forward, backward, Adam) at batch 64 on random images."
             | Preset _ -> "a model preset: fashion-mnist, cifar10, imagenet64, tiny, glow-fashion-mnist, glow-cifar10."
             | Checkpoint _ -> "a checkpoint file written by `train`."
 
@@ -163,7 +165,9 @@ type CheckOptions(bijector: string, cases: int, dtypes: string[], seed: int) =
 
 /// Options of `info`: exactly one of Preset and Checkpoint is set.
 [<Sealed; AllowNullLiteral>]
-type InfoOptions(preset: string, checkpoint: string) =
+type InfoOptions(preset: string, checkpoint: string, timeStep: bool) =
+    new(preset, checkpoint) = InfoOptions(preset, checkpoint, false)
+    member _.TimeStep = timeStep
     member _.Preset = preset
     member _.Checkpoint = checkpoint
 
@@ -251,8 +255,8 @@ type CommandLine =
                     c.GetResult(CheckArgs.Seed, defaultValue = 20261129)))
         | Info i ->
             match i.TryGetResult InfoArgs.Preset, i.TryGetResult InfoArgs.Checkpoint with
-            | Some p, None -> "info", box (InfoOptions(p, null))
-            | None, Some c -> "info", box (InfoOptions(null, c))
+            | Some p, None -> "info", box (InfoOptions(p, null, i.Contains InfoArgs.Time_Step))
+            | None, Some c -> "info", box (InfoOptions(null, c, i.Contains InfoArgs.Time_Step))
             | _ -> raise (BadArgument "info needs exactly one of --preset NAME and --checkpoint FILE")
         | _ -> raise (BadArgument "unknown verb")
 

@@ -11,7 +11,30 @@ public static class InfoCommand
         var config = options.Preset is not null ? Presets.Get(options.Preset) : Checkpoint.ReadConfig(options.Checkpoint);
         var model = new ImageFlow(config);
         Describe(model, output);
+        if (options.TimeStep) TimeSteps(model, output);
         return 0;
+    }
+
+    /// <summary>Median wall time of a training step (batch 64) after two warm-up steps.</summary>
+    public static void TimeSteps(ImageFlow model, TextWriter output, int batch = 64, int steps = 5)
+    {
+        var c = model.Config;
+        var adam = TorchSharp.torch.optim.Adam(model.parameters(), 1e-4);
+        model.train();
+        var times = new List<double>();
+        for (int i = 0; i < steps + 2; i++)
+        {
+            using var scope = TorchSharp.torch.NewDisposeScope();
+            var x = TorchSharp.torch.randint(0, 256, new long[] { batch, c.Channels, c.Height, c.Width }).to_type(TorchSharp.torch.float32);
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            var loss = model.BitsPerDim(x).mean();
+            adam.zero_grad();
+            loss.backward();
+            adam.step();
+            if (i >= 2) times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        times.Sort();
+        output.WriteLine($"training step at batch {batch}: {times[times.Count / 2]:0} ms (median of {steps}, {TorchSharp.torch.get_num_threads()} threads)");
     }
 
     public static void Describe(ImageFlow model, TextWriter output)
