@@ -8,23 +8,37 @@ open MixerFlow.Core.Ops
 /// row of a [P, D] matrix (channel mixing: each patch); ColumnWise applies one over P entries
 /// to every column (patch mixing: each channel). Rows (columns) are folded into the batch, so
 /// the same parameters serve all of them; the log-dets of the rows (columns) add up.
-type RowWise(rows: int64, inner: Bijector) as this =
-    inherit Bijector("RowWise(" + inner.Name + ")", [| rows; inner.InputSize |], [| rows; inner.InputSize |])
+[<AbstractClass>]
+type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as this =
+    inherit Bijector(name + "(" + inner.Name + ")",
+                     (if alongRows then [| copies; inner.InputSize |] else [| inner.InputSize; copies |]),
+                     (if alongRows then [| copies; inner.InputSize |] else [| inner.InputSize; copies |]))
     do
         if inner.InputShape.Length <> 1 || inner.OutputShape <> inner.InputShape then
-            invalidArg "inner" (sprintf "RowWise needs a bijector of vectors to vectors of the same length, got %O" inner)
+            invalidArg "inner" (sprintf "%s needs a bijector of vectors to vectors of the same length, got %O" name inner)
     let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
     member private this.Run(x: Tensor, inverse: bool) =
         this.CheckShape(x, this.InputShape, "input")
         let b = x.shape.[0]
-        let flat = x.reshape(b * rows, inner.InputSize)
+        // Columns are made rows by a transpose; then every row is one more batch element.
+        let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
+        let flat = rowsFirst.reshape(b * copies, inner.InputSize)
         let r = if inverse then inner.Inverse flat else inner.Forward flat
-        Transformed(r.Value.reshape(x.shape), r.LogDet.reshape(b, rows).sum(1L))
+        let y = r.Value.reshape(b, copies, inner.InputSize)
+        let y = if alongRows then y else y.transpose(1L, 2L).contiguous()
+        Transformed(y, r.LogDet.reshape(b, copies).sum(1L))
     override this.Forward(x) = this.Run(x, false)
     override this.Inverse(y) = this.Run(y, true)
     override _.Traits = inner.Traits
+
+type RowWise(rows: int64, inner: Bijector) =
+    inherit Lifted("RowWise", rows, inner, true)
+
+/// See RowWise: one vector bijector over P entries applied to every column of [P, D].
+type ColumnWise(columns: int64, inner: Bijector) =
+    inherit Lifted("ColumnWise", columns, inner, false)
 
 /// Applies a shape-preserving bijector to the first `count` slices of the first event axis and
 /// leaves the rest alone (log-det of the slice only). Glow's multi-scale structure: after a
@@ -50,22 +64,4 @@ type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
     override this.Inverse(y) = this.Run(y, true)
     override _.Traits = inner.Traits
 
-/// See RowWise: one vector bijector over P entries applied to every column of [P, D].
-type ColumnWise(columns: int64, inner: Bijector) as this =
-    inherit Bijector("ColumnWise(" + inner.Name + ")", [| inner.InputSize; columns |], [| inner.InputSize; columns |])
-    do
-        if inner.InputShape.Length <> 1 || inner.OutputShape <> inner.InputShape then
-            invalidArg "inner" (sprintf "ColumnWise needs a bijector of vectors to vectors of the same length, got %O" inner)
-    let inner = inner
-    do this.register_module("inner", inner)
-    member _.Inner = inner
-    member private this.Run(x: Tensor, inverse: bool) =
-        this.CheckShape(x, this.InputShape, "input")
-        let b = x.shape.[0]
-        let p = inner.InputSize
-        let flat = x.transpose(1L, 2L).reshape(b * columns, p)
-        let r = if inverse then inner.Inverse flat else inner.Forward flat
-        Transformed(r.Value.reshape(b, columns, p).transpose(1L, 2L).contiguous(), r.LogDet.reshape(b, columns).sum(1L))
-    override this.Forward(x) = this.Run(x, false)
-    override this.Inverse(y) = this.Run(y, true)
-    override _.Traits = inner.Traits
+
