@@ -76,7 +76,11 @@ type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
 
 /// Helpers shared by the bijector implementations.
 module Ops =
-    let inline scalar (v: float) : Scalar = Scalar.op_Implicit v
+    let private scalars = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
+    /// A TorchSharp Scalar for a constant, cached for the life of the process. A temporary
+    /// Scalar can be finalized by the GC while the native op that received its handle still
+    /// reads it (seen as sporadic "toFloat" overflow errors under load); cached ones never are.
+    let scalar (v: float) : Scalar = scalars.GetOrAdd(v, fun v -> Scalar.op_Implicit v)
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     let sumPerSample (t: Tensor) : Tensor =
         if t.dim() = 1L then t else t.flatten(1L).sum(1L)

@@ -139,7 +139,7 @@ public sealed class Trainer
         int dropped = 0, rollbacks = 0, consecutiveBad = 0;
         double lrScale = 1.0;
         var metrics = new CsvLog(Path.Combine(runDir, "metrics.csv"),
-            "step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps");
+            "step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps", "rss_mb");
         var trainCurve = new List<(long, double)>();
         var heldCurve = new List<(long, double)>();
         foreach (var row in File.Exists(metrics.Path) ? CsvLog.Read(metrics.Path) : [])
@@ -225,7 +225,7 @@ public sealed class Trainer
                 imagesSinceLog = 0;
                 throughput.Restart();
                 trainCurve.Add((step, runningBpd));
-                metrics.Append(step, epoch, runningBpd, null, null, lr, imagesPerSecond, dropped);
+                metrics.Append(step, epoch, runningBpd, null, null, lr, imagesPerSecond, dropped, ResidentMegabytes());
                 progress.Report(step, runningBpd, imagesPerSecond);
             }
             if (step % options.CheckpointEvery == 0) SaveCheckpoint(LastCheckpoint, epoch);
@@ -236,7 +236,7 @@ public sealed class Trainer
             {
                 var (held, se) = Evaluate(model, data.HeldOut, 256, device);
                 heldCurve.Add((step, held));
-                metrics.Append(step, epoch, runningBpd, held, se, lr, imagesPerSecond, dropped);
+                metrics.Append(step, epoch, runningBpd, held, se, lr, imagesPerSecond, dropped, ResidentMegabytes());
                 progress.Line($"step {step} (epoch {epoch + 1}): held-out {held:0.0000} +- {se:0.0000} bits/dim");
                 if (held < best) { best = held; SaveCheckpoint(BestCheckpoint, epoch); }
                 SaveCheckpoint(LastCheckpoint, epoch);
@@ -263,6 +263,13 @@ public sealed class Trainer
         log.WriteLine($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
                       $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {dropped} dropped steps; run folder {runDir}");
         return summary;
+    }
+
+    /// <summary>Resident memory of the process (managed and native), for the memory-growth benchmark.</summary>
+    static double ResidentMegabytes()
+    {
+        using var p = Process.GetCurrentProcess();
+        return Math.Round(p.WorkingSet64 / 1048576.0, 1);
     }
 
     static byte[] ReadRest(BinaryReader r)
