@@ -171,10 +171,7 @@ module Checks =
         b.eval()
         b
 
-    let private build spec case o = instantiate spec case o case.Seed
-
-    let private roundTrip (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private roundTrip (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         use _ = torch.no_grad()
         let tol = Tolerances.roundTrip o.DType
         let x = sample spec b (int64 case.Batch) o
@@ -197,8 +194,7 @@ module Checks =
                 if isNull g.[0] then torch.zeros_like(x).flatten(1L) else g.[0].flatten(1L) |]
         torch.stack(rows, 1L)
 
-    let private logDet (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private logDet (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         let x = sample spec b (int64 case.Batch) o
         let fwdJ = jacobian (fun x -> (b.Forward x).Value) x
         let _, fwdRef = torch.linalg.slogdet(fwdJ).ToTuple()
@@ -212,16 +208,14 @@ module Checks =
             let inv = using (torch.no_grad()) (fun _ -> b.Inverse y)
             combine [ forwardEval; compare "inverse log-det vs log|det J_inv|" Tolerances.jacobian inv.LogDet invRef ]
 
-    let private inverseLogDet (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private inverseLogDet (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         use _ = torch.no_grad()
         let x = sample spec b (int64 case.Batch) o
         let fwd = b.Forward x
         let inv = b.Inverse fwd.Value
         compare "inverse log-det at f(x) vs -forward log-det at x" (Tolerances.logDet o.DType) inv.LogDet (fwd.LogDet.neg())
 
-    let private chain (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private chain (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         use _ = torch.no_grad()
         let tol = Tolerances.logDet o.DType
         let x = sample spec b (int64 case.Batch) o
@@ -247,8 +241,7 @@ module Checks =
               compare "chain inverse log-det vs sum of parts" tol cInv.LogDet (tInv.LogDet + bInv.LogDet)
               compare "Inverted(chain).Forward vs chain.Inverse" 0.0 viaInverted.Value cInv.Value ]
 
-    let private edges (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private edges (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         use _ = torch.no_grad()
         let tol = Tolerances.roundTrip o.DType
         let onInputs =
@@ -270,8 +263,7 @@ module Checks =
                   finite "inverse log-det at edge outputs" inv.LogDet ]
         combine (onInputs @ onOutputs)
 
-    let private independence (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private independence (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         use _ = torch.no_grad()
         let tol = Tolerances.independence o.DType
         let n = int64 case.Batch
@@ -302,8 +294,7 @@ module Checks =
             else check "inverse" b.Inverse ((b.Forward x).Value) ((b.Forward(sample spec b 1L o)).Value) true
         combine (fwd @ inv)
 
-    let private structure (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private structure (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         match box b with
         | :? IJacobianStructure as s ->
             let expected = s.ExpectedJacobian()
@@ -325,8 +316,7 @@ module Checks =
                     (j.reshape(-1L).[i].item<float>()) (m.reshape(-1L).[within].item<float>()) }
         | _ -> { Error = 0.0; Passed = true; Detail = "no structure declared" }
 
-    let private gradients (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private gradients (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         b.train()
         // A larger batch than the other checks, so that every region (spline bins as well as
         // tails) is visited and every parameter has a chance to matter.
@@ -345,8 +335,7 @@ module Checks =
             if missing.IsEmpty then { Error = 0.0; Passed = true; Detail = sprintf "%d parameters receive finite, non-zero gradients" ps.Length }
             else fail (sprintf "parameters without a (finite, non-zero) gradient: %s" (String.Join(", ", missing)))
 
-    let private saveLoad (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) =
-        let b = build spec case o
+    let private saveLoad (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         let path = Path.Combine(Path.GetTempPath(), sprintf "mixerflow-check-%s.dat" (Guid.NewGuid().ToString("N")))
         try
             b.save(path) |> ignore
@@ -374,7 +363,7 @@ module Checks =
         finally
             if File.Exists path then File.Delete path
 
-    let internal evaluator (kind: CheckKind) : BijectorSpec -> CheckCase -> CheckOptions -> Evaluation =
+    let internal evaluator (kind: CheckKind) : BijectorSpec -> CheckCase -> CheckOptions -> Bijector -> Evaluation =
         match kind with
         | CheckKind.Inverse -> roundTrip
         | CheckKind.LogDet -> logDet
@@ -444,13 +433,16 @@ module Checks =
             let property =
                 Prop.forAll caseArbitrary (fun case ->
                     use _ = torch.NewDisposeScope()
+                    let mutable shapes = "(not built)"
                     let e =
-                        try evaluate spec case o
+                        try
+                            let b = instantiate spec case o case.Seed
+                            shapes <- sprintf "%s -> %s" (Shapes.show b.InputShape) (Shapes.show b.OutputShape)
+                            evaluate spec case o b
                         with ex -> fail (sprintf "threw %s: %s" (ex.GetType().Name) ex.Message)
                     worst <- max worst e.Error
                     cases <- cases + 1
-                    let b = build spec case o
-                    let detail = sprintf "%s %s -> %s, %s, %s: %s" spec.Name (Shapes.show b.InputShape) (Shapes.show b.OutputShape) (string case) dtypeName e.Detail
+                    let detail = sprintf "%s %s, %s, %s: %s" spec.Name shapes (string case) dtypeName e.Detail
                     lastDetail <- detail
                     e.Passed |> Prop.label detail)
             let config =
