@@ -22,8 +22,7 @@ public static class ModelCommands
     static ImageFlow Load(string checkpoint, string device)
     {
         var (model, _) = Checkpoint.Load(checkpoint);
-        if (device == "cuda" && !cuda.is_available()) throw new UserError("--device cuda: no CUDA device is available");
-        model.MoveTo(device == "cuda" ? CUDA : CPU, float32);
+        model.MoveTo(Trainer.ParseDevice(device), float32);
         model.eval();
         return model;
     }

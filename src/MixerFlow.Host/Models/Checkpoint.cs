@@ -1,5 +1,6 @@
 using System.Text;
-using static TorchSharp.torch;
+using MixerFlow.Host.Files;
+using TorchSharp.Modules;
 
 namespace MixerFlow.Host.Models;
 
@@ -16,34 +17,22 @@ public static class Checkpoint
     public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer);
 
     public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
-                            Action<BinaryWriter>? writeOptimizer = null)
+                            OptimizerHelper? optimizer = null)
     {
-        var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
-        Directory.CreateDirectory(dir);
-        var tmp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
-        try
+        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        AtomicFile.Write(path, (Stream stream) =>
         {
-            using (var fs = new FileStream(tmp, FileMode.Create, FileAccess.Write))
-            using (var w = new BinaryWriter(fs, Encoding.UTF8, leaveOpen: true))
-            {
-                w.Write(Magic);
-                w.Write(Version);
-                w.Write(model.Config.ToJson());
-                w.Write(step);
-                w.Write(epoch);
-                w.Write(bestHeldOutBpd);
-                w.Write(writeOptimizer is not null);
-                model.save(w);
-                writeOptimizer?.Invoke(w);
-                w.Flush();
-                fs.Flush(flushToDisk: true);
-            }
-            File.Move(tmp, path, overwrite: true);
-        }
-        finally
-        {
-            if (File.Exists(tmp)) File.Delete(tmp);
-        }
+            using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
+            w.Write(Magic);
+            w.Write(Version);
+            w.Write(model.Config.ToJson());
+            w.Write(step);
+            w.Write(epoch);
+            w.Write(bestHeldOutBpd);
+            w.Write(optimizer is not null);
+            model.save(w);
+            optimizer?.save_state_dict(w);
+        });
     }
 
     static Header ReadHeader(BinaryReader r, string path)
@@ -71,22 +60,33 @@ public static class Checkpoint
         return ReadHeader(r, path).Config;
     }
 
-    /// <summary>Rebuilds the model from the file; `readOptimizer` gets the optimiser state if present.</summary>
-    public static (ImageFlow Model, Header Header) Load(string path, Action<BinaryReader>? readOptimizer = null)
+    /// <summary>Rebuilds the model from the file.</summary>
+    public static (ImageFlow Model, Header Header) Load(string path)
+    {
+        var model = new ImageFlow(ReadConfig(path));
+        return (model, LoadInto(path, model, null));
+    }
+
+    /// <summary>
+    /// Loads the file's tensors into an existing model of the same configuration and, when both
+    /// the file and the caller have one, its optimiser state into `optimizer`.
+    /// </summary>
+    public static Header LoadInto(string path, ImageFlow model, OptimizerHelper? optimizer)
     {
         using var fs = Open(path);
         using var r = new BinaryReader(fs, Encoding.UTF8);
         var header = ReadHeader(r, path);
-        var model = new ImageFlow(header.Config);
+        if (header.Config != model.Config)
+            throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");
         try
         {
             model.load(r);
-            if (header.HasOptimizer) readOptimizer?.Invoke(r);
+            if (header.HasOptimizer) optimizer?.load_state_dict(r);
         }
         catch (Exception e) when (e is not UserError)
         {
             throw new UserError($"{path}: checkpoint is damaged or does not match its configuration ({e.Message})", e);
         }
-        return (model, header);
+        return header;
     }
 }

@@ -60,11 +60,14 @@ public sealed class ImageFlow : nn.Module
     }
 
     /// <summary>The latent of x (deterministic: mid-bin dequantisation).</summary>
-    public Tensor Encode(Tensor x)
+    public Tensor Encode(Tensor x) => AtMidpoint(() => Body.Forward(Dequantize.Forward(x).Value).Value);
+
+    /// <summary>Runs `f` with mid-bin (deterministic) dequantisation.</summary>
+    T AtMidpoint<T>(Func<T> f)
     {
         bool saved = Dequantize.Midpoint;
         Dequantize.Midpoint = true;
-        try { return Body.Forward(Dequantize.Forward(x).Value).Value; }
+        try { return f(); }
         finally { Dequantize.Midpoint = saved; }
     }
 
@@ -81,15 +84,12 @@ public sealed class ImageFlow : nn.Module
     public double ReconstructionError(Tensor x)
     {
         using var _ = no_grad();
-        bool saved = Dequantize.Midpoint;
-        Dequantize.Midpoint = true;
-        try
+        return AtMidpoint(() =>
         {
             var y = Dequantize.Forward(x).Value;
             var back = Body.Inverse(Body.Forward(y).Value).Value;
             return ((back - y).abs().max() * Dequantize.Levels).to_type(float64).item<double>();
-        }
-        finally { Dequantize.Midpoint = saved; }
+        });
     }
 
     public long ParameterCount => parameters().Sum(p => p.numel());

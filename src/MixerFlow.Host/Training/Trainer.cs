@@ -50,7 +50,8 @@ public sealed class Trainer
         this.log = log;
     }
 
-    static Device ParseDevice(string name)
+    /// <summary>The device named on the command line; a clear error where CUDA is missing.</summary>
+    public static Device ParseDevice(string name)
     {
         if (name == "cuda" && !cuda.is_available())
             throw new UserError("--device cuda: no CUDA device is available (this build uses the CPU LibTorch; build with -p:TorchBackend=cuda on a CUDA machine)");
@@ -95,36 +96,22 @@ public sealed class Trainer
         var device = ParseDevice(options.Device);
 
         // Model, optimiser and step: fresh, or from the run folder's last checkpoint.
-        string runDir;
-        ImageFlow model;
-        Checkpoint.Header? resumed = null;
-        optim.Optimizer? optimizer = null;
-        byte[]? optimizerState = null;
-        if (options.Resume is not null)
-        {
-            runDir = options.Resume;
-            var ckpt = Path.Combine(runDir, LastCheckpoint);
-            (model, resumed) = Checkpoint.Load(ckpt, r => optimizerState = ReadRest(r));
-            log.WriteLine($"resuming {ckpt} at step {resumed.Step}");
-        }
-        else
-        {
-            var config = Presets.Get(options.Preset);
-            runDir = options.Out ?? Path.Combine("runs", $"{config.Name}-{DateTime.Now:yyyyMMdd-HHmmss}");
-            manual_seed(options.Seed);
-            model = new ImageFlow(config);
-        }
+        string runDir = options.Resume
+            ?? options.Out
+            ?? Path.Combine("runs", $"{options.Preset}-{DateTime.Now:yyyyMMdd-HHmmss}");
+        var resumeFrom = options.Resume is null ? null : Path.Combine(options.Resume, LastCheckpoint);
+        manual_seed(options.Seed);
+        var model = new ImageFlow(resumeFrom is null ? Presets.Get(options.Preset) : Checkpoint.ReadConfig(resumeFrom));
         Directory.CreateDirectory(runDir);
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
         var adam = optim.Adam(model.parameters(), options.Lr);
-        optimizer = adam;
-        if (optimizerState is not null)
+        Checkpoint.Header? resumed = null;
+        if (resumeFrom is not null)
         {
-            using var ms = new MemoryStream(optimizerState);
-            using var br = new BinaryReader(ms);
-            adam.load_state_dict(br);
+            resumed = Checkpoint.LoadInto(resumeFrom, model, adam);
+            log.WriteLine($"resuming {resumeFrom} at step {resumed.Step}");
         }
         AtomicFile.WriteAllText(Path.Combine(runDir, "config.json"), cfg.ToJson());
 
@@ -151,7 +138,7 @@ public sealed class Trainer
         }
 
         void SaveCheckpoint(string name, int epoch) =>
-            Checkpoint.Save(Path.Combine(runDir, name), model, step, epoch, best, w => adam.save_state_dict(w));
+            Checkpoint.Save(Path.Combine(runDir, name), model, step, epoch, best, adam);
 
         var progress = new ProgressReporter(log, totalSteps, step);
         double lastTrainBpd = double.NaN, runningBpd = double.NaN;
@@ -198,12 +185,7 @@ public sealed class Trainer
                 {
                     var last = Path.Combine(runDir, LastCheckpoint);
                     if (!File.Exists(last)) throw new InvalidOperationException($"{RollbackAfter} non-finite steps in a row before any checkpoint; lower --lr");
-                    byte[]? state = null;
-                    var (good, header) = Checkpoint.Load(last, r => state = ReadRest(r));
-                    using (no_grad())
-                        foreach (var (name, t) in good.state_dict()) model.state_dict()[name].copy_(t);
-                    if (state is not null) { using var ms = new MemoryStream(state); using var br = new BinaryReader(ms); adam.load_state_dict(br); }
-                    step = header.Step;
+                    step = Checkpoint.LoadInto(last, model, adam).Step;
                     lrScale *= 0.5;
                     rollbacks++;
                     consecutiveBad = 0;
@@ -270,13 +252,6 @@ public sealed class Trainer
     {
         using var p = Process.GetCurrentProcess();
         return Math.Round(p.WorkingSet64 / 1048576.0, 1);
-    }
-
-    static byte[] ReadRest(BinaryReader r)
-    {
-        using var ms = new MemoryStream();
-        r.BaseStream.CopyTo(ms);
-        return ms.ToArray();
     }
 
     /// <summary>The order of the training images in an epoch: a function of seed and epoch only.</summary>
