@@ -142,6 +142,7 @@ public sealed class Trainer
 
         var progress = new ProgressReporter(log, totalSteps, step);
         double lastTrainBpd = double.NaN, runningBpd = double.NaN;
+        (double Bpd, double StdErr)? lastHeldOut = null;
         var throughput = Stopwatch.StartNew();
         long imagesSinceLog = 0;
         double imagesPerSecond = 0;
@@ -217,6 +218,7 @@ public sealed class Trainer
             if (epochEnd)
             {
                 var (held, se) = Evaluate(model, data.HeldOut, 256, device);
+                lastHeldOut = (held, se);
                 heldCurve.Add((step, held));
                 metrics.Append(step, epoch, runningBpd, held, se, lr, imagesPerSecond, dropped, ResidentMegabytes());
                 progress.Line($"step {step} (epoch {epoch + 1}): held-out {held:0.0000} +- {se:0.0000} bits/dim");
@@ -236,7 +238,9 @@ public sealed class Trainer
         var originals = data.HeldOut.Batch(Enumerable.Range(0, Math.Min(16, data.HeldOut.Count)).ToArray()).to(device);
         using (no_grad()) ImageGrid.SavePairs(originals, model.Reconstruct(originals), Path.Combine(runDir, "reconstructions.png"));
 
-        var (finalHeld, finalSe) = Evaluate(model, data.HeldOut, 256, device);
+        // The last step always ends an epoch, so its evaluation is the final score (a resumed run
+        // that had already finished has none and evaluates once).
+        var (finalHeld, finalSe) = lastHeldOut ?? Evaluate(model, data.HeldOut, 256, device);
         var summary = new TrainSummary(cfg.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
             lastTrainBpd, finalHeld, finalSe, Math.Min(best, finalHeld), imagesPerSecond, wall.Elapsed.TotalSeconds,
             dropped, rollbacks, data.Description, runDir);
