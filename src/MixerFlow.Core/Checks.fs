@@ -433,16 +433,17 @@ module Checks =
             let property =
                 Prop.forAll caseArbitrary (fun case ->
                     use _ = torch.NewDisposeScope()
-                    let mutable shapes = "(not built)"
+                    let shapes = ref "(not built)"
                     let e =
                         try
-                            let b = instantiate spec case o case.Seed
-                            shapes <- sprintf "%s -> %s" (Shapes.show b.InputShape) (Shapes.show b.OutputShape)
-                            evaluate spec case o b
+                            NativeSafety.Run(fun () ->
+                                let b = instantiate spec case o case.Seed
+                                shapes.Value <- sprintf "%s -> %s" (Shapes.show b.InputShape) (Shapes.show b.OutputShape)
+                                evaluate spec case o b)
                         with ex -> fail (sprintf "threw %s: %s" (ex.GetType().Name) ex.Message)
                     worst <- max worst e.Error
                     cases <- cases + 1
-                    let detail = sprintf "%s %s, %s, %s: %s" spec.Name shapes (string case) dtypeName e.Detail
+                    let detail = sprintf "%s %s, %s, %s: %s" spec.Name shapes.Value (string case) dtypeName e.Detail
                     lastDetail <- detail
                     e.Passed |> Prop.label detail)
             let config =

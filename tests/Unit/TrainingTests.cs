@@ -41,6 +41,23 @@ public class TrainingTests
     }
 
     [Fact]
+    public void No_step_leaks_a_tensor()
+    {
+        var dir = TempDir();
+        try
+        {
+            new Trainer(Options(dir, 40), TextWriter.Null).Run();
+            var live = MixerFlow.Host.Files.CsvLog.Read(Path.Combine(dir, "metrics.csv"))
+                .Where(r => r["heldout_bpd"] == "" && r["step"] != "0")
+                .ToDictionary(r => int.Parse(r["step"]), r => long.Parse(r["live_tensors"]));
+            Assert.Equal(new[] { 10, 20, 30, 40 }, live.Keys.Order());
+            Assert.True(live[10] > 0);
+            Assert.All(live.Values, v => Assert.Equal(live[10], v));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
     public void An_injected_NaN_drops_the_step_and_the_run_goes_on()
     {
         var dir = TempDir();

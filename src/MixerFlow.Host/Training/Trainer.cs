@@ -1,3 +1,4 @@
+using MixerFlow.Core;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
@@ -76,11 +77,13 @@ public sealed class Trainer
             manual_seed(seed);
             for (int start = 0; start < data.Count; start += batchSize)
             {
-                using var scope = NewDisposeScope();
                 var idx = Enumerable.Range(start, Math.Min(batchSize, data.Count - start)).ToArray();
-                using var _ = no_grad();
-                var bpd = model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu();
-                all.AddRange(bpd.data<double>().ToArray());
+                all.AddRange(NativeSafety.Run(() =>
+                {
+                    using var scope = NewDisposeScope();
+                    using var _ = no_grad();
+                    return model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray();
+                }));
             }
         }
         finally { model.train(training); }
@@ -126,7 +129,7 @@ public sealed class Trainer
         int dropped = 0, rollbacks = 0, consecutiveBad = 0;
         double lrScale = 1.0;
         var metrics = new CsvLog(Path.Combine(runDir, "metrics.csv"),
-            "step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps", "rss_mb");
+            "step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps", "rss_mb", "live_tensors");
         var trainCurve = new List<(long, double)>();
         var heldCurve = new List<(long, double)>();
         foreach (var row in File.Exists(metrics.Path) ? CsvLog.Read(metrics.Path) : [])
@@ -140,6 +143,14 @@ public sealed class Trainer
         void SaveCheckpoint(string name, int epoch) =>
             Checkpoint.Save(Path.Combine(runDir, name), model, step, epoch, best, adam);
 
+        if (resumed is null)
+        {
+            // The untrained model's held-out score starts the curve.
+            var (held0, se0) = Evaluate(model, data.HeldOut, 256, device);
+            heldCurve.Add((0, held0));
+            metrics.Append(0, 0, null, held0, se0, null, null, 0, ResidentMegabytes(), LiveTensors());
+            log.WriteLine($"step 0: held-out {held0:0.0000} +- {se0:0.0000} bits/dim");
+        }
         var progress = new ProgressReporter(log, totalSteps, step);
         double lastTrainBpd = double.NaN, runningBpd = double.NaN;
         (double Bpd, double StdErr)? lastHeldOut = null;
@@ -147,35 +158,37 @@ public sealed class Trainer
         long imagesSinceLog = 0;
         double imagesPerSecond = 0;
         model.train();
+        int[] order = [];
+        int orderEpoch = -1;
         while (step < totalSteps)
         {
             int epoch = (int)(step / stepsPerEpoch);
             int inEpoch = (int)(step % stepsPerEpoch);
-            var order = EpochOrder(data.Train.Count, options.Seed, epoch);
+            if (epoch != orderEpoch) (order, orderEpoch) = (EpochOrder(data.Train.Count, options.Seed, epoch), epoch);
             var idx = order.AsSpan(inEpoch * options.BatchSize, options.BatchSize).ToArray();
             double lr = LearningRate(options.Lr, step, totalSteps) * lrScale;
             foreach (var g in adam.ParamGroups) g.LearningRate = lr;
 
-            bool ok;
-            double bpdValue;
-            using (var scope = NewDisposeScope())
+            var (ok, bpdValue) = NativeSafety.Run(() =>
             {
+                using var scope = NewDisposeScope();
                 manual_seed(options.Seed * 1_000_003L + step);
                 var x = data.Train.Batch(idx).to(device);
                 var loss = model.BitsPerDim(x).mean();
                 if (InjectNonFinite?.Invoke(step) == true) loss = loss * double.NaN;
-                bpdValue = loss.item<float>();
-                ok = double.IsFinite(bpdValue);
-                if (ok)
+                double bpd = loss.item<float>();
+                if (!double.IsFinite(bpd)) return (false, bpd);
+                adam.zero_grad();
+                loss.backward();
+                var norm = nn.utils.clip_grad_norm_(model.parameters(), ClipNorm);
+                if (!double.IsFinite(norm))
                 {
                     adam.zero_grad();
-                    loss.backward();
-                    var norm = nn.utils.clip_grad_norm_(model.parameters(), ClipNorm);
-                    ok = double.IsFinite(norm);
-                    if (ok) adam.step();
-                    else adam.zero_grad();
+                    return (false, bpd);
                 }
-            }
+                adam.step();
+                return (true, bpd);
+            });
 
             if (!ok)
             {
@@ -208,7 +221,7 @@ public sealed class Trainer
                 imagesSinceLog = 0;
                 throughput.Restart();
                 trainCurve.Add((step, runningBpd));
-                metrics.Append(step, epoch, runningBpd, null, null, lr, imagesPerSecond, dropped, ResidentMegabytes());
+                metrics.Append(step, epoch, runningBpd, null, null, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors());
                 progress.Report(step, runningBpd, imagesPerSecond);
             }
             if (step % options.CheckpointEvery == 0) SaveCheckpoint(LastCheckpoint, epoch);
@@ -220,7 +233,7 @@ public sealed class Trainer
                 var (held, se) = Evaluate(model, data.HeldOut, 256, device);
                 lastHeldOut = (held, se);
                 heldCurve.Add((step, held));
-                metrics.Append(step, epoch, runningBpd, held, se, lr, imagesPerSecond, dropped, ResidentMegabytes());
+                metrics.Append(step, epoch, runningBpd, held, se, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors());
                 progress.Line($"step {step} (epoch {epoch + 1}): held-out {held:0.0000} +- {se:0.0000} bits/dim");
                 if (held < best) { best = held; SaveCheckpoint(BestCheckpoint, epoch); }
                 SaveCheckpoint(LastCheckpoint, epoch);
@@ -252,6 +265,9 @@ public sealed class Trainer
     }
 
     /// <summary>Resident memory of the process (managed and native), for the memory-growth benchmark.</summary>
+    /// <summary>Tensors alive on this thread (TorchSharp's dispose-scope statistics): flat when no step leaks.</summary>
+    static long LiveTensors() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+
     static double ResidentMegabytes()
     {
         using var p = Process.GetCurrentProcess();
