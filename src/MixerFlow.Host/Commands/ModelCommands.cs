@@ -1,3 +1,4 @@
+using MixerFlow.Core;
 using System.Globalization;
 using System.Text;
 using MixerFlow.CommandLine;
@@ -48,7 +49,7 @@ public static class ModelCommands
             var path = o.Temperatures.Length == 1
                 ? o.Out
                 : Path.Combine(Path.GetDirectoryName(o.Out) ?? "", $"{Path.GetFileNameWithoutExtension(o.Out)}-t{t.ToString("0.0##", CultureInfo.InvariantCulture)}.png");
-            using (no_grad()) ImageGrid.Save(model.Sample(o.Count, t), path);
+            ImageGrid.Save(NativeSafety.Run(() => model.Sample(o.Count, t)), path);
             output.WriteLine($"wrote {o.Count} samples at temperature {t} to {path}");
         }
         return 0;
@@ -63,8 +64,14 @@ public static class ModelCommands
         {
             var parts = new List<Tensor>();
             for (int s = 0; s < set.Count; s += 256)
-                using (no_grad())
-                    parts.Add(model.Encode(set.Batch(Enumerable.Range(s, Math.Min(256, set.Count - s)).ToArray())).flatten(1));
+            {
+                var idx = Enumerable.Range(s, Math.Min(256, set.Count - s)).ToArray();
+                parts.Add(NativeSafety.Run(() =>
+                {
+                    using var _ = no_grad();
+                    return model.Encode(set.Batch(idx)).flatten(1);
+                }));
+            }
             return cat(parts, 0);
         }
         var train = Latents(data.Train);
@@ -107,13 +114,14 @@ public static class LinearProbe
         var lin = nn.Linear(x.shape[1], classes);
         var opt = optim.Adam(lin.parameters(), 0.01);
         for (int e = 0; e < epochs; e++)
-        {
-            using var scope = NewDisposeScope();
-            opt.zero_grad();
-            var loss = nn.functional.cross_entropy(lin.call(x), y) + 1e-4 * lin.weight.square().sum();
-            loss.backward();
-            opt.step();
-        }
+            NativeSafety.Run(() =>
+            {
+                using var scope = NewDisposeScope();
+                opt.zero_grad();
+                var loss = nn.functional.cross_entropy(lin.call(x), y) + 1e-4 * lin.weight.square().sum();
+                loss.backward();
+                opt.step();
+            });
         using var _ = no_grad();
         var pred = lin.call((testZ - mean) / std).argmax(1);
         var truth = tensor(testY.Select(v => (long)v).ToArray());
