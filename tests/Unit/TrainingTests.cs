@@ -41,6 +41,34 @@ public class TrainingTests
     }
 
     [Fact]
+    public void A_run_in_another_process_with_the_same_seed_gives_the_same_parameters()
+    {
+        string a = TempDir(), b = TempDir();
+        try
+        {
+            var here = new Trainer(Options(a, 6), TextWriter.Null);
+            here.Run();
+            var host = Path.Combine(AppContext.BaseDirectory, "mixerflow.dll");
+            var psi = new System.Diagnostics.ProcessStartInfo("dotnet")
+            {
+                ArgumentList = { host, "train", "--preset", "tiny", "--steps", "6", "--batch-size", "16", "--lr", "0.001",
+                                 "--seed", "7", "--checkpoint-every", "5", "--out", b },
+                RedirectStandardOutput = true,
+                RedirectStandardError = true,
+            };
+            using var child = System.Diagnostics.Process.Start(psi)!;
+            string log = child.StandardOutput.ReadToEnd() + child.StandardError.ReadToEnd();
+            child.WaitForExit();
+            Assert.True(child.ExitCode == 0, log);
+            var (there, _) = MixerFlow.Host.Models.Checkpoint.Load(Path.Combine(b, Trainer.LastCheckpoint));
+            var pa = Flat(here.Model!);
+            var pb = Flat(there);
+            Assert.Equal(0f, pa.Zip(pb, (x, y) => Math.Abs(x - y)).Max());
+        }
+        finally { Directory.Delete(a, true); Directory.Delete(b, true); }
+    }
+
+    [Fact]
     public void No_step_leaks_a_tensor()
     {
         var dir = TempDir();

@@ -278,7 +278,9 @@ public sealed class Trainer
     public static int[] EpochOrder(int count, int seed, int epoch)
     {
         var order = Enumerable.Range(0, count).ToArray();
-        new Random(HashCode.Combine(seed, epoch, 0x5EED)).Shuffle(order);
+        // A fixed arithmetic mix: HashCode.Combine would be salted per process, and then neither
+        // a rerun nor a resumed run in a new process would see the same order.
+        new Random(unchecked(seed * 1_000_003 + epoch * 7_919 + 0x5EED)).Shuffle(order);
         return order;
     }
 }
