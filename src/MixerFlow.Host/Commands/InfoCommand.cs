@@ -16,7 +16,7 @@ public static class InfoCommand
     }
 
     /// <summary>Median wall time of a training step (batch 64) after two warm-up steps.</summary>
-    public static void TimeSteps(ImageFlow model, TextWriter output, int batch = 64, int steps = 5)
+    public static void TimeSteps(ImageFlow model, TextWriter output, int batch = 64, int steps = 11)
     {
         var c = model.Config;
         var adam = TorchSharp.torch.optim.Adam(model.parameters(), 1e-4);
