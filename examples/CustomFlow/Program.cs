@@ -2,6 +2,7 @@
 // it with the same property checks the built-in bijectors pass.
 //   dotnet run --project examples/CustomFlow
 using MixerFlow.Core;
+using MixerFlow.Checks;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

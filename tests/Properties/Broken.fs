@@ -5,6 +5,7 @@ open System
 open TorchSharp
 open TorchSharp.Modules
 open MixerFlow.Core
+open MixerFlow.Checks
 open MixerFlow.Core.Ops
 
 /// A correct elementwise affine map y = x * exp(s) + t, with the defects switched on by flags.

@@ -3,6 +3,7 @@ module MixerFlow.Properties.BrokenTests
 
 open Xunit
 open MixerFlow.Core
+open MixerFlow.Checks
 open MixerFlow.Properties
 
 let private quick = CheckOptions.Float64.WithCases(5)

@@ -6,6 +6,7 @@ open System
 open Xunit
 open TorchSharp
 open MixerFlow.Core
+open MixerFlow.Checks
 
 let private options dtype = if dtype = "float64" then CheckOptions.Float64 else CheckOptions.Float32
 

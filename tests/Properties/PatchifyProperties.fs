@@ -6,6 +6,7 @@ open FsCheck.FSharp
 open FsCheck.Xunit
 open TorchSharp
 open MixerFlow.Core
+open MixerFlow.Checks
 
 let private image c h w = torch.arange(int64 (c * h * w), dtype = torch.float64).reshape(1L, int64 c, int64 h, int64 w)
 

@@ -1,4 +1,3 @@
-using MixerFlow.CommandLine;
 using MixerFlow.Host.Training;
 using static TorchSharp.torch;
 
@@ -7,8 +6,18 @@ namespace MixerFlow.Unit;
 /// <summary>The training loop on the embedded data with the tiny preset: resume, NaN guard, files.</summary>
 public class TrainingTests
 {
-    static TrainOptions Options(string dir, int steps, string? resume = null, int checkpointEvery = 5) =>
-        new("tiny", null, dir, 0, steps, 16, 1e-3, 7, "cpu", 0, resume, checkpointEvery);
+    static TrainingSettings Options(string dir, int steps, bool resume = false, int checkpointEvery = 5) => new()
+    {
+        Model = MixerFlow.Host.Models.Presets.Get("tiny"), RunFolder = dir, Resume = resume, Steps = steps,
+        BatchSize = 16, LearningRate = 1e-3, Seed = 7, CheckpointEvery = checkpointEvery,
+    };
+
+    /// <summary>Test observer: stops after a step, or makes chosen steps' losses non-finite.</summary>
+    sealed class Hooks(Func<long, bool>? corrupt = null, long? stopAfter = null) : ITrainingObserver
+    {
+        public Tensor TransformLoss(long step, Tensor loss) => corrupt?.Invoke(step) == true ? loss * double.NaN : loss;
+        public bool ShouldStop(long step) => step == stopAfter;
+    }
 
     static string TempDir() => Directory.CreateTempSubdirectory("mixerflow-train-").FullName;
 
@@ -21,12 +30,12 @@ public class TrainingTests
         string a = TempDir(), b = TempDir();
         try
         {
-            var whole = new Trainer(Options(a, 12), TextWriter.Null);
+            var whole = new Trainer(Options(a, 12));
             whole.Run();
-            var interrupted = new Trainer(Options(b, 12), TextWriter.Null) { StopAfter = 5 };
-            interrupted.Run();
+            var interrupted = new Trainer(Options(b, 12), new Hooks(stopAfter: 5));
+            Assert.True(interrupted.Run().StoppedEarly);
             Assert.True(File.Exists(Path.Combine(b, Trainer.LastCheckpoint)));
-            var resumed = new Trainer(Options(b, 12, resume: b), TextWriter.Null);
+            var resumed = new Trainer(Options(b, 12, resume: true));
             var summary = resumed.Run();
             Assert.Equal(12, summary.Steps);
             var pa = Flat(whole.Model!);
@@ -46,7 +55,7 @@ public class TrainingTests
         string a = TempDir(), b = TempDir();
         try
         {
-            var here = new Trainer(Options(a, 6), TextWriter.Null);
+            var here = new Trainer(Options(a, 6));
             here.Run();
             var host = Path.Combine(AppContext.BaseDirectory, "mixerflow.dll");
             var psi = new System.Diagnostics.ProcessStartInfo("dotnet")
@@ -74,7 +83,7 @@ public class TrainingTests
         var dir = TempDir();
         try
         {
-            new Trainer(Options(dir, 40), TextWriter.Null).Run();
+            new Trainer(Options(dir, 40)).Run();
             var live = MixerFlow.Host.Files.CsvLog.Read(Path.Combine(dir, "metrics.csv"))
                 .Where(r => r["heldout_bpd"] == "" && r["step"] != "0")
                 .ToDictionary(r => int.Parse(r["step"]), r => long.Parse(r["live_tensors"]));
@@ -91,7 +100,7 @@ public class TrainingTests
         var dir = TempDir();
         try
         {
-            var t = new Trainer(Options(dir, 8), TextWriter.Null) { InjectNonFinite = s => s == 3 };
+            var t = new Trainer(Options(dir, 8), new Hooks(corrupt: s => s == 3));
             var summary = t.Run();
             Assert.Equal(1, summary.DroppedSteps);
             Assert.Equal(0, summary.Rollbacks);
@@ -109,7 +118,7 @@ public class TrainingTests
         {
             int injected = 0;
             // Steps 6..10 fail once each, after the checkpoint at step 5.
-            var t = new Trainer(Options(dir, 12), TextWriter.Null) { InjectNonFinite = s => s >= 6 && s <= 10 && injected++ < 5 };
+            var t = new Trainer(Options(dir, 12), new Hooks(corrupt: s => s >= 6 && s <= 10 && injected++ < 5));
             var summary = t.Run();
             Assert.Equal(5, summary.DroppedSteps);
             Assert.Equal(1, summary.Rollbacks);
@@ -124,7 +133,7 @@ public class TrainingTests
         var dir = TempDir();
         try
         {
-            new Trainer(Options(dir, 6), TextWriter.Null).Run();
+            new Trainer(Options(dir, 6)).Run();
             foreach (var f in new[] { "config.json", "metrics.csv", "training-curve.png", "samples-t0.5.png", "samples-t0.7.png",
                                       "samples-t1.0.png", "reconstructions.png", "last.ckpt", "best.ckpt", "summary.json" })
                 Assert.True(File.Exists(Path.Combine(dir, f)), f);
@@ -161,7 +170,7 @@ public class CommandLineTests
         var err = new StringWriter();
         var saved = Console.Error;
         Console.SetError(err);
-        try { Assert.Equal(2, MixerFlow.Host.Program.Main(args)); }
+        try { Assert.Equal(2, MixerFlow.Cli.Program.Main(args)); }
         finally { Console.SetError(saved); }
         Assert.False(string.IsNullOrWhiteSpace(err.ToString()));
     }

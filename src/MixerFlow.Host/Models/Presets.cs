@@ -5,6 +5,12 @@ namespace MixerFlow.Host.Models;
 /// <summary>Named configurations.</summary>
 public static class Presets
 {
+    /// <summary>The preset of the README's main command.</summary>
+    public const string Default = "fashion-mnist";
+
+    /// <summary>The preset names, in table order.</summary>
+    public static IReadOnlyList<string> Names => All.Keys.ToList();
+
     public static readonly IReadOnlyDictionary<string, ModelConfig> All = new Dictionary<string, ModelConfig>
     {
         // 28x28x1; 4x4 patches: 49 patches of 16 values. Sized for minutes of training on 2 CPU cores.

@@ -1,7 +1,8 @@
-namespace MixerFlow.Core
+namespace MixerFlow.Checks
 
 open System
 open TorchSharp
+open MixerFlow.Core
 open MixerFlow.Core.Ops
 
 /// The built-in bijectors as check specifications: random shapes and options per case. Used by

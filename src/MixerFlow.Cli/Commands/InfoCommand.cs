@@ -1,7 +1,8 @@
+using MixerFlow.Host;
 using MixerFlow.CommandLine;
 using MixerFlow.Host.Models;
 
-namespace MixerFlow.Host.Commands;
+namespace MixerFlow.Cli.Commands;
 
 /// <summary>`info`: a model's configuration and parameter breakdown.</summary>
 public static class InfoCommand

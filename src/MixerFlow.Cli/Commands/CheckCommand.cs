@@ -1,8 +1,10 @@
 using MixerFlow.Core;
+using MixerFlow.Checks;
+using MixerFlow.Host;
 using Spectre.Console;
 using static TorchSharp.torch;
 
-namespace MixerFlow.Host.Commands;
+namespace MixerFlow.Cli.Commands;
 
 /// <summary>`check`: the Core property checks on the built-in bijectors, as a table.</summary>
 public static class CheckCommand
@@ -27,9 +29,9 @@ public static class CheckCommand
         foreach (var spec in specs)
             foreach (var dtype in options.DTypes)
             {
-                var o = (dtype == "float64" ? Core.CheckOptions.Float64 : Core.CheckOptions.Float32)
+                var o = (dtype == "float64" ? MixerFlow.Checks.CheckOptions.Float64 : MixerFlow.Checks.CheckOptions.Float32)
                     .WithCases(options.Cases).WithSeed(options.Seed);
-                foreach (var result in Checks.runAll(spec, o))
+                foreach (var result in MixerFlow.Checks.Checks.runAll(spec, o))
                 {
                     if (!result.Applicable) continue;
                     if (!result.Passed) failures.Add(result);

@@ -1,7 +1,8 @@
 using MixerFlow.CommandLine;
-using MixerFlow.Host.Commands;
+using MixerFlow.Cli.Commands;
+using MixerFlow.Host;
 
-namespace MixerFlow.Host;
+namespace MixerFlow.Cli;
 
 public static class Program
 {
@@ -34,5 +35,3 @@ public static class Program
     }
 }
 
-/// <summary>A problem with the user's input (a file, an argument): printed without a stack trace, exit code 2.</summary>
-public sealed class UserError(string message, Exception? inner = null) : Exception(message, inner);

@@ -1,4 +1,4 @@
-namespace MixerFlow.Core
+namespace MixerFlow.Checks
 
 open System
 open System.IO
@@ -6,7 +6,13 @@ open System.Runtime.InteropServices
 open TorchSharp
 open FsCheck
 open FsCheck.FSharp
+open MixerFlow.Core
 open MixerFlow.Core.Ops
+
+module internal Format =
+    let showShape (s: int64 seq) = "[" + String.Join(", ", s) + "]"
+
+open Format
 
 /// The properties every bijector must have (zuko / TFP / flowjax style), letters as in the docs.
 type CheckKind =
@@ -105,7 +111,7 @@ type internal Evaluation =
 
 /// Property-based checks of bijectors, driven by FsCheck (generation, shrinking, replay).
 module Checks =
-    let private shape (t: Tensor) = Shapes.show t.shape
+    let private shape (t: Tensor) = showShape t.shape
 
     /// Worst relative error (unit floor) between two tensors, with where it is.
     let internal compare (label: string) (tol: float) (got: Tensor) (expected: Tensor) : Evaluation =
@@ -438,7 +444,7 @@ module Checks =
                         try
                             NativeSafety.Run(fun () ->
                                 let b = instantiate spec case o case.Seed
-                                shapes.Value <- sprintf "%s -> %s" (Shapes.show b.InputShape) (Shapes.show b.OutputShape)
+                                shapes.Value <- sprintf "%s -> %s" (showShape b.InputShape) (showShape b.OutputShape)
                                 evaluate spec case o b)
                         with ex -> fail (sprintf "threw %s: %s" (ex.GetType().Name) ex.Message)
                     worst <- max worst e.Error

@@ -1,4 +1,6 @@
 using MixerFlow.Core;
+using MixerFlow.Checks;
+using MixerFlow.Host;
 using System.Globalization;
 using System.Text;
 using MixerFlow.CommandLine;
@@ -9,14 +11,29 @@ using MixerFlow.Host.Models;
 using MixerFlow.Host.Training;
 using static TorchSharp.torch;
 
-namespace MixerFlow.Host.Commands;
+namespace MixerFlow.Cli.Commands;
 
 /// <summary>`train`, `eval`, `sample` and `embed`.</summary>
 public static class ModelCommands
 {
     public static int Train(TrainOptions o, TextWriter output)
     {
-        new Trainer(o, output).Run();
+        var settings = new TrainingSettings
+        {
+            Model = Presets.Get(o.Preset),
+            Data = o.Data,
+            RunFolder = o.Resume ?? o.Out,
+            Resume = o.Resume is not null,
+            Epochs = o.Epochs > 0 ? o.Epochs : 10,
+            Steps = o.Steps,
+            BatchSize = o.BatchSize,
+            LearningRate = o.Lr,
+            Seed = o.Seed,
+            Device = o.Device,
+            Threads = o.Threads,
+            CheckpointEvery = o.CheckpointEvery,
+        };
+        new Trainer(settings, new ProgressReporter(output)).Run();
         return 0;
     }
 
@@ -34,7 +51,7 @@ public static class ModelCommands
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
         var set = o.Split == "train" ? data.Train : data.HeldOut;
-        var (mean, se) = Trainer.Evaluate(model, set, o.BatchSize, model.Device);
+        var (mean, se) = Evaluation.BitsPerDim(model, set, o.BatchSize, model.Device);
         output.WriteLine($"{o.Split} split of {data.Description}");
         output.WriteLine($"bits/dim: {mean:0.0000} +- {se:0.0000} (standard error over {set.Count} images)");
         return 0;
@@ -60,22 +77,8 @@ public static class ModelCommands
         var model = Load(o.Checkpoint, "cpu");
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
-        Tensor Latents(ImageDataset set)
-        {
-            var parts = new List<Tensor>();
-            for (int s = 0; s < set.Count; s += 256)
-            {
-                var idx = Enumerable.Range(s, Math.Min(256, set.Count - s)).ToArray();
-                parts.Add(NativeSafety.Run(() =>
-                {
-                    using var _ = no_grad();
-                    return model.Encode(set.Batch(idx)).flatten(1);
-                }));
-            }
-            return cat(parts, 0);
-        }
-        var train = Latents(data.Train);
-        var held = Latents(data.HeldOut);
+        var train = Evaluation.Latents(model, data.Train);
+        var held = Evaluation.Latents(model, data.HeldOut);
         AtomicFile.Write(o.Out, stream =>
         {
             using var w = new StreamWriter(stream, new UTF8Encoding(false), leaveOpen: true);
@@ -94,37 +97,10 @@ public static class ModelCommands
         output.WriteLine($"wrote {data.Train.Count + data.HeldOut.Count} latents of {train.shape[1]} values to {o.Out}");
         if (data.Train.Labels is not null && data.HeldOut.Labels is not null)
         {
-            double acc = LinearProbe.Accuracy(train, data.Train.Labels, held, data.HeldOut.Labels);
+            double acc = Evaluation.LinearProbeAccuracy(train, data.Train.Labels, held, data.HeldOut.Labels);
             output.WriteLine($"linear probe (softmax regression on the latents): held-out accuracy {acc:P1}");
         }
         return 0;
     }
 }
 
-/// <summary>Softmax regression trained on latents, scored on held-out latents.</summary>
-public static class LinearProbe
-{
-    public static double Accuracy(Tensor trainZ, int[] trainY, Tensor testZ, int[] testY, int epochs = 100)
-    {
-        int classes = Math.Max(trainY.Max(), testY.Max()) + 1;
-        var mean = trainZ.mean(new long[] { 0 }, keepdim: true);
-        var std = trainZ.std(0, keepdim: true) + 1e-6;
-        var x = (trainZ - mean) / std;
-        var y = tensor(trainY.Select(v => (long)v).ToArray());
-        var lin = nn.Linear(x.shape[1], classes);
-        var opt = optim.Adam(lin.parameters(), 0.01);
-        for (int e = 0; e < epochs; e++)
-            NativeSafety.Run(() =>
-            {
-                using var scope = NewDisposeScope();
-                opt.zero_grad();
-                var loss = nn.functional.cross_entropy(lin.call(x), y) + 1e-4 * lin.weight.square().sum();
-                loss.backward();
-                opt.step();
-            });
-        using var _ = no_grad();
-        var pred = lin.call((testZ - mean) / std).argmax(1);
-        var truth = tensor(testY.Select(v => (long)v).ToArray());
-        return pred.eq(truth).to_type(float64).mean().item<double>();
-    }
-}

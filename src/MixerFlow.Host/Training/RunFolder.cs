@@ -1,0 +1,95 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using MixerFlow.Host.Data;
+using MixerFlow.Host.Files;
+using MixerFlow.Host.Imaging;
+using MixerFlow.Host.Models;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Host.Training;
+
+/// <summary>
+/// The files of one training run: config.json, metrics.csv, training-curve.png, last.ckpt and
+/// best.ckpt, samples-t*.png, reconstructions.png and summary.json. Every file is written
+/// atomically (or appended and flushed row by row), so a crash leaves the previous version.
+/// </summary>
+public sealed class RunFolder
+{
+    public const string LastCheckpoint = "last.ckpt";
+    public const string BestCheckpoint = "best.ckpt";
+    static readonly string[] MetricColumns =
+        ["step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps", "rss_mb", "live_tensors"];
+
+    readonly CsvLog metrics;
+
+    public string Path { get; }
+    public string Last => System.IO.Path.Combine(Path, LastCheckpoint);
+    public string Best => System.IO.Path.Combine(Path, BestCheckpoint);
+
+    /// <summary>Training bits/dim (running mean) and held-out bits/dim by step, as far as the run has come.</summary>
+    public List<(long Step, double Bpd)> TrainCurve { get; } = [];
+    public List<(long Step, double Bpd)> HeldOutCurve { get; } = [];
+
+    public RunFolder(string path)
+    {
+        Path = path;
+        Directory.CreateDirectory(path);
+        metrics = new CsvLog(System.IO.Path.Combine(path, "metrics.csv"), MetricColumns);
+    }
+
+    /// <summary>Reads the curves of metrics.csv up to <paramref name="step"/> (for a resumed run).</summary>
+    public void ReadCurves(long step)
+    {
+        if (!File.Exists(metrics.Path)) return;
+        foreach (var row in CsvLog.Read(metrics.Path))
+        {
+            long s = long.Parse(row["step"], CultureInfo.InvariantCulture);
+            if (s > step) continue;
+            if (row["train_bpd"] != "") TrainCurve.Add((s, double.Parse(row["train_bpd"], CultureInfo.InvariantCulture)));
+            if (row["heldout_bpd"] != "") HeldOutCurve.Add((s, double.Parse(row["heldout_bpd"], CultureInfo.InvariantCulture)));
+        }
+    }
+
+    public void WriteConfig(ModelConfig config) => AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), config.ToJson());
+
+    /// <summary>A row of metrics.csv; the training or held-out value may be missing.</summary>
+    public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped)
+    {
+        if (trainBpd is double t) TrainCurve.Add((step, t));
+        if (heldOut is { } h) HeldOutCurve.Add((step, h.Bpd));
+        metrics.Append(step, epoch, trainBpd, heldOut?.Bpd, heldOut?.StdErr, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors());
+    }
+
+    public void SaveCheckpoint(string name, ImageFlow model, long step, int epoch, double best, OptimizerHelper optimizer) =>
+        Checkpoint.Save(System.IO.Path.Combine(Path, name), model, step, epoch, best, optimizer);
+
+    public void SaveCurve(string title) =>
+        TrainingCurve.Save(TrainCurve, HeldOutCurve, System.IO.Path.Combine(Path, "training-curve.png"), title);
+
+    /// <summary>Samples at temperatures 0.5, 0.7 and 1.0 and reconstructions of held-out images beside the originals.</summary>
+    public void SavePictures(ImageFlow model, ImageDataset heldOut, int seed)
+    {
+        model.eval();
+        manual_seed(seed);
+        foreach (var t in new[] { 0.5, 0.7, 1.0 })
+            ImageGrid.Save(model.Sample(64, t), System.IO.Path.Combine(Path, $"samples-t{t.ToString("0.0", CultureInfo.InvariantCulture)}.png"));
+        var originals = heldOut.Batch(Enumerable.Range(0, Math.Min(16, heldOut.Count)).ToArray()).to(model.Device);
+        using (no_grad()) ImageGrid.SavePairs(originals, model.Reconstruct(originals), System.IO.Path.Combine(Path, "reconstructions.png"));
+    }
+
+    public void SaveSummary(TrainSummary summary) =>
+        AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "summary.json"),
+            JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase }));
+
+    /// <summary>Tensors alive on this thread (TorchSharp's dispose-scope statistics): flat when no step leaks.</summary>
+    static long LiveTensors() => TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+
+    /// <summary>Resident memory of the process (managed and native), for the memory-growth benchmark.</summary>
+    static double ResidentMegabytes()
+    {
+        using var p = Process.GetCurrentProcess();
+        return Math.Round(p.WorkingSet64 / 1048576.0, 1);
+    }
+}
