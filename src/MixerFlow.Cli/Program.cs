@@ -32,6 +32,12 @@ public static class Program
             Console.Error.WriteLine($"error: {e.Message}");
             return 2;
         }
+        catch (MixerFlow.Core.NativeLoadException e)
+        {
+            // The machine, not the command: the message names the loader's reason and the fix.
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 3;
+        }
     }
 }
 

@@ -45,7 +45,8 @@ module internal Shapes =
 /// the field too.
 [<AbstractClass>]
 type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
-    inherit torch.nn.Module(name)
+    // The native check runs before the base constructor, TorchSharp's first chance to fail.
+    inherit torch.nn.Module(NativeRuntime.Checked name)
     do
         if Shapes.numel inputShape <> Shapes.numel outputShape then
             invalidArg "outputShape"

@@ -20,7 +20,7 @@ public class PlatformTests
     static string NativeGlueInOutput() =>
         Directory.GetFiles(AppContext.BaseDirectory, "libLibTorchSharp.so", SearchOption.AllDirectories).Single();
 
-    static bool SystemProvides(string version)
+    internal static bool SystemProvides(string version)
     {
         var lib = new[] { "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/lib64/libstdc++.so.6" }
             .First(File.Exists);

@@ -16,7 +16,7 @@ public sealed class ImageFlow : nn.Module
     public Bijector Body { get; }
     readonly IReadOnlyDictionary<string, IReadOnlyList<nn.Module>> parts;
 
-    public ImageFlow(ModelConfig config) : base("ImageFlow")
+    public ImageFlow(ModelConfig config) : base(NativeChecked("ImageFlow"))
     {
         var problems = config.Problems();
         if (problems.Count > 0) throw new UserError($"model configuration '{config.Name}': {string.Join("; ", problems)}");
@@ -26,6 +26,13 @@ public sealed class ImageFlow : nn.Module
         Body = built.Body;
         parts = built.Parts;
         register_module("body", Body);
+    }
+
+    // Before the base constructor, TorchSharp's first chance to fail with a misleading message.
+    static string NativeChecked(string name)
+    {
+        NativeRuntime.EnsureLoaded();
+        return name;
     }
 
     /// <summary>The whole flow, pixels to latent, as one bijector (for the Core checks).</summary>

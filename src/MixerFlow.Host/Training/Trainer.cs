@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using MixerFlow.Core;
 using MixerFlow.Host.Data;
 using MixerFlow.Host.Models;
 using static TorchSharp.torch;
@@ -35,6 +36,7 @@ public sealed class Trainer
     public Trainer(TrainingSettings settings, ITrainingObserver? observer = null)
     {
         ArgumentNullException.ThrowIfNull(settings);
+        NativeRuntime.EnsureLoaded();
         var problems = settings.Problems();
         if (problems.Count > 0) throw new UserError($"training settings: {string.Join("; ", problems)}");
         this.settings = settings;

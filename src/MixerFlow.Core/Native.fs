@@ -1,0 +1,108 @@
+namespace MixerFlow.Core
+
+open System
+open System.IO
+open System.Runtime.InteropServices
+
+/// TorchSharp's native glue (libLibTorchSharp.so) could not be loaded. The message quotes the
+/// dynamic loader (dlerror) and says how to fix it.
+type NativeLoadException(message: string, libraryPath: string, loaderMessage: string) =
+    inherit Exception(message)
+    /// The copy of the glue that was tried.
+    member _.LibraryPath = libraryPath
+    /// What the dynamic loader said (dlerror), e.g. "version `GLIBCXX_3.4.32' not found".
+    member _.LoaderMessage = loaderMessage
+
+module internal NativeGlue =
+    let fileName = "libLibTorchSharp.so"
+
+    let rid () =
+        match RuntimeInformation.ProcessArchitecture with
+        | Architecture.Arm64 -> "linux-arm64"
+        | _ -> "linux-x64"
+
+    /// The copies of the glue this process would load, most likely first: the folders the host
+    /// computed from the app's deps.json (where .NET's own probing looks), then TorchSharp's folder
+    /// and the app's folder with their runtimes/<rid>/native subfolders.
+    let candidates () =
+        let probing =
+            match AppContext.GetData "NATIVE_DLL_SEARCH_DIRECTORIES" with
+            | :? string as dirs -> dirs.Split(Path.PathSeparator, StringSplitOptions.RemoveEmptyEntries) |> List.ofArray
+            | _ -> []
+        let torchDir =
+            try Path.GetDirectoryName(typeof<TorchSharp.torch.Tensor>.Assembly.Location) with _ -> null
+        let bases = [ torchDir; AppContext.BaseDirectory ] |> List.filter (String.IsNullOrEmpty >> not)
+        let near = bases |> List.collect (fun b -> [ b; Path.Combine(b, "runtimes", rid (), "native") ])
+        probing @ near
+        |> List.map (fun d -> Path.Combine(d, fileName))
+        |> List.filter File.Exists
+        |> List.distinct
+
+    /// The loader's own words: .NET puts dlerror's text after its generic advice.
+    let loaderText (e: exn) =
+        let m = e.Message
+        let marker = "LD_DEBUG environment variable:"
+        let i = m.IndexOf(marker, StringComparison.Ordinal)
+        (if i >= 0 then m.Substring(i + marker.Length) else m).Trim()
+
+    let explain (path: string) (loader: string) =
+        let missingGlibcxx = loader.Contains("GLIBCXX_3.4.32", StringComparison.Ordinal)
+        let fix =
+            if missingGlibcxx then
+                String.concat Environment.NewLine
+                    [ "The system's libstdc++ (Debian 12, Ubuntu 22.04 and others of their age) lacks the symbol version"
+                      "GLIBCXX_3.4.32, which TorchSharp's glue declares but does not use. MixerFlow's build targets mark that"
+                      "requirement weak in the copy of the glue in your build output (never in the NuGet cache):"
+                      "  - PackageReference to MixerFlow.Core, MixerFlow.Checks or MixerFlow.Host: the package's targets do it on"
+                      "    every build of an application or test project; rebuild, and do not pass -p:MixerFlowPatchLibStdCxx=false."
+                      "  - ProjectReference to the MixerFlow sources: add this line to your project or Directory.Build.targets:"
+                      "      <Import Project=\"path/to/MixerFlow.NET/build/LibStdCxxFix.targets\" />"
+                      "    and build with -p:MixerFlowPatchLibStdCxx=true (the default)."
+                      "  - Loading from somewhere else (a publish folder, a container): run the build or publish with those targets,"
+                      "    or use a system whose libstdc++ provides GLIBCXX_3.4.32 (GCC 13 or newer)." ]
+            else
+                "The glue needs a newer system library than this machine has (see the loader's message above); "
+                + "use a newer operating system or a TorchSharp build made for this one."
+        String.concat Environment.NewLine
+            [ sprintf "TorchSharp's native glue could not be loaded from %s:" path
+              "  " + loader
+              fix
+              "(TorchSharp itself would report this as a missing reference to the libtorch-cpu package; that is not the cause.)" ]
+
+    /// Loads the glue at `path`; a symbol-version failure becomes a NativeLoadException. A missing
+    /// file or dependency is left for TorchSharp to report: its message is right about those.
+    let verify (path: string) =
+        try
+            NativeLibrary.Load path |> ignore
+        with :? DllNotFoundException as e ->
+            let loader = loaderText e
+            if loader.Contains("version `", StringComparison.Ordinal) && loader.Contains("not found", StringComparison.Ordinal) then
+                raise (NativeLoadException(explain path loader, path, loader))
+
+    let ensured =
+        lazy
+            (if OperatingSystem.IsLinux() then
+                 match candidates () with
+                 | first :: _ -> verify first
+                 | [] -> ())
+
+/// Checks, once per process and before TorchSharp's first native call, that TorchSharp's native glue
+/// loads on this machine; if it cannot, throws a NativeLoadException that names the real cause (the
+/// loader's message, e.g. the missing GLIBCXX_3.4.32 of Debian 12's libstdc++) and the fix.
+/// Bijector constructors call it; later calls cost a field read.
+[<AbstractClass; Sealed>]
+type NativeRuntime =
+    /// Throws NativeLoadException when the glue this process would use cannot load (Linux only).
+    static member EnsureLoaded() = NativeGlue.ensured.Force()
+
+    /// Loads the glue at `libraryPath` and throws NativeLoadException when the loader refuses it for a
+    /// symbol version (GLIBCXX_3.4.32 and the like). For diagnosing a deployment.
+    static member Verify(libraryPath: string) =
+        if isNull libraryPath then nullArg "libraryPath"
+        NativeGlue.verify libraryPath
+
+    /// Runs EnsureLoaded and returns `value`: for constructor arguments, so that the check runs
+    /// before a base class touches TorchSharp.
+    static member internal Checked(value: 'T) : 'T =
+        NativeRuntime.EnsureLoaded()
+        value

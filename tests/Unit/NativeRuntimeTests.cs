@@ -1,0 +1,65 @@
+using MixerFlow.Core;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Unit;
+
+/// <summary>
+/// The first-use check of TorchSharp's native glue: silent where the glue loads, and where it cannot,
+/// an error that names the loader's reason (GLIBCXX_3.4.32 on Debian 12) and the fix, not TorchSharp's
+/// "doesn't contain a reference to libtorch-cpu-linux-x64".
+/// </summary>
+public class NativeRuntimeTests
+{
+    [Fact]
+    public void The_check_passes_in_a_build_that_carries_the_fix_and_torch_still_works()
+    {
+        NativeRuntime.EnsureLoaded();
+        NativeRuntime.EnsureLoaded(); // cached: a second call is free and agrees
+        Assert.Equal(6.0, (ones(2, 3).sum()).item<float>());
+    }
+
+    [Fact]
+    public void An_unpatched_copy_of_the_glue_is_refused_with_the_loader_reason_and_the_fix()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        var home = Environment.GetEnvironmentVariable("NUGET_PACKAGES")
+                   ?? Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".nuget", "packages");
+        var cached = Path.Combine(home, "torchsharp", "0.107.0", "runtimes", "linux-x64", "native", "libLibTorchSharp.so");
+        if (!File.Exists(cached)) return; // a custom package folder: nothing to copy
+        if (PlatformTests.SystemProvides("GLIBCXX_3.4.32")) return; // a newer libstdc++ loads it: nothing to refuse
+
+        // This process's torch is loaded from the build output; the temporary copy sees the same
+        // LibTorch through links, so the loader gets as far as the version check and no further.
+        Assert.Equal(1.0, ones(1).item<float>());
+        var native = Path.GetDirectoryName(Directory.GetFiles(AppContext.BaseDirectory, "libLibTorchSharp.so", SearchOption.AllDirectories).Single())!;
+        var dir = Directory.CreateTempSubdirectory("mixerflow-glue-");
+        try
+        {
+            var copy = Path.Combine(dir.FullName, "libLibTorchSharp.so");
+            File.Copy(cached, copy);
+            foreach (var lib in Directory.GetFiles(native).Where(f => Path.GetFileName(f) != "libLibTorchSharp.so"))
+                File.CreateSymbolicLink(Path.Combine(dir.FullName, Path.GetFileName(lib)), lib);
+
+            var e = Assert.Throws<NativeLoadException>(() => NativeRuntime.Verify(copy));
+            Assert.Contains("GLIBCXX_3.4.32", e.LoaderMessage);
+            Assert.Contains(copy, e.LoaderMessage); // "(required by <copy>)": the loader's own words
+            Assert.Contains("GLIBCXX_3.4.32", e.Message);
+            Assert.Contains("LibStdCxxFix.targets", e.Message);
+            Assert.Contains("MixerFlowPatchLibStdCxx", e.Message);
+            Assert.Equal(copy, e.LibraryPath);
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+        // The process's own torch is untouched.
+        Assert.Equal(-2.0, linalg.det(tensor(new double[] { 1, 2, 3, 4 }).reshape(2, 2)).item<double>(), 12);
+    }
+
+    [Fact]
+    public void A_missing_file_is_left_to_TorchSharp()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        NativeRuntime.Verify(Path.Combine(Path.GetTempPath(), "no-such-folder-" + Guid.NewGuid(), "libLibTorchSharp.so"));
+    }
+}
