@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
-dotnet run --project src/MixerFlow.Host -c Release -- train --preset fashion-mnist --steps 1000 --out "$out/run" > "$out/log"
+dotnet run --project src/MixerFlow.Cli -c Release -- train --preset fashion-mnist --steps 1000 --out "$out/run" > "$out/log"
 python3 - "$out/run/metrics.csv" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["heldout_bpd"] == ""]

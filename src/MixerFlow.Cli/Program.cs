@@ -1,30 +1,31 @@
+using MixerFlow.Cli.Verbs;
 using MixerFlow.CommandLine;
-using MixerFlow.Cli.Commands;
 using MixerFlow.Host;
 
 namespace MixerFlow.Cli;
 
+/// <summary>The <c>mixerflow</c> executable: parse, dispatch on the command, turn user errors into one line and exit code 2.</summary>
 public static class Program
 {
     public static int Main(string[] args)
     {
         var parsed = CommandLine.CommandLine.Parse(args);
-        if (parsed.Verb is null)
+        if (parsed.Command is null)
         {
             (parsed.IsError ? Console.Error : Console.Out).WriteLine(parsed.Message);
             return parsed.ExitCode;
         }
         try
         {
-            return parsed.Verb switch
+            return parsed.Command switch
             {
-                "train" => ModelCommands.Train((TrainOptions)parsed.Options, Console.Out),
-                "eval" => ModelCommands.Eval((EvalOptions)parsed.Options, Console.Out),
-                "sample" => ModelCommands.Sample((SampleOptions)parsed.Options, Console.Out),
-                "embed" => ModelCommands.Embed((EmbedOptions)parsed.Options, Console.Out),
-                "check" => CheckCommand.Run((CommandLine.CheckOptions)parsed.Options, Console.Out),
-                "info" => InfoCommand.Run((InfoOptions)parsed.Options, Console.Out),
-                _ => throw new InvalidOperationException($"verb '{parsed.Verb}' has no handler"),
+                Command.Train t => ModelVerbs.Train(t.settings, Console.Out),
+                Command.Eval e => ModelVerbs.Eval(e.Item, Console.Out),
+                Command.Sample s => ModelVerbs.Sample(s.Item, Console.Out),
+                Command.Embed e => ModelVerbs.Embed(e.Item, Console.Out),
+                Command.Check c => CheckVerb.Run(c.Item, Console.Out),
+                Command.Info i => InfoVerb.Run(i.Item, Console.Out),
+                _ => throw new InvalidOperationException($"command {parsed.Command} has no handler"),
             };
         }
         catch (UserError e)
@@ -40,4 +41,3 @@ public static class Program
         }
     }
 }
-

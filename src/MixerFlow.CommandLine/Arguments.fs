@@ -1,14 +1,37 @@
-/// The `mixerflow` command line as Argu types, parsed here in F# and handed to the C# host as
-/// plain option objects (Argu's typed accessors need F# quotations, which C# cannot write).
+/// The `mixerflow` command line as data: Argu argument unions (which also write `--help`),
+/// parsed here into a `Command` union of option records that the C# executable dispatches on.
+/// Defaults and preset names come from their owners in MixerFlow.Host (TrainingSettings, Presets).
 namespace MixerFlow.CommandLine
 
 open System
 open Argu
+open MixerFlow.Host.Models
+open MixerFlow.Host.Training
+
+/// Where LibTorch runs.
+type Device =
+    | Cpu = 0
+    | Cuda = 1
+
+/// Which split `eval` scores.
+type Split =
+    | Test = 0
+    | Train = 1
+
+/// Which dtypes `check` runs.
+type Precision =
+    | Float64 = 0
+    | Float32 = 1
+    | Both = 2
+
+module internal Text =
+    let presets () = String.Join(", ", Presets.Names)
+    let lower (e: 'E) = (string e).ToLowerInvariant()
 
 type CheckArgs =
     | [<AltCommandLine("-b")>] Bijector of name: string
     | Cases of count: int
-    | Dtype of dtype: string
+    | Dtype of Precision
     | Seed of seed: int
     interface IArgParserTemplate with
         member a.Usage =
@@ -26,7 +49,7 @@ type InfoArgs =
         member a.Usage =
             match a with
             | Time_Step -> "also time training steps (forward, backward, Adam) at batch 64 on random images."
-            | Preset _ -> "a model preset: fashion-mnist, cifar10, imagenet64, tiny, glow-fashion-mnist, glow-cifar10."
+            | Preset _ -> "a model preset: " + Text.presets () + "."
             | Checkpoint _ -> "a checkpoint file written by `train`."
 
 type TrainArgs =
@@ -38,32 +61,33 @@ type TrainArgs =
     | Batch_Size of size: int
     | Lr of rate: float
     | Seed of seed: int
-    | Device of device: string
+    | Device of Device
     | Threads of count: int
     | Resume of dir: string
     | Checkpoint_Every of steps: int
     interface IArgParserTemplate with
         member a.Usage =
+            let d = TrainingSettings()
             match a with
-            | Preset _ -> "model preset (default fashion-mnist): fashion-mnist, cifar10, imagenet64, tiny, glow-fashion-mnist, glow-cifar10, glow-tiny."
+            | Preset _ -> sprintf "model preset (default %s): %s." Presets.Default (Text.presets ())
             | Data _ -> "folder of IDX files (MNIST / Fashion-MNIST), CIFAR-10 binary batches or PNG/JPEG images (default: the embedded Fashion-MNIST test split)."
             | Out _ -> "run folder (default runs/<preset>-<time>)."
-            | Epochs _ -> "number of passes over the training images (default 10)."
+            | Epochs _ -> sprintf "number of passes over the training images (default %d)." d.Epochs
             | Steps _ -> "number of optimiser steps (instead of --epochs)."
-            | Batch_Size _ -> "images per step (default 64)."
-            | Lr _ -> "peak learning rate of Adam (default 0.002), reached after a warmup and decayed by a cosine."
-            | Seed _ -> "seed of initialisation, data order and dequantisation noise (default 0)."
+            | Batch_Size _ -> sprintf "images per step (default %d)." d.BatchSize
+            | Lr _ -> sprintf "peak learning rate of Adam (default %g), reached after %d warmup steps and decayed by a cosine." d.LearningRate d.WarmupSteps
+            | Seed _ -> sprintf "seed of initialisation, data order and dequantisation noise (default %d)." d.Seed
             | Device _ -> "cpu or cuda (default cpu)."
-            | Threads _ -> "CPU threads for LibTorch (default: all cores)."
+            | Threads _ -> "CPU threads for LibTorch (default: LibTorch's choice, all cores)."
             | Resume _ -> "continue the run in this folder from its last checkpoint (optimiser state and step included)."
-            | Checkpoint_Every _ -> "steps between checkpoints (default 200)."
+            | Checkpoint_Every _ -> sprintf "steps between checkpoints (default %d)." d.CheckpointEvery
 
 type EvalArgs =
     | [<Mandatory>] Checkpoint of file: string
     | Data of dir: string
-    | Split of split: string
+    | Split of Split
     | Batch_Size of size: int
-    | Device of device: string
+    | Device of Device
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -84,7 +108,7 @@ type SampleArgs =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
             | Count _ -> "samples per temperature (default 64)."
-            | Temperature _ -> "one or more temperatures (default 0.7)."
+            | Temperature _ -> "one or more temperatures in [0, 10] (default 0.7)."
             | Out _ -> "PNG file (default samples.png); one file per temperature when several are given."
             | Seed _ -> "seed of the base samples (default 0)."
 
@@ -117,73 +141,36 @@ type MainArgs =
             | Info _ -> "print a model's configuration and parameter breakdown."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
-/// Options of `train`. Null / 0 means "not given".
-[<Sealed; AllowNullLiteral>]
-type TrainOptions(preset, data, out, epochs, steps, batchSize, lr, seed, device, threads, resume, checkpointEvery) =
-    member _.Preset: string = preset
-    member _.Data: string = data
-    member _.Out: string = out
-    member _.Epochs: int = epochs
-    member _.Steps: int = steps
-    member _.BatchSize: int = batchSize
-    member _.Lr: float = lr
-    member _.Seed: int = seed
-    member _.Device: string = device
-    member _.Threads: int = threads
-    member _.Resume: string = resume
-    member _.CheckpointEvery: int = checkpointEvery
+/// `eval`: score a checkpoint.
+type EvalCommand = { Checkpoint: string; Data: string; Split: Split; BatchSize: int; Device: Device }
+/// `sample`: sample grids from a checkpoint.
+type SampleCommand = { Checkpoint: string; Count: int; Temperatures: float[]; Out: string; Seed: int }
+/// `embed`: latents as CSV, and a linear probe.
+type EmbedCommand = { Checkpoint: string; Data: string; Out: string }
+/// `info`: exactly one of Preset and Checkpoint is non-null.
+type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool }
+/// `check`: the property checks of the built-in bijectors.
+type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
 
-[<Sealed; AllowNullLiteral>]
-type EvalOptions(checkpoint: string, data: string, split: string, batchSize: int, device: string) =
-    member _.Checkpoint = checkpoint
-    member _.Data = data
-    member _.Split = split
-    member _.BatchSize = batchSize
-    member _.Device = device
+/// A parsed command line: one case per verb. `Train` carries the library's own settings record.
+type Command =
+    | Train of settings: TrainingSettings
+    | Eval of EvalCommand
+    | Sample of SampleCommand
+    | Embed of EmbedCommand
+    | Info of InfoCommand
+    | Check of CheckCommand
 
+/// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
-type SampleOptions(checkpoint: string, count: int, temperatures: float[], out: string, seed: int) =
-    member _.Checkpoint = checkpoint
-    member _.Count = count
-    member _.Temperatures = temperatures
-    member _.Out = out
-    member _.Seed = seed
-
-[<Sealed; AllowNullLiteral>]
-type EmbedOptions(checkpoint: string, data: string, out: string) =
-    member _.Checkpoint = checkpoint
-    member _.Data = data
-    member _.Out = out
-
-/// Options of `check`.
-[<Sealed; AllowNullLiteral>]
-type CheckOptions(bijector: string, cases: int, dtypes: string[], seed: int) =
-    member _.Bijector = bijector
-    member _.Cases = cases
-    member _.DTypes = dtypes
-    member _.Seed = seed
-
-/// Options of `info`: exactly one of Preset and Checkpoint is set.
-[<Sealed; AllowNullLiteral>]
-type InfoOptions(preset: string, checkpoint: string, timeStep: bool) =
-    new(preset, checkpoint) = InfoOptions(preset, checkpoint, false)
-    member _.TimeStep = timeStep
-    member _.Preset = preset
-    member _.Checkpoint = checkpoint
-
-/// The outcome of parsing: a verb with its options, or help / an error with the exit code.
-[<Sealed; AllowNullLiteral>]
-type ParsedCommand(verb: string, options: obj, message: string, exitCode: int) =
-    /// "check", "info", ... or null when parsing stopped (help or error).
-    member _.Verb = verb
-    member _.Options = options
-    /// Help text or error message to print when Verb is null.
+type ParsedCommand(command: Command option, message: string, exitCode: int) =
+    /// The command, or null when parsing stopped (help or error).
+    member _.Command : Command = Option.toObj command
+    /// Help text or error message to print when Command is null.
     member _.Message = message
     /// 0 after --help, 2 after a bad argument.
     member _.ExitCode = exitCode
-    member _.IsError = isNull verb && exitCode <> 0
-
-exception BadArgument of string
+    member _.IsError = command.IsNone && exitCode <> 0
 
 [<AbstractClass; Sealed>]
 type CommandLine =
@@ -191,82 +178,76 @@ type CommandLine =
 
     static member Usage() = CommandLine.Parser.PrintUsage()
 
-    static member private Positive (what: string) (v: int) =
-        if v <= 0 then raise (BadArgument(sprintf "%s must be a positive integer, got %d" what v))
-        v
+    /// Argu post-processing: a failure becomes a parse error naming the argument.
+    static member private Positive (v: int) = if v <= 0 then failwithf "must be a positive integer, got %d" v else v
+    static member private KnownPreset (name: string) =
+        if Presets.All.ContainsKey name then name
+        else failwithf "unknown preset '%s'; known presets: %s" name (Text.presets ())
 
-    static member private Device(d: string option) =
-        match d |> Option.map (fun s -> s.ToLowerInvariant()) with
-        | None -> "cpu"
-        | Some ("cpu" | "cuda" as d) -> d
-        | Some d -> raise (BadArgument(sprintf "--device must be cpu or cuda, got '%s'" d))
-
-    static member private ToOptions(r: ParseResults<MainArgs>) : string * obj =
-        let pos what = Option.map (CommandLine.Positive what) >> Option.defaultValue 0
+    static member private ToCommand(r: ParseResults<MainArgs>) : Command =
         match r.GetSubCommand() with
-        | Train t ->
+        | MainArgs.Train t ->
+            let d = TrainingSettings()
             if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Steps then
-                raise (BadArgument "train takes --epochs or --steps, not both")
-            let lr = t.GetResult(TrainArgs.Lr, defaultValue = 2e-3)
-            if not (lr > 0.0 && lr < 1.0) then raise (BadArgument(sprintf "--lr must lie in (0, 1), got %g" lr))
-            "train",
-            box (TrainOptions(
-                    t.GetResult(TrainArgs.Preset, defaultValue = "fashion-mnist"),
-                    t.TryGetResult TrainArgs.Data |> Option.toObj,
-                    t.TryGetResult TrainArgs.Out |> Option.toObj,
-                    t.TryGetResult TrainArgs.Epochs |> pos "--epochs",
-                    t.TryGetResult TrainArgs.Steps |> pos "--steps",
-                    t.GetResult(TrainArgs.Batch_Size, defaultValue = 64) |> CommandLine.Positive "--batch-size",
-                    lr,
-                    t.GetResult(TrainArgs.Seed, defaultValue = 0),
-                    CommandLine.Device(t.TryGetResult TrainArgs.Device),
-                    t.TryGetResult TrainArgs.Threads |> pos "--threads",
-                    t.TryGetResult TrainArgs.Resume |> Option.toObj,
-                    t.GetResult(TrainArgs.Checkpoint_Every, defaultValue = 200) |> CommandLine.Positive "--checkpoint-every"))
-        | Eval e ->
-            let split = e.GetResult(EvalArgs.Split, defaultValue = "test").ToLowerInvariant()
-            if split <> "test" && split <> "train" then raise (BadArgument(sprintf "--split must be test or train, got '%s'" split))
-            "eval",
-            box (EvalOptions(e.GetResult EvalArgs.Checkpoint, e.TryGetResult EvalArgs.Data |> Option.toObj, split,
-                             e.GetResult(EvalArgs.Batch_Size, defaultValue = 256) |> CommandLine.Positive "--batch-size",
-                             CommandLine.Device(e.TryGetResult EvalArgs.Device)))
-        | Sample s ->
-            let temps = s.GetResult(SampleArgs.Temperature, defaultValue = [ 0.7 ]) |> List.toArray
-            if temps.Length = 0 || temps |> Array.exists (fun t -> not (t >= 0.0 && t <= 10.0)) then
-                raise (BadArgument(sprintf "--temperature needs values in [0, 10], got %A" temps))
-            "sample",
-            box (SampleOptions(s.GetResult SampleArgs.Checkpoint,
-                               s.GetResult(SampleArgs.Count, defaultValue = 64) |> CommandLine.Positive "--count",
-                               temps, s.GetResult(SampleArgs.Out, defaultValue = "samples.png"),
-                               s.GetResult(SampleArgs.Seed, defaultValue = 0)))
-        | Embed e ->
-            "embed", box (EmbedOptions(e.GetResult EmbedArgs.Checkpoint, e.TryGetResult EmbedArgs.Data |> Option.toObj, e.GetResult EmbedArgs.Out))
-        | Check c ->
-            let dtypes =
-                match c.TryGetResult CheckArgs.Dtype |> Option.map (fun s -> s.ToLowerInvariant()) with
-                | None | Some "both" -> [| "float64"; "float32" |]
-                | Some ("float64" | "float32" as d) -> [| d |]
-                | Some d -> raise (BadArgument(sprintf "--dtype must be float64, float32 or both, got '%s'" d))
-            "check",
-            box (CheckOptions(
-                    c.TryGetResult CheckArgs.Bijector |> Option.toObj,
-                    c.TryGetResult CheckArgs.Cases |> Option.map (CommandLine.Positive "--cases") |> Option.defaultValue 12,
-                    dtypes,
-                    c.GetResult(CheckArgs.Seed, defaultValue = 20261129)))
-        | Info i ->
-            match i.TryGetResult InfoArgs.Preset, i.TryGetResult InfoArgs.Checkpoint with
-            | Some p, None -> "info", box (InfoOptions(p, null, i.Contains InfoArgs.Time_Step))
-            | None, Some c -> "info", box (InfoOptions(null, c, i.Contains InfoArgs.Time_Step))
-            | _ -> raise (BadArgument "info needs exactly one of --preset NAME and --checkpoint FILE")
-        | _ -> raise (BadArgument "unknown verb")
+                t.Raise("train takes --epochs or --steps, not both")
+            let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset) |> Option.defaultValue Presets.Default
+            let resume = t.TryGetResult TrainArgs.Resume
+            Command.Train(
+                TrainingSettings(
+                    Model = (Presets.Get preset),
+                    Data = (t.TryGetResult TrainArgs.Data |> Option.toObj),
+                    RunFolder = ((match resume with Some r -> r | None -> t.TryGetResult TrainArgs.Out |> Option.toObj)),
+                    Resume = (resume.IsSome),
+                    Epochs = (t.TryPostProcessResult(TrainArgs.Epochs, CommandLine.Positive) |> Option.defaultValue d.Epochs),
+                    Steps = (t.TryPostProcessResult(TrainArgs.Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue d.Steps),
+                    BatchSize = (t.TryPostProcessResult(TrainArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue d.BatchSize),
+                    LearningRate = (
+                        t.TryPostProcessResult(TrainArgs.Lr, fun v -> if v > 0.0 && v < 1.0 then v else failwithf "must lie in (0, 1), got %g" v)
+                        |> Option.defaultValue d.LearningRate),
+                    Seed = (t.GetResult(TrainArgs.Seed, defaultValue = d.Seed)),
+                    Device = (Text.lower (t.GetResult(TrainArgs.Device, defaultValue = Device.Cpu))),
+                    Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
+                    CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery)))
+        | MainArgs.Eval e ->
+            Command.Eval
+                { Checkpoint = e.GetResult EvalArgs.Checkpoint
+                  Data = e.TryGetResult EvalArgs.Data |> Option.toObj
+                  Split = e.GetResult(EvalArgs.Split, defaultValue = Split.Test)
+                  BatchSize = e.TryPostProcessResult(EvalArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue 256
+                  Device = e.GetResult(EvalArgs.Device, defaultValue = Device.Cpu) }
+        | MainArgs.Sample s ->
+            let temps =
+                s.TryPostProcessResult(SampleArgs.Temperature, fun ts ->
+                    if ts.IsEmpty || ts |> List.exists (fun t -> not (t >= 0.0 && t <= 10.0)) then failwithf "needs values in [0, 10], got %A" ts
+                    else ts)
+                |> Option.defaultValue [ 0.7 ]
+                |> List.toArray
+            Command.Sample
+                { Checkpoint = s.GetResult SampleArgs.Checkpoint
+                  Count = s.TryPostProcessResult(SampleArgs.Count, CommandLine.Positive) |> Option.defaultValue 64
+                  Temperatures = temps
+                  Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
+                  Seed = s.GetResult(SampleArgs.Seed, defaultValue = 0) }
+        | MainArgs.Embed e ->
+            Command.Embed { Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
+        | MainArgs.Check c ->
+            Command.Check
+                { Bijector = c.TryGetResult CheckArgs.Bijector |> Option.toObj
+                  Cases = c.TryPostProcessResult(CheckArgs.Cases, CommandLine.Positive) |> Option.defaultValue 12
+                  Precision = c.GetResult(CheckArgs.Dtype, defaultValue = Precision.Both)
+                  Seed = c.GetResult(CheckArgs.Seed, defaultValue = 20261129) }
+        | MainArgs.Info i ->
+            let preset = i.TryPostProcessResult(InfoArgs.Preset, CommandLine.KnownPreset)
+            match preset, i.TryGetResult InfoArgs.Checkpoint with
+            | Some p, None -> Command.Info { Preset = p; Checkpoint = null; TimeStep = i.Contains InfoArgs.Time_Step }
+            | None, Some c -> Command.Info { Preset = null; Checkpoint = c; TimeStep = i.Contains InfoArgs.Time_Step }
+            | _ -> i.Raise("info needs exactly one of --preset NAME and --checkpoint FILE")
 
     /// Parses the arguments; never throws for bad input.
     static member Parse(argv: string[]) : ParsedCommand =
         try
             let r = CommandLine.Parser.ParseCommandLine(argv, raiseOnUsage = true)
-            let verb, options = CommandLine.ToOptions r
-            ParsedCommand(verb, options, null, 0)
+            ParsedCommand(Some(CommandLine.ToCommand r), null, 0)
         with
-        | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(null, null, e.Message, 0)
-        | :? ArguParseException as e -> ParsedCommand(null, null, e.Message, 2)
-        | BadArgument msg -> ParsedCommand(null, null, "ERROR: " + msg + Environment.NewLine + CommandLine.Usage(), 2)
+        | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(None, e.Message, 0)
+        | :? ArguParseException as e -> ParsedCommand(None, e.Message, 2)

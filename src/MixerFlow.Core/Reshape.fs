@@ -34,37 +34,62 @@ type PatchStrategy =
     /// Vertical stripes of p full-height columns.
     | Stripes = 2
 
-/// Patchify: an image [C, H, W] as a matrix [P, D] of patches x features, each row one patch
-/// of size ph x pw holding its C*ph*pw values (channel-major). A permutation: log|det| = 0.
-type Patchify(imageShape: int64[], strategy: PatchStrategy, size: int64) =
-    inherit Bijector("Patchify", imageShape,
-                     (ImageShape.check "Patchify" imageShape
-                      let c, h, w = imageShape.[0], imageShape.[1], imageShape.[2]
-                      let ph, pw =
-                          match strategy with
-                          | PatchStrategy.Square -> size, size
-                          | PatchStrategy.Bands -> size, w
-                          | PatchStrategy.Stripes -> h, size
-                          | s -> invalidArg "strategy" (sprintf "unknown patch strategy %A" s)
-                      if size < 1L || h % ph <> 0L || w % pw <> 0L then
-                          invalidArg "size" (sprintf "Patchify: %A patches of size %d do not tile a %dx%d image" strategy size h w)
-                      [| (h / ph) * (w / pw); c * ph * pw |]))
+/// How MixerFlow cuts an image [C, H, W] into the rows of its patches x features matrix: the
+/// patch size, how many patches, how many values per patch, and the patch-grid shift between
+/// layers. The one place these numbers are computed (Patchify, model configurations and shifts
+/// all ask it).
+[<Sealed>]
+type PatchGeometry(imageShape: int64[], strategy: PatchStrategy, size: int64) =
+    do ImageShape.check "PatchGeometry" imageShape
     let c, h, w = imageShape.[0], imageShape.[1], imageShape.[2]
     let ph, pw =
         match strategy with
         | PatchStrategy.Square -> size, size
         | PatchStrategy.Bands -> size, w
-        | _ -> h, size
+        | PatchStrategy.Stripes -> h, size
+        | s -> invalidArg "strategy" (sprintf "unknown patch strategy %A" s)
+    do
+        if size < 1L || h % ph <> 0L || w % pw <> 0L then
+            invalidArg "size" (sprintf "%A patches of size %d do not tile a %dx%d image" strategy size h w)
+    member _.ImageShape = Array.copy imageShape
     member _.Strategy = strategy
+    member _.Size = size
     member _.PatchHeight = ph
     member _.PatchWidth = pw
+    /// Number of patches P (rows of the matrix).
     member _.Patches = (h / ph) * (w / pw)
+    /// Values per patch D = C * ph * pw (columns of the matrix).
     member _.Features = c * ph * pw
+    /// The matrix shape [P, D].
+    member this.MatrixShape = [| this.Patches; this.Features |]
+    /// The cyclic shift applied after layer `layer` (0-based): half a patch, in alternating
+    /// directions so the grid does not drift; zero along an axis a patch spans entirely.
+    member _.ShiftAfter(layer: int) : struct (int64 * int64) =
+        let dy = if strategy = PatchStrategy.Stripes then 0L else ph / 2L
+        let dx = if strategy = PatchStrategy.Bands then 0L else pw / 2L
+        let sign = if layer % 2 = 0 then 1L else -1L
+        struct (sign * dy, sign * dx)
+    override _.ToString() = sprintf "%A patches %dx%d of a %dx%dx%d image: %d x %d" strategy ph pw c h w ((h / ph) * (w / pw)) (c * ph * pw)
+
+/// Patchify: an image [C, H, W] as a matrix [P, D] of patches x features, each row one patch
+/// of size ph x pw holding its C*ph*pw values (channel-major). A permutation: log|det| = 0.
+type Patchify(geometry: PatchGeometry) =
+    inherit Bijector("Patchify", geometry.ImageShape, geometry.MatrixShape)
+    let shape = geometry.ImageShape
+    let c, h, w = shape.[0], shape.[1], shape.[2]
+    let ph, pw = geometry.PatchHeight, geometry.PatchWidth
+    new(imageShape: int64[], strategy: PatchStrategy, size: int64) = Patchify(PatchGeometry(imageShape, strategy, size))
+    member _.Geometry = geometry
+    member _.Strategy = geometry.Strategy
+    member _.PatchHeight = ph
+    member _.PatchWidth = pw
+    member _.Patches = geometry.Patches
+    member _.Features = geometry.Features
     override this.Forward(x) =
-        this.CheckShape(x, imageShape, "input")
+        this.CheckShape(x, shape, "input")
         let b = x.shape.[0]
         // [B, C, H/ph, ph, W/pw, pw] -> [B, H/ph, W/pw, C, ph, pw] -> [B, P, D]
-        let y = x.reshape(b, c, h / ph, ph, w / pw, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b, this.Patches, this.Features)
+        let y = x.reshape(b, c, h / ph, ph, w / pw, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b, geometry.Patches, geometry.Features)
         Transformed(y, zeroLogDet x)
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")

@@ -110,7 +110,7 @@ public class ModelTests
     public void The_shared_channel_flow_applied_to_one_patch_gives_that_patch_row()
     {
         manual_seed(11);
-        var inner = MixerFlowBuilder.VectorFlow(Presets.Get("tiny"), InnerFlow.Affine, 49);
+        var inner = MixerFlowBuilder.VectorFlow(Presets.MixerFlow("tiny"), InnerFlow.Affine, 49);
         using (no_grad()) foreach (var p in inner.parameters()) p.add_(randn_like(p) * 0.3);
         var rows = new RowWise(5, inner);
         var x = randn(3, 5, 49);
@@ -171,9 +171,9 @@ public class ModelTests
     [Fact]
     public void A_bad_configuration_names_the_field()
     {
-        var e = Assert.Throws<MixerFlow.Host.UserError>(() => new ImageFlow(Presets.Get("tiny") with { PatchSize = 5 }));
+        var e = Assert.Throws<MixerFlow.Host.UserError>(() => new ImageFlow(Presets.MixerFlow("tiny") with { PatchSize = 5 }));
         Assert.Contains("patchSize", e.Message);
-        var g = Assert.Throws<MixerFlow.Host.UserError>(() => new ImageFlow(Presets.Get("glow-tiny") with { Levels = 4 }));
+        var g = Assert.Throws<MixerFlow.Host.UserError>(() => new ImageFlow(Presets.Glow("glow-tiny") with { Levels = 4 }));
         Assert.Contains("levels", g.Message);
     }
 }

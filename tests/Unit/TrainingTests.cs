@@ -175,6 +175,49 @@ public class CommandLineTests
         Assert.False(string.IsNullOrWhiteSpace(err.ToString()));
     }
 
+    [Theory]
+    [InlineData("train", "--preset", "glow-tiny")]
+    [InlineData("info", "--preset", "glow-tiny")]
+    [InlineData("info", "--preset", "cifar10")]
+    public void Every_preset_the_host_knows_is_accepted_where_a_preset_is_asked(params string[] args)
+    {
+        foreach (var name in MixerFlow.Host.Models.Presets.Names)
+        {
+            var a = args.ToArray();
+            a[^1] = name;
+            Assert.NotNull(MixerFlow.CommandLine.CommandLine.Parse(a).Command);
+        }
+        Assert.NotNull(MixerFlow.CommandLine.CommandLine.Parse(args).Command);
+    }
+
+    [Fact]
+    public void Train_options_become_the_library_training_settings()
+    {
+        var parsed = MixerFlow.CommandLine.CommandLine.Parse(new[]
+            { "train", "--preset", "tiny", "--steps", "7", "--batch-size", "3", "--lr", "0.01", "--seed", "5", "--device", "cpu", "--out", "x" });
+        var t = Assert.IsType<MixerFlow.CommandLine.Command.Train>(parsed.Command);
+        var s = t.settings;
+        Assert.Equal(MixerFlow.Host.Models.Presets.Get("tiny"), s.Model);
+        Assert.Equal((7L, 3, 0.01, 5, "cpu", "x", false), (s.Steps, s.BatchSize, s.LearningRate, s.Seed, s.Device, s.RunFolder, s.Resume));
+        var defaults = new TrainingSettings();
+        var d = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train" }).Command).settings;
+        Assert.Equal(defaults with { Model = d.Model }, d);
+        var r = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--resume", "runs/a" }).Command).settings;
+        Assert.Equal(("runs/a", true), (r.RunFolder, r.Resume));
+    }
+
+    [Fact]
+    public void Enumerated_options_parse_to_their_cases_and_name_the_choices_in_help()
+    {
+        var e = Assert.IsType<MixerFlow.CommandLine.Command.Eval>(
+            MixerFlow.CommandLine.CommandLine.Parse(new[] { "eval", "--checkpoint", "a.ckpt", "--split", "train", "--device", "cuda" }).Command).Item;
+        Assert.Equal((MixerFlow.CommandLine.Split.Train, MixerFlow.CommandLine.Device.Cuda), (e.Split, e.Device));
+        var c = Assert.IsType<MixerFlow.CommandLine.Command.Check>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "check", "--dtype", "float32" }).Command).Item;
+        Assert.Equal(MixerFlow.CommandLine.Precision.Float32, c.Precision);
+        var help = MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--help" }).Message;
+        foreach (var name in MixerFlow.Host.Models.Presets.Names) Assert.Contains(name, help);
+    }
+
     [Fact]
     public void Help_exits_with_0_and_lists_the_verbs()
     {

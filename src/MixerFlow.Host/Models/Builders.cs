@@ -10,7 +10,7 @@ public sealed record BuiltFlow(Bijector Body, IReadOnlyDictionary<string, IReadO
 public static class MixerFlowBuilder
 {
     /// <summary>A vector flow over `dim` values: InnerSteps steps of the chosen kind.</summary>
-    public static Bijector VectorFlow(ModelConfig c, InnerFlow kind, long dim)
+    public static Bijector VectorFlow(MixerFlowConfig c, InnerFlow kind, long dim)
     {
         var steps = new List<Bijector>();
         var mlp = Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth);
@@ -31,24 +31,15 @@ public static class MixerFlowBuilder
         return steps.Count == 1 ? steps[0] : new Chain(steps);
     }
 
-    static Bijector Norm(ModelConfig c, long[] shape) => c.Norm == Normalisation.ActNorm
+    static Bijector Norm(MixerFlowConfig c, long[] shape) => c.Norm == Normalisation.ActNorm
         ? new ActNorm(shape)
         : new BatchNormFlow(shape);
 
-    /// <summary>The half-patch offset of layer `layer`: alternating directions.</summary>
-    public static (long Dy, long Dx) ShiftOf(ModelConfig c, int layer)
-    {
-        var (ph, pw) = c.PatchDims();
-        long dy = c.Patches == PatchStrategy.Stripes ? 0 : ph / 2;
-        long dx = c.Patches == PatchStrategy.Bands ? 0 : pw / 2;
-        int sign = layer % 2 == 0 ? 1 : -1;
-        return (sign * dy, sign * dx);
-    }
-
-    public static BuiltFlow Build(ModelConfig c)
+    public static BuiltFlow Build(MixerFlowConfig c)
     {
         var image = c.ImageShape;
-        long p = c.PatchCount, d = c.PatchFeatures;
+        var geometry = c.Geometry;
+        long p = geometry.Patches, d = geometry.Features;
         var channel = new List<torch.nn.Module>();
         var patch = new List<torch.nn.Module>();
         var norms = new List<torch.nn.Module>();
@@ -57,16 +48,16 @@ public static class MixerFlowBuilder
         var preprocess = new List<torch.nn.Module> { parts[0] };
         for (int l = 0; l < c.Layers; l++)
         {
-            var patchify = new Patchify(image, c.Patches, c.PatchSize);
+            var patchify = new Patchify(geometry);
             var channelMixing = new RowWise(p, VectorFlow(c, c.ChannelFlow, d));
             var patchMixing = new ColumnWise(d, VectorFlow(c, c.PatchFlow, p));
             var n1 = Norm(c, new[] { p, d });
             var n2 = Norm(c, new[] { p, d });
-            var unpatchify = new Inverted(new Patchify(image, c.Patches, c.PatchSize));
+            var unpatchify = new Inverted(new Patchify(geometry));
             parts.AddRange(new Bijector[] { patchify, channelMixing, n1, patchMixing, n2, unpatchify });
             channel.Add(channelMixing); patch.Add(patchMixing); norms.Add(n1); norms.Add(n2);
             reshapes.Add(patchify); reshapes.Add(unpatchify);
-            var (dy, dx) = ShiftOf(c, l);
+            var (dy, dx) = geometry.ShiftAfter(l);
             if (c.Shift && l < c.Layers - 1 && (dy != 0 || dx != 0))
             {
                 var shift = new Shift(image, dy, dx);
@@ -87,7 +78,7 @@ public static class MixerFlowBuilder
 /// <summary>Multi-scale Glow (Kingma and Dhariwal 2018) from the same Core bijectors.</summary>
 public static class GlowBuilder
 {
-    public static BuiltFlow Build(ModelConfig c)
+    public static BuiltFlow Build(GlowConfig c)
     {
         var actnorms = new List<torch.nn.Module>();
         var convs = new List<torch.nn.Module>();

@@ -22,7 +22,7 @@ public sealed class ImageFlow : nn.Module
         if (problems.Count > 0) throw new UserError($"model configuration '{config.Name}': {string.Join("; ", problems)}");
         Config = config;
         Dequantize = new Dequantize(config.ImageShape);
-        var built = config.Kind == ModelKind.MixerFlow ? MixerFlowBuilder.Build(config) : GlowBuilder.Build(config);
+        var built = config.Build();
         Body = built.Body;
         parts = built.Parts;
         register_module("body", Body);

@@ -4,28 +4,81 @@ using MixerFlow.Core;
 
 namespace MixerFlow.Host.Models;
 
+/// <summary>Which family a configuration builds.</summary>
 public enum ModelKind { MixerFlow, Glow }
 
 /// <summary>The vector flow inside a mixing step.</summary>
 public enum InnerFlow { Affine, Additive, Spline, Maf }
 
+/// <summary>The normalisation after each mixing flow.</summary>
 public enum Normalisation { ActNorm, BatchNorm }
 
 /// <summary>
-/// Everything that defines a model; saved with every checkpoint, so a model can be rebuilt
-/// from its file alone. MixerFlow fields and Glow fields live side by side; Kind says which apply.
+/// Everything that defines an image model; saved with every checkpoint (as JSON with a
+/// <c>kind</c> field), so a model can be rebuilt from its file alone. The fields every family
+/// shares live here; <see cref="MixerFlowConfig"/> and <see cref="GlowConfig"/> add their own.
 /// </summary>
-public sealed record ModelConfig
+[JsonPolymorphic(TypeDiscriminatorPropertyName = "kind")]
+[JsonDerivedType(typeof(MixerFlowConfig), "mixerFlow")]
+[JsonDerivedType(typeof(GlowConfig), "glow")]
+public abstract record ModelConfig
 {
     public string Name { get; init; } = "custom";
-    public ModelKind Kind { get; init; } = ModelKind.MixerFlow;
     public int Channels { get; init; } = 1;
     public int Height { get; init; } = 28;
     public int Width { get; init; } = 28;
-    /// <summary>Logit margin alpha (RealNVP).</summary>
+    /// <summary>Logit margin alpha (RealNVP): pixels in [0, 1] map to logit(alpha + (1 - 2 alpha) x).</summary>
     public double Alpha { get; init; } = 0.05;
 
-    // MixerFlow
+    [JsonIgnore] public abstract ModelKind Kind { get; }
+    [JsonIgnore] public long[] ImageShape => new long[] { Channels, Height, Width };
+    [JsonIgnore] public long Dimensions => (long)Channels * Height * Width;
+
+    /// <summary>Every problem with the configuration, each naming the field.</summary>
+    public IReadOnlyList<string> Problems()
+    {
+        var p = new List<string>();
+        if (Channels < 1 || Height < 1 || Width < 1) p.Add($"channels / height / width: must be >= 1, got {Channels}x{Height}x{Width}");
+        else FamilyProblems(p);
+        if (!(Alpha > 0 && Alpha < 0.5)) p.Add($"alpha: must lie in (0, 0.5), got {Alpha}");
+        return p;
+    }
+
+    /// <summary>The family's own problems (the image shape is valid when this is called).</summary>
+    protected abstract void FamilyProblems(List<string> problems);
+
+    /// <summary>Builds the model's bijector (everything after dequantisation), with its parts grouped.</summary>
+    public abstract BuiltFlow Build();
+
+    static readonly JsonSerializerOptions Json = new()
+    {
+        WriteIndented = true,
+        PropertyNamingPolicy = JsonNamingPolicy.CamelCase,
+        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.CamelCase) },
+        // Checkpoints of version 1 wrote "kind" after "name".
+        AllowOutOfOrderMetadataProperties = true,
+    };
+
+    public string ToJson() => JsonSerializer.Serialize<ModelConfig>(this, Json);
+
+    /// <summary>Parses a configuration; <paramref name="source"/> names the file in errors.</summary>
+    public static ModelConfig FromJson(string json, string source)
+    {
+        ModelConfig? c;
+        try { c = JsonSerializer.Deserialize<ModelConfig>(json, Json); }
+        catch (JsonException e) { throw new UserError($"{source}: invalid model configuration at {e.Path ?? "?"}: {e.Message}"); }
+        catch (NotSupportedException e) { throw new UserError($"{source}: invalid model configuration: {e.Message} (a \"kind\" of mixerFlow or glow is required)"); }
+        if (c is null) throw new UserError($"{source}: empty model configuration");
+        var problems = c.Problems();
+        if (problems.Count > 0) throw new UserError($"{source}: {string.Join("; ", problems)}");
+        return c;
+    }
+}
+
+/// <summary>MixerFlow: patches x channels, a channel-mixing and a patch-mixing flow per layer.</summary>
+public sealed record MixerFlowConfig : ModelConfig
+{
+    [JsonIgnore] public override ModelKind Kind => ModelKind.MixerFlow;
     public PatchStrategy Patches { get; init; } = PatchStrategy.Square;
     public int PatchSize { get; init; } = 4;
     public int Layers { get; init; } = 4;
@@ -39,77 +92,53 @@ public sealed record ModelConfig
     public int SplineBins { get; init; } = 8;
     public double SplineBound { get; init; } = 3.0;
 
-    // Glow
+    /// <summary>The patch layout (Core's <see cref="PatchGeometry"/>); throws for a layout that does not tile the image.</summary>
+    [JsonIgnore] public PatchGeometry Geometry => new(ImageShape, Patches, PatchSize);
+
+    protected override void FamilyProblems(List<string> p)
+    {
+        PatchGeometry? g = null;
+        try { g = Geometry; }
+        catch (ArgumentException e) { p.Add($"patchSize: {FirstSentence(e.Message)}"); }
+        if (g is not null)
+        {
+            if (g.Patches < 2) p.Add($"patchSize: {Patches} patches of size {PatchSize} give {g.Patches} patch; patch mixing needs at least 2");
+            if (g.Features < 2) p.Add($"patchSize: patches hold {g.Features} value; channel mixing needs at least 2");
+            if (PatchFlow == InnerFlow.Maf && g.Patches > 256) p.Add("patchFlow: MAF over more than 256 patches makes sampling too slow; use a coupling");
+        }
+        if (Layers < 1) p.Add($"layers: must be >= 1, got {Layers}");
+        if (InnerSteps < 1) p.Add($"innerSteps: must be >= 1, got {InnerSteps}");
+        if (HiddenWidth < 1) p.Add($"hiddenWidth: must be >= 1, got {HiddenWidth}");
+        if (HiddenDepth < 1) p.Add($"hiddenDepth: must be >= 1, got {HiddenDepth}");
+        if (SplineBins < 2) p.Add($"splineBins: must be >= 2, got {SplineBins}");
+        if (!(SplineBound > 0)) p.Add($"splineBound: must be > 0, got {SplineBound}");
+    }
+
+    static string FirstSentence(string message) => message.Split(" (Parameter")[0];
+
+    public override BuiltFlow Build() => MixerFlowBuilder.Build(this);
+}
+
+/// <summary>Multi-scale Glow: squeeze, K steps of ActNorm, 1x1 convolution and affine coupling per level, split priors.</summary>
+public sealed record GlowConfig : ModelConfig
+{
+    [JsonIgnore] public override ModelKind Kind => ModelKind.Glow;
     public int Levels { get; init; } = 3;
     public int StepsPerLevel { get; init; } = 8;
     public int GlowWidth { get; init; } = 256;
 
-    [JsonIgnore] public long[] ImageShape => new long[] { Channels, Height, Width };
-    [JsonIgnore] public long Dimensions => (long)Channels * Height * Width;
-
-    /// <summary>Every problem with the configuration, each naming the field.</summary>
-    public IReadOnlyList<string> Problems()
+    protected override void FamilyProblems(List<string> p)
     {
-        var p = new List<string>();
-        if (Channels < 1 || Height < 1 || Width < 1) p.Add($"image shape: channels, height, width must be >= 1, got {Channels}x{Height}x{Width}");
-        if (!(Alpha > 0 && Alpha < 0.5)) p.Add($"alpha: must lie in (0, 0.5), got {Alpha}");
-        if (Kind == ModelKind.MixerFlow)
+        if (Levels < 1) p.Add($"levels: must be >= 1, got {Levels}");
+        if (StepsPerLevel < 1) p.Add($"stepsPerLevel: must be >= 1, got {StepsPerLevel}");
+        if (GlowWidth < 1) p.Add($"glowWidth: must be >= 1, got {GlowWidth}");
+        long h = Height, w = Width;
+        for (int l = 0; l < Levels; l++)
         {
-            var (ph, pw) = PatchDims();
-            if (PatchSize < 1 || Height % ph != 0 || Width % pw != 0)
-                p.Add($"patchSize: {Patches} patches of size {PatchSize} do not tile a {Height}x{Width} image");
-            else
-            {
-                if (PatchCount < 2) p.Add($"patchSize: {Patches} patches of size {PatchSize} give {PatchCount} patch; patch mixing needs at least 2");
-                if (PatchFeatures < 2) p.Add($"patchSize: patches hold {PatchFeatures} value; channel mixing needs at least 2");
-            }
-            if (Layers < 1) p.Add($"layers: must be >= 1, got {Layers}");
-            if (InnerSteps < 1) p.Add($"innerSteps: must be >= 1, got {InnerSteps}");
-            if (HiddenWidth < 1 || HiddenDepth < 1) p.Add($"hiddenWidth / hiddenDepth: must be >= 1, got {HiddenWidth} / {HiddenDepth}");
-            if (PatchFlow == InnerFlow.Maf && PatchCount > 256) p.Add("patchFlow: MAF over more than 256 patches makes sampling too slow; use a coupling");
-            if (SplineBins < 2 || !(SplineBound > 0)) p.Add($"splineBins / splineBound: need >= 2 bins and bound > 0, got {SplineBins} / {SplineBound}");
+            if (h % 2 != 0 || w % 2 != 0) { p.Add($"levels: {Levels} levels halve the image {Levels} times; {Height}x{Width} cannot be squeezed at level {l + 1}"); break; }
+            h /= 2; w /= 2;
         }
-        else
-        {
-            if (Levels < 1 || StepsPerLevel < 1 || GlowWidth < 1) p.Add($"levels / stepsPerLevel / glowWidth: must be >= 1, got {Levels} / {StepsPerLevel} / {GlowWidth}");
-            long h = Height, w = Width;
-            for (int l = 0; l < Levels; l++)
-            {
-                if (h % 2 != 0 || w % 2 != 0) { p.Add($"levels: {Levels} levels halve the image {Levels} times; {Height}x{Width} cannot be squeezed at level {l + 1}"); break; }
-                h /= 2; w /= 2;
-            }
-        }
-        return p;
     }
 
-    public (long Height, long Width) PatchDims() => Patches switch
-    {
-        PatchStrategy.Square => (PatchSize, PatchSize),
-        PatchStrategy.Bands => (PatchSize, Width),
-        _ => (Height, PatchSize),
-    };
-
-    [JsonIgnore] public long PatchCount { get { var (ph, pw) = PatchDims(); return (Height / ph) * (Width / pw); } }
-    [JsonIgnore] public long PatchFeatures { get { var (ph, pw) = PatchDims(); return Channels * ph * pw; } }
-
-    static readonly JsonSerializerOptions Json = new()
-    {
-        WriteIndented = true,
-        PropertyNamingPolicy = JsonNamingPolicy.CamelCase,
-        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.CamelCase) },
-    };
-
-    public string ToJson() => JsonSerializer.Serialize(this, Json);
-
-    /// <summary>Parses a configuration; `source` names the file in errors.</summary>
-    public static ModelConfig FromJson(string json, string source)
-    {
-        ModelConfig? c;
-        try { c = JsonSerializer.Deserialize<ModelConfig>(json, Json); }
-        catch (JsonException e) { throw new UserError($"{source}: invalid model configuration at {e.Path ?? "?"}: {e.Message}"); }
-        if (c is null) throw new UserError($"{source}: empty model configuration");
-        var problems = c.Problems();
-        if (problems.Count > 0) throw new UserError($"{source}: {string.Join("; ", problems)}");
-        return c;
-    }
+    public override BuiltFlow Build() => GlowBuilder.Build(this);
 }

@@ -2,12 +2,12 @@ using MixerFlow.Host;
 using MixerFlow.CommandLine;
 using MixerFlow.Host.Models;
 
-namespace MixerFlow.Cli.Commands;
+namespace MixerFlow.Cli.Verbs;
 
 /// <summary>`info`: a model's configuration and parameter breakdown.</summary>
-public static class InfoCommand
+public static class InfoVerb
 {
-    public static int Run(InfoOptions options, TextWriter output)
+    public static int Run(InfoCommand options, TextWriter output)
     {
         var config = options.Preset is not null ? Presets.Get(options.Preset) : Checkpoint.ReadConfig(options.Checkpoint);
         var model = new ImageFlow(config);

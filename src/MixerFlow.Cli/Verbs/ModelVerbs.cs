@@ -4,6 +4,7 @@ using MixerFlow.Host;
 using System.Globalization;
 using System.Text;
 using MixerFlow.CommandLine;
+using Device = MixerFlow.CommandLine.Device;
 using MixerFlow.Host.Data;
 using MixerFlow.Host.Files;
 using MixerFlow.Host.Imaging;
@@ -11,55 +12,40 @@ using MixerFlow.Host.Models;
 using MixerFlow.Host.Training;
 using static TorchSharp.torch;
 
-namespace MixerFlow.Cli.Commands;
+namespace MixerFlow.Cli.Verbs;
 
 /// <summary>`train`, `eval`, `sample` and `embed`.</summary>
-public static class ModelCommands
+public static class ModelVerbs
 {
-    public static int Train(TrainOptions o, TextWriter output)
+    public static int Train(TrainingSettings settings, TextWriter output)
     {
-        var settings = new TrainingSettings
-        {
-            Model = Presets.Get(o.Preset),
-            Data = o.Data,
-            RunFolder = o.Resume ?? o.Out,
-            Resume = o.Resume is not null,
-            Epochs = o.Epochs > 0 ? o.Epochs : 10,
-            Steps = o.Steps,
-            BatchSize = o.BatchSize,
-            LearningRate = o.Lr,
-            Seed = o.Seed,
-            Device = o.Device,
-            Threads = o.Threads,
-            CheckpointEvery = o.CheckpointEvery,
-        };
         new Trainer(settings, new ProgressReporter(output)).Run();
         return 0;
     }
 
-    static ImageFlow Load(string checkpoint, string device)
+    static ImageFlow Load(string checkpoint, Device device)
     {
         var (model, _) = Checkpoint.Load(checkpoint);
-        model.MoveTo(Trainer.ParseDevice(device), float32);
+        model.MoveTo(Trainer.ParseDevice(device.ToString().ToLowerInvariant()), float32);
         model.eval();
         return model;
     }
 
-    public static int Eval(EvalOptions o, TextWriter output)
+    public static int Eval(EvalCommand o, TextWriter output)
     {
         var model = Load(o.Checkpoint, o.Device);
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
-        var set = o.Split == "train" ? data.Train : data.HeldOut;
+        var set = o.Split == Split.Train ? data.Train : data.HeldOut;
         var (mean, se) = Evaluation.BitsPerDim(model, set, o.BatchSize, model.Device);
-        output.WriteLine($"{o.Split} split of {data.Description}");
+        output.WriteLine($"{o.Split.ToString().ToLowerInvariant()} split of {data.Description}");
         output.WriteLine($"bits/dim: {mean:0.0000} +- {se:0.0000} (standard error over {set.Count} images)");
         return 0;
     }
 
-    public static int Sample(SampleOptions o, TextWriter output)
+    public static int Sample(SampleCommand o, TextWriter output)
     {
-        var model = Load(o.Checkpoint, "cpu");
+        var model = Load(o.Checkpoint, Device.Cpu);
         manual_seed(o.Seed);
         foreach (var t in o.Temperatures)
         {
@@ -72,9 +58,9 @@ public static class ModelCommands
         return 0;
     }
 
-    public static int Embed(EmbedOptions o, TextWriter output)
+    public static int Embed(EmbedCommand o, TextWriter output)
     {
-        var model = Load(o.Checkpoint, "cpu");
+        var model = Load(o.Checkpoint, Device.Cpu);
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
         var train = Evaluation.Latents(model, data.Train);

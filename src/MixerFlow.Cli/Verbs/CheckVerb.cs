@@ -4,12 +4,12 @@ using MixerFlow.Host;
 using Spectre.Console;
 using static TorchSharp.torch;
 
-namespace MixerFlow.Cli.Commands;
+namespace MixerFlow.Cli.Verbs;
 
 /// <summary>`check`: the Core property checks on the built-in bijectors, as a table.</summary>
-public static class CheckCommand
+public static class CheckVerb
 {
-    public static int Run(CommandLine.CheckOptions options, TextWriter output)
+    public static int Run(CommandLine.CheckCommand options, TextWriter output)
     {
         IEnumerable<BijectorSpec> specs;
         try
@@ -27,7 +27,7 @@ public static class CheckCommand
         var failures = new List<CheckResult>();
         var started = DateTime.UtcNow;
         foreach (var spec in specs)
-            foreach (var dtype in options.DTypes)
+            foreach (var dtype in options.Precision switch { CommandLine.Precision.Float64 => new[] { "float64" }, CommandLine.Precision.Float32 => new[] { "float32" }, _ => new[] { "float64", "float32" } })
             {
                 var o = (dtype == "float64" ? MixerFlow.Checks.CheckOptions.Float64 : MixerFlow.Checks.CheckOptions.Float32)
                     .WithCases(options.Cases).WithSeed(options.Seed);

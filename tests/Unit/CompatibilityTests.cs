@@ -1,0 +1,57 @@
+using MixerFlow.Host.Data;
+using MixerFlow.Host.Models;
+using MixerFlow.Host.Training;
+
+namespace MixerFlow.Unit;
+
+/// <summary>
+/// Files written by earlier versions keep loading. data/v1-* were written by the command line at
+/// commit 6844c9a (checkpoint version 1): `train --preset tiny --steps 3 --batch-size 8`, whose
+/// `eval` printed 181.5730 +- 10.6246 bits/dim on the bundled held-out images.
+/// </summary>
+public class CompatibilityTests
+{
+    static string Data(string name) => Path.Combine(AppContext.BaseDirectory, "data", name);
+
+    [Fact]
+    public void A_version_1_checkpoint_loads_and_scores_what_it_scored_when_written()
+    {
+        var (model, header) = Checkpoint.Load(Data("v1-tiny-step3.ckpt"));
+        Assert.Equal(3, header.Step);
+        Assert.IsType<MixerFlowConfig>(model.Config);
+        var data = DatasetLoader.Load(null, 1, 28, 28);
+        var (bpd, se) = Evaluation.BitsPerDim(model, data.HeldOut);
+        Assert.Equal(181.5730, bpd, 3);
+        Assert.Equal(10.6246, se, 3);
+    }
+
+    [Theory]
+    [InlineData("v1-tiny-config.json", ModelKind.MixerFlow, "tiny")]
+    [InlineData("v1-glow-tiny-config.json", ModelKind.Glow, "glow-tiny")]
+    public void A_version_1_config_parses_as_its_own_family_equal_to_the_preset(string file, ModelKind kind, string preset)
+    {
+        var c = ModelConfig.FromJson(File.ReadAllText(Data(file)), file);
+        Assert.Equal(kind, c.Kind);
+        Assert.Equal(Presets.Get(preset), c);
+    }
+
+    [Fact]
+    public void A_configuration_round_trips_through_json_with_its_kind_first()
+    {
+        foreach (var c in Presets.All.Values)
+        {
+            var json = c.ToJson();
+            Assert.StartsWith("{\n  \"kind\"", json.Replace("\r\n", "\n"));
+            Assert.Equal(c, ModelConfig.FromJson(json, "test"));
+        }
+    }
+
+    [Fact]
+    public void A_mixerflow_configuration_does_not_carry_glow_fields()
+    {
+        var json = Presets.Get("cifar10").ToJson();
+        Assert.DoesNotContain("levels", json);
+        Assert.DoesNotContain("glowWidth", json);
+        Assert.DoesNotContain("patchSize", Presets.Get("glow-cifar10").ToJson());
+    }
+}
