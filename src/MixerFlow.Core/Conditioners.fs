@@ -35,6 +35,7 @@ type Conditioners =
     static member Conv(width: int64) : ConditionerFactory =
         if width < 1L then invalidArg "width" (sprintf "Conv needs width >= 1, got %d" width)
         ConditionerFactory(fun inC outC ->
+            NativeBackend.Ensure()
             let last = torch.nn.Conv2d(width, outC, 3L, padding = 1L)
             Conditioners.ZeroLast last
             torch.nn.Sequential(
@@ -48,6 +49,7 @@ type Conditioners =
     /// at a split (mean and log-scale from the half that stays).
     static member ZeroConv() : ConditionerFactory =
         ConditionerFactory(fun inC outC ->
+            NativeBackend.Ensure()
             let conv = torch.nn.Conv2d(inC, outC, 3L, padding = 1L)
             Conditioners.ZeroLast conv
             conv :> torch.nn.Module<Tensor, Tensor>)
