@@ -101,6 +101,11 @@ module Catalogue =
         spec "shift" (fun r ->
             let s = [| between r 1 2; between r 2 5; between r 2 5 |]
             new Shift(s, between r -3 3, between r -3 3))
+    let reshape =
+        spec "reshape" (fun r ->
+            let image = imageShape r
+            let flat = [| Array.fold (*) 1L image |]
+            if r.Next 2 = 0 then new Reshape(image, flat) else new Reshape(flat, image))
     let private vectorFlow (r: Random) (d: int64) : Bijector =
         match r.Next 3 with
         | 0 -> new AffineCoupling([| d |], partition r d, mlp r)
@@ -156,7 +161,29 @@ module Catalogue =
     let all : BijectorSpec list =
         [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-          patchifyStripes; shift; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted ]
+          patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted ]
+
+    /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
+    /// assembly, what the catalogue must cover.
+    let bijectorTypes (assembly: Reflection.Assembly) : Type list =
+        assembly.GetTypes()
+        |> Array.filter (fun t ->
+            (t.IsPublic || t.IsNestedPublic) && not t.IsAbstract && not t.IsGenericTypeDefinition
+            && typeof<Bijector>.IsAssignableFrom t)
+        |> Array.sortBy (fun t -> t.FullName)
+        |> Array.toList
+
+    /// The runtime types of every bijector that the catalogue's specs build for shape seeds
+    /// 0 .. seeds - 1, inner parts of chains and wrappers included (torch seeded alike, since
+    /// some specs draw choices from it).
+    let coveredTypes (seeds: int) : Type list =
+        [ for s in all do
+                for seed in 0 .. seeds - 1 do
+                    use _ = torch.NewDisposeScope()
+                    torch.manual_seed(int64 seed) |> ignore
+                    for b in PropertyChecks.allBijectors (s.Build.Invoke(Random seed)) -> b.GetType() ]
+        |> List.distinct
+        |> List.sortBy (fun t -> t.FullName)
 
     /// Looks a family up by name; the error lists the names that exist.
     let find (name: string) =
