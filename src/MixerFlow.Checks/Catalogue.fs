@@ -38,7 +38,7 @@ module Catalogue =
     let affineCoupling =
         spec "affine-coupling" (fun r ->
             let d = between r 2 8
-            new AffineCoupling([| d |], partition r d, mlp r, pick r [| SoftClamp 2.0; SoftClamp 1.0; Sigmoid |]))
+            new AffineCoupling([| d |], partition r d, mlp r, pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.SoftClamp 1.0; ScaleBound.Sigmoid |]))
     let affineCouplingConv =
         spec "affine-coupling-conv" (fun r ->
             let c = 2L * between r 1 2
