@@ -90,7 +90,7 @@ module Catalogue =
     /// Wider than the splines' interval, so that both tails are exercised.
     let private wide = Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5)
     let coupling =
-        specWith "coupling" (fun r ->
+        specWith "coupling-generic" (fun r ->
             let d = between r 2 6
             new Coupling([| d |], partition r d, mlp r, anyMap r)) wide null null
     let splineMaf =
