@@ -222,16 +222,20 @@ type Inverted(inner: Bijector) as this =
 /// A conditional bijector with its context fixed: one context row [contextFeatures] used for
 /// every sample, kept as the buffer `context` (saved with the model, moved by `to`). Makes a
 /// conditional bijector an ordinary one, e.g. to check it or to sample at one condition.
-type FixedContext(inner: Bijector, context: Tensor) as this =
+/// <param name="inner">A conditional bijector.</param>
+/// <param name="contextRow">The context, [contextFeatures] or [1, contextFeatures] (copied).</param>
+type FixedContext(inner: Bijector, contextRow: Tensor) as this =
     inherit Bijector("FixedContext(" + inner.Name + ")", inner.InputShape, inner.OutputShape)
     do
-        if isNull context then nullArg "context"
-        if context.numel() <> inner.ContextFeatures then
-            invalidArg "context"
+        if isNull contextRow then nullArg "contextRow"
+        if contextRow.numel() <> inner.ContextFeatures then
+            invalidArg "contextRow"
                 (sprintf "FixedContext: %s needs %d context features, got a tensor of shape %s"
-                    inner.Name inner.ContextFeatures (Shapes.show context.shape))
+                    inner.Name inner.ContextFeatures (Shapes.show contextRow.shape))
     let inner = inner
-    let context = context.detach().reshape(1L, -1L).clone()
+    // The field must carry the buffer's name: `to(dtype)` replaces the buffer and updates the
+    // field of that name (a field shadowing a constructor argument gets another name).
+    let context = contextRow.detach().reshape(1L, -1L).clone()
     do
         this.register_module("inner", inner)
         this.register_buffer("context", context)
