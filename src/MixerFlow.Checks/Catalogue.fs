@@ -38,7 +38,7 @@ module Catalogue =
     let affineCoupling =
         spec "affine-coupling" (fun r ->
             let d = between r 2 8
-            new AffineCoupling([| d |], partition r d, mlp r, pick r [| SoftClamp 2.0; SoftClamp 1.0; Sigmoid |]))
+            new AffineCoupling([| d |], partition r d, mlp r, pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.SoftClamp 1.0; ScaleBound.Sigmoid |]))
     let affineCouplingConv =
         spec "affine-coupling-conv" (fun r ->
             let c = 2L * between r 1 2
@@ -81,6 +81,32 @@ module Catalogue =
                 torch.tensor([| -s.Bound; s.Bound; -1e3; 1e3; 0.0 |], dtype = torch.float64).unsqueeze(1L).expand(5L, b.InputShape.[0]).contiguous()))
 
     let maf = spec "maf" (fun r -> new MaskedAutoregressive(between r 2 6, between r 6 12, r.Next(1, 3)))
+    /// One of the elementwise maps, with random options.
+    let private anyMap (r: Random) : ElementwiseMap =
+        match r.Next 3 with
+        | 0 -> Affine(pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.Sigmoid |])
+        | 1 -> Additive()
+        | _ -> RationalQuadratic(r.Next(2, 6), float (between r 1 3))
+    /// Wider than the splines' interval, so that both tails are exercised.
+    let private wide = Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5)
+    let coupling =
+        specWith "coupling-generic" (fun r ->
+            let d = between r 2 6
+            new Coupling([| d |], partition r d, mlp r, anyMap r)) wide null null
+    let splineMaf =
+        specWith "spline-maf" (fun r ->
+            new MaskedAutoregressive(between r 2 5, between r 6 12, r.Next(1, 3), RationalQuadratic(r.Next(2, 6), float (between r 1 3)))) wide null null
+    /// A conditional layer with a random context row, fixed (the context is drawn from the
+    /// torch generator: a fresh instance differs unless loaded).
+    let private withContext (inner: Bijector) : Bijector =
+        new FixedContext(inner, torch.randn(inner.ContextFeatures)) :> Bijector
+    let conditionalCoupling =
+        specWith "conditional-coupling" (fun r ->
+            let d = between r 2 6
+            withContext (new Coupling([| d |], partition r d, mlp r, anyMap r, between r 1 3))) wide null null
+    let conditionalMaf =
+        specWith "conditional-maf" (fun r ->
+            withContext (new MaskedAutoregressive(between r 1 4, between r 6 12, r.Next(1, 3), anyMap r, between r 1 3))) wide null null
     let permutationReverse = spec "permutation-reverse" (fun r -> Permutation.Reverse(anyShape r))
     let permutationRandom =
         spec "permutation-random" (fun r ->
@@ -161,7 +187,8 @@ module Catalogue =
     let all : BijectorSpec list =
         [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-          patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted ]
+          patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
+          coupling; splineMaf; conditionalCoupling; conditionalMaf ]
 
     /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
     /// assembly, what the catalogue must cover.
