@@ -32,6 +32,16 @@ foreach (var spec in specs)
         Console.WriteLine($"{result.Bijector,-24} ({result.Letter}) {result.Check,-14} worst {result.WorstError:0.0e+00}  {(result.Passed ? "pass" : "FAIL")}");
         if (!result.Passed) { failures++; Console.WriteLine(result.Message); }
     }
+
+// 2. Check one given instance as it is (a trained model, say): not rebuilt, not re-noised, and
+//    left as it was. Without a factory of fresh instances the save/load check is skipped.
+var given = new Chain(new Bijector[] { new ActNorm(new[] { 4L }), new SinhAffine(4), LULinear.Vector(4) });
+foreach (var result in BijectorChecks.RunOn(given, CheckOptions.Float32.WithCases(4), n => randn(n, 4) * 2.0))
+{
+    Console.WriteLine($"{"given instance",-24} ({result.Letter}) {result.Check,-14} " +
+        (result.Applicable ? $"worst {result.WorstError:0.0e+00}  {(result.Passed ? "pass" : "FAIL")}" : $"skipped: {result.Message}"));
+    if (!result.Passed) { failures++; Console.WriteLine(result.Message); }
+}
 return failures == 0 ? 0 : 1;
 
 /// <summary>

@@ -38,7 +38,7 @@ module Catalogue =
     let affineCoupling =
         spec "affine-coupling" (fun r ->
             let d = between r 2 8
-            new AffineCoupling([| d |], partition r d, mlp r, pick r [| SoftClamp 2.0; SoftClamp 1.0; Sigmoid |]))
+            new AffineCoupling([| d |], partition r d, mlp r, pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.SoftClamp 1.0; ScaleBound.Sigmoid |]))
     let affineCouplingConv =
         spec "affine-coupling-conv" (fun r ->
             let c = 2L * between r 1 2
@@ -81,6 +81,32 @@ module Catalogue =
                 torch.tensor([| -s.Bound; s.Bound; -1e3; 1e3; 0.0 |], dtype = torch.float64).unsqueeze(1L).expand(5L, b.InputShape.[0]).contiguous()))
 
     let maf = spec "maf" (fun r -> new MaskedAutoregressive(between r 2 6, between r 6 12, r.Next(1, 3)))
+    /// One of the elementwise maps, with random options.
+    let private anyMap (r: Random) : ElementwiseMap =
+        match r.Next 3 with
+        | 0 -> Affine(pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.Sigmoid |])
+        | 1 -> Additive()
+        | _ -> RationalQuadratic(r.Next(2, 6), float (between r 1 3))
+    /// Wider than the splines' interval, so that both tails are exercised.
+    let private wide = Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5)
+    let coupling =
+        specWith "coupling-generic" (fun r ->
+            let d = between r 2 6
+            new Coupling([| d |], partition r d, mlp r, anyMap r)) wide null null
+    let splineMaf =
+        specWith "spline-maf" (fun r ->
+            new MaskedAutoregressive(between r 2 5, between r 6 12, r.Next(1, 3), RationalQuadratic(r.Next(2, 6), float (between r 1 3)))) wide null null
+    /// A conditional layer with a random context row, fixed (the context is drawn from the
+    /// torch generator: a fresh instance differs unless loaded).
+    let private withContext (inner: Bijector) : Bijector =
+        new FixedContext(inner, torch.randn(inner.ContextFeatures)) :> Bijector
+    let conditionalCoupling =
+        specWith "conditional-coupling" (fun r ->
+            let d = between r 2 6
+            withContext (new Coupling([| d |], partition r d, mlp r, anyMap r, between r 1 3))) wide null null
+    let conditionalMaf =
+        specWith "conditional-maf" (fun r ->
+            withContext (new MaskedAutoregressive(between r 1 4, between r 6 12, r.Next(1, 3), anyMap r, between r 1 3))) wide null null
     let permutationReverse = spec "permutation-reverse" (fun r -> Permutation.Reverse(anyShape r))
     let permutationRandom =
         spec "permutation-random" (fun r ->
@@ -101,6 +127,11 @@ module Catalogue =
         spec "shift" (fun r ->
             let s = [| between r 1 2; between r 2 5; between r 2 5 |]
             new Shift(s, between r -3 3, between r -3 3))
+    let reshape =
+        spec "reshape" (fun r ->
+            let image = imageShape r
+            let flat = [| Array.fold (*) 1L image |]
+            if r.Next 2 = 0 then new Reshape(image, flat) else new Reshape(flat, image))
     let private vectorFlow (r: Random) (d: int64) : Bijector =
         match r.Next 3 with
         | 0 -> new AffineCoupling([| d |], partition r d, mlp r)
@@ -156,7 +187,30 @@ module Catalogue =
     let all : BijectorSpec list =
         [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-          patchifyStripes; shift; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted ]
+          patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
+          coupling; splineMaf; conditionalCoupling; conditionalMaf ]
+
+    /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
+    /// assembly, what the catalogue must cover.
+    let bijectorTypes (assembly: Reflection.Assembly) : Type list =
+        assembly.GetTypes()
+        |> Array.filter (fun t ->
+            (t.IsPublic || t.IsNestedPublic) && not t.IsAbstract && not t.IsGenericTypeDefinition
+            && typeof<Bijector>.IsAssignableFrom t)
+        |> Array.sortBy (fun t -> t.FullName)
+        |> Array.toList
+
+    /// The runtime types of every bijector that the catalogue's specs build for shape seeds
+    /// 0 .. seeds - 1, inner parts of chains and wrappers included (torch seeded alike, since
+    /// some specs draw choices from it).
+    let coveredTypes (seeds: int) : Type list =
+        [ for s in all do
+                for seed in 0 .. seeds - 1 do
+                    use _ = torch.NewDisposeScope()
+                    torch.manual_seed(int64 seed) |> ignore
+                    for b in PropertyChecks.allBijectors (s.Build.Invoke(Random seed)) -> b.GetType() ]
+        |> List.distinct
+        |> List.sortBy (fun t -> t.FullName)
 
     /// Looks a family up by name; the error lists the names that exist.
     let find (name: string) =

@@ -85,6 +85,9 @@ type NativeBackend =
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
 /// InputShape and OutputShape are the shapes of one sample (without the batch dimension).
+/// Conditional bijectors also take a context [batch, contextFeatures] (one row per sample):
+/// the overloads Forward(x, context) / Inverse(y, context) ignore it by default, and
+/// wrappers (Chain, Inverted, RowWise, ColumnWise, Partial) pass it on to their parts.
 /// A subclass registers its parameters and buffers (register_parameter / register_buffer)
 /// under the same name as the field that holds them, so that `to(device | dtype)` updates
 /// the field too.
@@ -104,9 +107,24 @@ type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
     member _.OutputShape = Array.copy outputShape
     member _.InputSize = Shapes.numel inputShape
     /// The forward map x -> y with log|det dy/dx| per sample.
+    /// <param name="x">A batch [batch, InputShape...].</param>
     abstract Forward: x: Tensor -> Transformed
     /// The inverse map y -> x with log|det dx/dy| per sample.
+    /// <param name="y">A batch [batch, OutputShape...].</param>
     abstract Inverse: y: Tensor -> Transformed
+    /// The forward map given a context; the default ignores the context.
+    /// <param name="x">A batch [batch, InputShape...].</param>
+    /// <param name="context">[batch, contextFeatures], or null for none.</param>
+    abstract Forward: x: Tensor * context: Tensor -> Transformed
+    default this.Forward(x: Tensor, _context: Tensor) : Transformed = this.Forward x
+    /// The inverse map given a context; the default ignores the context.
+    /// <param name="y">A batch [batch, OutputShape...].</param>
+    /// <param name="context">[batch, contextFeatures], or null for none.</param>
+    abstract Inverse: y: Tensor * context: Tensor -> Transformed
+    default this.Inverse(y: Tensor, _context: Tensor) : Transformed = this.Inverse y
+    /// Context features a conditional bijector needs per sample; 0 for an unconditional one.
+    abstract ContextFeatures: int64
+    default _.ContextFeatures = 0L
     abstract Traits: BijectorTraits
     default _.Traits = BijectorTraits.Bijective
 
@@ -147,31 +165,40 @@ type NativeSafety =
     static member Run(work: Action) : unit =
         NativeSafety.Run(Func<int>(fun () -> work.Invoke(); 0)) |> ignore
 
-/// Helpers shared by the bijector implementations.
+/// Helpers shared by the bijector implementations (F#: camelCase; .NET names PascalCase,
+/// e.g. `Ops.MoveTo(dtype, device, module)` from C#).
 module Ops =
     let private scalars = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
     /// A TorchSharp Scalar for a constant, cached for the life of the process. A temporary
     /// Scalar can be finalized by the GC while the native op that received its handle still
     /// reads it (seen as sporadic "toFloat" overflow errors under load); cached ones never are.
+    [<CompiledName("Scalar")>]
     let scalar (v: float) : Scalar = scalars.GetOrAdd(v, fun v -> Scalar.op_Implicit v)
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
+    [<CompiledName("SumPerSample")>]
     let sumPerSample (t: Tensor) : Tensor =
         if t.dim() = 1L then t else t.flatten(1L).sum(1L)
     /// A per-sample log-det that is the same constant for every sample of `like`'s batch.
+    [<CompiledName("ConstantLogDet")>]
     let constantLogDet (like: Tensor) (value: Tensor) : Tensor =
         value.reshape(1L).expand(like.shape.[0]).contiguous()
+    [<CompiledName("ZeroLogDet")>]
     let zeroLogDet (like: Tensor) : Tensor =
         torch.zeros([| like.shape.[0] |], dtype = like.dtype, device = like.device)
+    [<CompiledName("BatchShape")>]
     let batchShape (batch: int64) (shape: int64[]) = Array.append [| batch |] shape
     /// The inverse of a permutation given as an index array.
+    [<CompiledName("InversePermutation")>]
     let inversePermutation (perm: int64[]) =
         let inv = Array.zeroCreate perm.Length
         perm |> Array.iteri (fun i p -> inv.[int p] <- int64 i)
         inv
     /// Standard normal log density per sample (sum over event elements).
+    [<CompiledName("StandardNormalLogProb")>]
     let standardNormalLogProb (z: Tensor) : Tensor =
         sumPerSample ((z * z + scalar (Math.Log(2.0 * Math.PI))) * scalar -0.5)
     /// Moves a module's parameters and buffers to a dtype and a device.
+    [<CompiledName("MoveTo")>]
     let moveTo (dtype: torch.ScalarType) (device: torch.Device) (m: 'M when 'M :> torch.nn.Module) : unit =
         TorchSharp.ModuleExtensionMethods.``to``(m, dtype) |> ignore
         TorchSharp.ModuleExtensionMethods.``to``(m, device) |> ignore
@@ -194,26 +221,33 @@ type Chain private (parts: Bijector[], _dummy: unit) as this =
                         i arr.[i].Name (Shapes.show arr.[i].InputShape))
         Chain(arr, ())
 
-    member _.Parts : Bijector list = [ for p in parts -> p ]
+    /// The parts in order.
+    member _.Parts : System.Collections.Generic.IReadOnlyList<Bijector> =
+        (Seq.toArray parts :> System.Collections.Generic.IReadOnlyList<Bijector>)
     member _.Count = parts.Count
 
-    override _.Forward(x) =
+    override this.Forward(x: Tensor) = this.Forward(x, null)
+    override this.Inverse(y: Tensor) = this.Inverse(y, null)
+
+    override _.Forward(x: Tensor, context: Tensor) =
         let mutable h = x
         let mutable ld : Tensor = null
         for p in parts do
-            let r = p.Forward h
+            let r = if isNull context then p.Forward h else p.Forward(h, context)
             h <- r.Value
             ld <- if isNull ld then r.LogDet else ld + r.LogDet
         Transformed(h, ld)
 
-    override _.Inverse(y) =
+    override _.Inverse(y: Tensor, context: Tensor) =
         let mutable h = y
         let mutable ld : Tensor = null
         for i in parts.Count - 1 .. -1 .. 0 do
-            let r = parts.[i].Inverse h
+            let r = if isNull context then parts.[i].Inverse h else parts.[i].Inverse(h, context)
             h <- r.Value
             ld <- if isNull ld then r.LogDet else ld + r.LogDet
         Transformed(h, ld)
+
+    override _.ContextFeatures = parts |> Seq.map (fun p -> p.ContextFeatures) |> Seq.fold max 0L
 
     override _.Traits =
         { Surjective = parts |> Seq.exists (fun p -> p.Traits.Surjective)
@@ -225,6 +259,37 @@ type Inverted(inner: Bijector) as this =
     let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
-    override _.Forward(y) = inner.Inverse y
-    override _.Inverse(x) = inner.Forward x
+    override _.Forward(y: Tensor) = inner.Inverse y
+    override _.Inverse(x: Tensor) = inner.Forward x
+    override _.Forward(y: Tensor, context: Tensor) = inner.Inverse(y, context)
+    override _.Inverse(x: Tensor, context: Tensor) = inner.Forward(x, context)
+    override _.ContextFeatures = inner.ContextFeatures
+    override _.Traits = inner.Traits
+
+/// A conditional bijector with its context fixed: one context row [contextFeatures] used for
+/// every sample, kept as the buffer `context` (saved with the model, moved by `to`). Makes a
+/// conditional bijector an ordinary one, e.g. to check it or to sample at one condition.
+/// <param name="inner">A conditional bijector.</param>
+/// <param name="contextRow">The context, [contextFeatures] or [1, contextFeatures] (copied).</param>
+type FixedContext(inner: Bijector, contextRow: Tensor) as this =
+    inherit Bijector("FixedContext(" + inner.Name + ")", inner.InputShape, inner.OutputShape)
+    do
+        if isNull contextRow then nullArg "contextRow"
+        if contextRow.numel() <> inner.ContextFeatures then
+            invalidArg "contextRow"
+                (sprintf "FixedContext: %s needs %d context features, got a tensor of shape %s"
+                    inner.Name inner.ContextFeatures (Shapes.show contextRow.shape))
+    let inner = inner
+    // The field must carry the buffer's name: `to(dtype)` replaces the buffer and updates the
+    // field of that name (a field shadowing a constructor argument gets another name).
+    let context = contextRow.detach().reshape(1L, -1L).clone()
+    do
+        this.register_module("inner", inner)
+        this.register_buffer("context", context)
+    member _.Inner = inner
+    /// The fixed context, [1, contextFeatures].
+    member _.Context = context
+    member private _.Rows(t: Tensor) = context.expand(t.shape.[0], -1L)
+    override this.Forward(x: Tensor) = inner.Forward(x, this.Rows x)
+    override this.Inverse(y: Tensor) = inner.Inverse(y, this.Rows y)
     override _.Traits = inner.Traits

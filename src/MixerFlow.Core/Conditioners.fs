@@ -6,7 +6,9 @@ open TorchSharp.Modules
 
 /// Builds a conditioner network from (input features, output features). For vector events the
 /// network maps [B, in] -> [B, out]; for image events [B, in, H, W] -> [B, out, H, W].
-type ConditionerFactory = Func<int64, int64, torch.nn.Module<Tensor, Tensor>>
+/// A C# lambda `(inputs, outputs) => ...` converts to it; in F#
+/// `ConditionerFactory(fun inputs outputs -> ...)`.
+type ConditionerFactory = delegate of inputFeatures: int64 * outputFeatures: int64 -> torch.nn.Module<Tensor, Tensor>
 
 /// Conditioner networks. The last layer is zero-initialised so a new coupling layer is the
 /// identity (Kingma & Dhariwal 2018, section 3.3).

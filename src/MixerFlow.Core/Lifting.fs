@@ -19,20 +19,29 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
     let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
-    member private this.Run(x: Tensor, inverse: bool) =
+    member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, this.InputShape, "input")
         let b = x.shape.[0]
         // Columns are made rows by a transpose; then every row is one more batch element.
         let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
         let flat = rowsFirst.reshape(b * copies, inner.InputSize)
-        let r = if inverse then inner.Inverse flat else inner.Forward flat
+        // Each sample's context row serves all of its rows (columns).
+        let r =
+            if isNull context then (if inverse then inner.Inverse flat else inner.Forward flat)
+            else
+                let c = context.repeat_interleave(copies, 0L)
+                if inverse then inner.Inverse(flat, c) else inner.Forward(flat, c)
         let y = r.Value.reshape(b, copies, inner.InputSize)
         let y = if alongRows then y else y.transpose(1L, 2L).contiguous()
         Transformed(y, r.LogDet.reshape(b, copies).sum(1L))
-    override this.Forward(x) = this.Run(x, false)
-    override this.Inverse(y) = this.Run(y, true)
+    override this.Forward(x: Tensor) = this.Run(x, null, false)
+    override this.Inverse(y: Tensor) = this.Run(y, null, true)
+    override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
+    override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
+    override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
 
+/// See ColumnWise: one vector bijector over D features applied to every row of [P, D].
 type RowWise(rows: int64, inner: Bijector) =
     inherit Lifted("RowWise", rows, inner, true)
 
@@ -54,14 +63,19 @@ type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
     let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
-    member private this.Run(x: Tensor, inverse: bool) =
+    member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
         let head = x.narrow(1L, 0L, count)
         let tail = x.narrow(1L, count, eventShape.[0] - count)
-        let r = if inverse then inner.Inverse head else inner.Forward head
+        let r =
+            if isNull context then (if inverse then inner.Inverse head else inner.Forward head)
+            elif inverse then inner.Inverse(head, context) else inner.Forward(head, context)
         Transformed(torch.cat([| r.Value; tail |], 1L), r.LogDet)
-    override this.Forward(x) = this.Run(x, false)
-    override this.Inverse(y) = this.Run(y, true)
+    override this.Forward(x: Tensor) = this.Run(x, null, false)
+    override this.Inverse(y: Tensor) = this.Run(y, null, true)
+    override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
+    override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
+    override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
 
 

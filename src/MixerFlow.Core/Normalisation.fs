@@ -1,6 +1,7 @@
 namespace MixerFlow.Core
 
 open System
+open System.Runtime.InteropServices
 open TorchSharp
 open TorchSharp.Modules
 open MixerFlow.Core.Ops
@@ -74,11 +75,15 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
 /// use the running averages. log|det dy/dx| = positions * sum(logGamma - log(var + eps) / 2),
 /// the statistics treated as constants. In training mode samples interact through the batch
 /// statistics.
-type BatchNormFlow(eventShape: int64[], featureAxes: int[], ?momentum: float, ?eps: float) as this =
+/// <param name="eventShape">The shape of one sample.</param>
+/// <param name="featureAxes">Event axes with one parameter each; the others share them.</param>
+/// <param name="momentum">Weight of the newest batch in the running averages (default 0.1).</param>
+/// <param name="eps">Added to the variance (default 1e-5).</param>
+type BatchNormFlow(eventShape: int64[], featureAxes: int[],
+                   [<Optional; DefaultParameterValue(0.1)>] momentum: float,
+                   [<Optional; DefaultParameterValue(1e-5)>] eps: float) as this =
     inherit Bijector("BatchNorm", eventShape, eventShape)
     do FeatureAxes.validate "BatchNorm" eventShape featureAxes
-    let momentum = defaultArg momentum 0.1
-    let eps = defaultArg eps 1e-5
     let pshape = FeatureAxes.paramShape eventShape featureAxes
     let dims = FeatureAxes.reduceDims eventShape featureAxes
     let positions = float (FeatureAxes.positions eventShape featureAxes)
@@ -92,8 +97,11 @@ type BatchNormFlow(eventShape: int64[], featureAxes: int[], ?momentum: float, ?e
         this.register_buffer("runningMean", runningMean)
         this.register_buffer("runningVar", runningVar)
 
-    new(eventShape: int64[]) = BatchNormFlow(eventShape, Array.init eventShape.Length id)
+    /// One parameter per element of the event.
+    new(eventShape: int64[]) = BatchNormFlow(eventShape, Array.init eventShape.Length id, 0.1, 1e-5)
 
+    member _.Momentum = momentum
+    member _.Eps = eps
     member _.RunningMean = runningMean
     member _.RunningVar = runningVar
 

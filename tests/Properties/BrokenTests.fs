@@ -9,7 +9,7 @@ open MixerFlow.Properties
 let private quick = CheckOptions.Float64.WithCases(5)
 
 let private assertRejected (spec: BijectorSpec) (kind: CheckKind) =
-    let r = Checks.run spec kind quick
+    let r = PropertyChecks.run spec kind quick
     Assert.True(r.Applicable)
     Assert.False(r.Passed, sprintf "check %A accepted %s" kind spec.Name)
     // FsCheck's report names the counterexample; our label gives shapes and numbers.
@@ -18,7 +18,7 @@ let private assertRejected (spec: BijectorSpec) (kind: CheckKind) =
     Assert.Contains("expected", r.Message)
 
 let private assertAccepted (spec: BijectorSpec) (kind: CheckKind) =
-    let r = Checks.run spec kind quick
+    let r = PropertyChecks.run spec kind quick
     Assert.True(r.Passed, r.Message)
 
 [<Fact>]
@@ -51,7 +51,7 @@ let ``a coupling that leaks into its conditioning half is caught by the structur
 
 [<Fact>]
 let ``a parameter that gets no gradient is caught`` () =
-    let r = Checks.run (Broken.spec "unused-parameter") CheckKind.Gradients quick
+    let r = PropertyChecks.run (Broken.spec "unused-parameter") CheckKind.Gradients quick
     Assert.False(r.Passed)
     Assert.Contains("unused", r.Message)
 

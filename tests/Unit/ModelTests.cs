@@ -44,12 +44,12 @@ public class ModelTests
         var o = CheckOptions.Float64.WithCases(2);
         foreach (var kind in new[] { CheckKind.Inverse, CheckKind.LogDet, CheckKind.InverseLogDet, CheckKind.Independence, CheckKind.Gradients, CheckKind.SaveLoad })
         {
-            var r = MixerFlow.Checks.Checks.run(spec, kind, o);
+            var r = BijectorChecks.Run(spec, kind, o);
             Assert.True(r.Passed, $"{kind}: {r.Message}");
         }
         var flow = new BijectorSpec(preset + "-flow", _ => new ImageFlow(Presets.Get(preset)).Flow,
             (b, n) => randint(0, 256, new[] { n }.Concat(b.InputShape).ToArray()).to_type(float32));
-        Assert.True(MixerFlow.Checks.Checks.run(flow, CheckKind.Gradients, o).Passed);
+        Assert.True(BijectorChecks.Run(flow, CheckKind.Gradients, o).Passed);
     }
 
     [Theory]

@@ -31,7 +31,7 @@ public static class CheckVerb
             {
                 var o = (dtype == "float64" ? MixerFlow.Checks.CheckOptions.Float64 : MixerFlow.Checks.CheckOptions.Float32)
                     .WithCases(options.Cases).WithSeed(options.Seed);
-                foreach (var result in MixerFlow.Checks.Checks.runAll(spec, o))
+                foreach (var result in BijectorChecks.RunAll(spec, o))
                 {
                     if (!result.Applicable) continue;
                     if (!result.Passed) failures.Add(result);

@@ -43,7 +43,7 @@ public sealed class ImageFlow : nn.Module
 
     public ImageFlow MoveTo(Device device, ScalarType dtype)
     {
-        Ops.moveTo(dtype, device, this);
+        Ops.MoveTo(dtype, device, this);
         return this;
     }
 
