@@ -12,9 +12,15 @@ namespace MixerFlow.Host.Models;
 public static class Checkpoint
 {
     const string Magic = "MIXERFLOW-CHECKPOINT";
-    const int Version = 1;
+    /// <summary>
+    /// 2: each tensor stored once. Version 1 files hold many tensors a second time under
+    /// compiler-generated names (F# fields such as <c>parts@136</c> that TorchSharp also registered);
+    /// they load by name, the extra copies skipped.
+    /// </summary>
+    const int Version = 2;
+    const int OldestReadable = 1;
 
-    public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer);
+    public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion);
 
     public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
                             OptimizerHelper? optimizer = null)
@@ -42,9 +48,10 @@ public static class Checkpoint
         catch (Exception e) when (e is EndOfStreamException or IOException) { throw new UserError($"{path}: not a MixerFlow checkpoint (file too short)"); }
         if (magic != Magic) throw new UserError($"{path}: not a MixerFlow checkpoint (bad header)");
         int version = r.ReadInt32();
-        if (version != Version) throw new UserError($"{path}: checkpoint version {version}, this program reads version {Version}");
+        if (version < OldestReadable || version > Version)
+            throw new UserError($"{path}: checkpoint version {version}, this program reads versions {OldestReadable} to {Version}");
         var config = ModelConfig.FromJson(r.ReadString(), path);
-        return new Header(config, r.ReadInt64(), r.ReadInt32(), r.ReadDouble(), r.ReadBoolean());
+        return new Header(config, r.ReadInt64(), r.ReadInt32(), r.ReadDouble(), r.ReadBoolean(), version);
     }
 
     static FileStream Open(string path)
@@ -80,7 +87,16 @@ public static class Checkpoint
             throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");
         try
         {
-            model.load(r);
+            if (header.FileVersion >= 2) model.load(r);
+            else
+            {
+                // Version 1: every tensor the model has must be in the file; duplicates are skipped.
+                var loaded = new Dictionary<string, bool>();
+                model.load(r, strict: false, loadedParameters: loaded);
+                var missing = model.state_dict().Keys.Where(k => !loaded.ContainsKey(k)).ToList();
+                if (missing.Count > 0)
+                    throw new UserError($"{path}: version-1 checkpoint lacks {missing.Count} of the model's tensors (first: {missing[0]})");
+            }
             if (header.HasOptimizer) optimizer?.load_state_dict(r);
         }
         catch (Exception e) when (e is not UserError)
