@@ -1,6 +1,8 @@
 using System.Text;
 using MixerFlow.Host.Files;
+using TorchSharp;
 using TorchSharp.Modules;
+using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Models;
 
@@ -87,16 +89,7 @@ public static class Checkpoint
             throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");
         try
         {
-            if (header.FileVersion >= 2) model.load(r);
-            else
-            {
-                // Version 1: every tensor the model has must be in the file; duplicates are skipped.
-                var loaded = new Dictionary<string, bool>();
-                model.load(r, strict: false, loadedParameters: loaded);
-                var missing = model.state_dict().Keys.Where(k => !loaded.ContainsKey(k)).ToList();
-                if (missing.Count > 0)
-                    throw new UserError($"{path}: version-1 checkpoint lacks {missing.Count} of the model's tensors (first: {missing[0]})");
-            }
+            LoadState(model, r, path, header.FileVersion);
             if (header.HasOptimizer) optimizer?.load_state_dict(r);
         }
         catch (Exception e) when (e is not UserError)
@@ -105,4 +98,40 @@ public static class Checkpoint
         }
         return header;
     }
+
+    /// <summary>
+    /// Reads the model's tensors by name (TorchSharp's format: an entry count, then name and tensor
+    /// pairs). Version 1 names the body <c>body.*</c> (now <c>transform.parts.1.*</c>) and holds
+    /// extra copies under compiler-generated names, which are skipped; from version 2 every name
+    /// must be the model's. Every tensor of the model must be in the file, but for the base
+    /// distribution's empty reference buffer, which version 1 did not have.
+    /// </summary>
+    static void LoadState(ImageFlow model, BinaryReader r, string path, int version)
+    {
+        var device = model.Device;
+        if (device.type != DeviceType.CPU) model.to(CPU);
+        try
+        {
+            var state = model.state_dict();
+            var loaded = new HashSet<string>();
+            long entries = r.Read7BitEncodedInt64(); // TorchSharp writes the count as LEB128
+            for (long i = 0; i < entries; i++)
+            {
+                var stored = r.ReadString();
+                var name = version == 1 && stored.StartsWith("body.", StringComparison.Ordinal) ? "transform.parts.1." + stored[5..] : stored;
+                if (state.TryGetValue(name, out var tensor) && loaded.Add(name)) tensor.Load(r);
+                else if (version >= 2) throw new UserError($"{path}: the checkpoint holds a tensor '{stored}' that the model '{model.Config.Name}' does not have");
+                else TensorExtensionMethods.Load(r, skip: true);
+            }
+            var missing = state.Keys.Where(k => !loaded.Contains(k) && !(version == 1 && k == ReferenceBuffer)).ToList();
+            if (missing.Count > 0)
+                throw new UserError($"{path}: the checkpoint lacks {missing.Count} of the model's tensors (first: {missing[0]})");
+        }
+        finally
+        {
+            if (device.type != DeviceType.CPU) model.to(device);
+        }
+    }
+
+    const string ReferenceBuffer = "baseDistribution.reference";
 }
