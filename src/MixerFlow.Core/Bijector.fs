@@ -205,9 +205,12 @@ module Ops =
 
 /// A chain of bijectors applied left to right: log-det = sum of the parts' log-dets;
 /// the inverse applies the parts' inverses in reverse order.
-type Chain private (parts: Bijector[], _dummy: unit) as this =
-    inherit Bijector("Chain", parts.[0].InputShape, parts.[parts.Length - 1].OutputShape)
-    let parts = new ModuleList<Bijector>(parts)
+type Chain private (partArray: Bijector[], _dummy: unit) as this =
+    inherit Bijector("Chain", partArray.[0].InputShape, partArray.[partArray.Length - 1].OutputShape)
+    // Fields carry the names they are registered under: TorchSharp also registers Module fields by
+    // reflection, and a shadowed constructor argument's field (`parts@209`) would save every
+    // tensor below it twice.
+    let parts = new ModuleList<Bijector>(partArray)
     do this.register_module("parts", parts)
 
     new(parts: Bijector seq) =
@@ -256,7 +259,6 @@ type Chain private (parts: Bijector[], _dummy: unit) as this =
 /// The inverse of a bijector as a bijector: forward and inverse swapped.
 type Inverted(inner: Bijector) as this =
     inherit Bijector("Inverse(" + inner.Name + ")", inner.OutputShape, inner.InputShape)
-    let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
     override _.Forward(y: Tensor) = inner.Inverse y
@@ -279,7 +281,6 @@ type FixedContext(inner: Bijector, contextRow: Tensor) as this =
             invalidArg "contextRow"
                 (sprintf "FixedContext: %s needs %d context features, got a tensor of shape %s"
                     inner.Name inner.ContextFeatures (Shapes.show contextRow.shape))
-    let inner = inner
     // The field must carry the buffer's name: `to(dtype)` replaces the buffer and updates the
     // field of that name (a field shadowing a constructor argument gets another name).
     let context = contextRow.detach().reshape(1L, -1L).clone()

@@ -37,18 +37,18 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
             invalidArg "baseDistribution"
                 (sprintf "Flow: the transform outputs %s but the base distribution has event shape %s"
                     (Shapes.show transform.OutputShape) (Shapes.show baseDistribution.EventShape))
-    let transform = transform
-    let baseDist = baseDistribution
+    // Registered under the constructor arguments' names, which are also their fields' names
+    // (TorchSharp registers Module fields by reflection too; other names would save them twice).
     do
         this.register_module("transform", transform)
-        this.register_module("base", baseDist)
+        this.register_module("baseDistribution", baseDistribution)
 
     /// A flow with a standard normal base.
     /// <param name="transform">Data to latent.</param>
     new(transform: Bijector) = new Flow(transform, new StandardNormal(transform.OutputShape))
 
     member _.Transform = transform
-    member _.Base = baseDist
+    member _.Base = baseDistribution
     member _.EventShape = transform.InputShape
     member _.ContextFeatures = transform.ContextFeatures
 
@@ -70,7 +70,7 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
         if transform.ContextFeatures > 0L && isNull context then
             invalidArg "context" (sprintf "this flow is conditional: it needs a context of %d features" transform.ContextFeatures)
         let r = if isNull context then transform.Forward x else transform.Forward(x, context)
-        baseDist.LogProb r.Value + r.LogDet
+        baseDistribution.LogProb r.Value + r.LogDet
     /// log p(x) per sample: [B, eventShape...] -> [B].
     /// <param name="x">Data [B, eventShape...].</param>
     member this.LogProb(x: Tensor) : Tensor = this.LogProb(x, null)
@@ -85,10 +85,10 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
                                   [<Optional; DefaultParameterValue(1.0)>] temperature: float) : FlowSample =
         let c = this.Expand(context, n)
         let rows = if isNull c then n else c.shape.[0]
-        let z = baseDist.Sample(rows, temperature)
+        let z = baseDistribution.Sample(rows, temperature)
         let r = if isNull c then transform.Inverse z else transform.Inverse(z, c)
         // log p(x) = log p_base(z) - log|det dx/dz|.
-        FlowSample(r.Value, baseDist.LogProb z - r.LogDet)
+        FlowSample(r.Value, baseDistribution.LogProb z - r.LogDet)
     /// Samples with their log density, reparameterised (see the overload with a context).
     /// <param name="n">How many samples.</param>
     /// <param name="temperature">Scales the base's spread; 1 samples the flow itself.</param>
@@ -103,7 +103,7 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
         use _ = torch.no_grad()
         let c = this.Expand(context, n)
         let rows = if isNull c then n else c.shape.[0]
-        let z = baseDist.Sample(rows, temperature)
+        let z = baseDistribution.Sample(rows, temperature)
         (if isNull c then transform.Inverse z else transform.Inverse(z, c)).Value
     /// n samples [n, eventShape...] without gradients.
     /// <param name="n">How many samples.</param>

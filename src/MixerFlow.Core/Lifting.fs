@@ -16,7 +16,6 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
     do
         if inner.InputShape.Length <> 1 || inner.OutputShape <> inner.InputShape then
             invalidArg "inner" (sprintf "%s needs a bijector of vectors to vectors of the same length, got %O" name inner)
-    let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
@@ -60,7 +59,6 @@ type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
         let expected = Array.append [| count |] eventShape.[1..]
         if inner.InputShape <> expected || inner.OutputShape <> expected then
             invalidArg "inner" (sprintf "Partial: inner bijector must map %s to itself, got %O" (Shapes.show expected) inner)
-    let inner = inner
     do this.register_module("inner", inner)
     member _.Inner = inner
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =

@@ -54,4 +54,34 @@ public class CompatibilityTests
         Assert.DoesNotContain("glowWidth", json);
         Assert.DoesNotContain("patchSize", Presets.Get("glow-cifar10").ToJson());
     }
+
+    [Theory]
+    [InlineData("tiny")]
+    [InlineData("glow-tiny")]
+    public void An_image_model_saves_each_tensor_once_under_its_registered_name(string preset)
+    {
+        var m = new ImageFlow(Presets.Get(preset));
+        var state = m.state_dict();
+        Assert.All(state.Keys, k => Assert.True(k.StartsWith("transform.parts.") || k.StartsWith("baseDistribution."), k));
+        Assert.All(state.Keys, k => Assert.DoesNotContain("@", k));
+        Assert.All(state.Keys, k => Assert.DoesNotContain("<", k));
+        Assert.Equal(state.Count, state.Values.Select(t => t.Handle).Distinct().Count());
+        Assert.Equal(m.parameters().Count(), m.named_parameters().Count());
+    }
+
+    [Fact]
+    public void An_image_model_is_a_core_flow_whose_log_prob_is_its_log_likelihood()
+    {
+        TorchSharp.torch.manual_seed(3);
+        MixerFlow.Core.Flow flow = new ImageFlow(Presets.Get("tiny"));
+        var x = TorchSharp.torch.randint(0, 256, new long[] { 4, 1, 28, 28 }).to_type(TorchSharp.torch.float32);
+        TorchSharp.torch.manual_seed(9);
+        var viaFlow = flow.LogProb(x);
+        TorchSharp.torch.manual_seed(9);
+        var viaModel = ((ImageFlow)flow).LogLikelihood(x);
+        Assert.Equal(0.0, (viaFlow - viaModel).abs().max().item<float>(), 6);
+        var samples = flow.Sample(3, temperature: 0.7);
+        Assert.Equal(new long[] { 3, 1, 28, 28 }, samples.shape);
+        Assert.True(samples.min().item<float>() >= 0 && samples.max().item<float>() <= 255);
+    }
 }

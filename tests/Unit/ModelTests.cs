@@ -47,7 +47,7 @@ public class ModelTests
             var r = BijectorChecks.Run(spec, kind, o);
             Assert.True(r.Passed, $"{kind}: {r.Message}");
         }
-        var flow = new BijectorSpec(preset + "-flow", _ => new ImageFlow(Presets.Get(preset)).Flow,
+        var flow = new BijectorSpec(preset + "-flow", _ => new ImageFlow(Presets.Get(preset)).Transform,
             (b, n) => randint(0, 256, new[] { n }.Concat(b.InputShape).ToArray()).to_type(float32));
         Assert.True(BijectorChecks.Run(flow, CheckKind.Gradients, o).Passed);
     }

@@ -5,38 +5,44 @@ using static TorchSharp.torch;
 namespace MixerFlow.Host.Models;
 
 /// <summary>
-/// An image model: dequantisation of the 8-bit pixels, then a bijector (the body) to a latent
-/// of the image's shape under a standard normal base. One interface for MixerFlow and Glow.
-/// Inputs are batches [B, C, H, W] of pixel values 0..255 (any float dtype).
+/// An image model as a Core <see cref="Flow"/>: dequantisation of the 8-bit pixels, then a
+/// bijector (the body, MixerFlow or Glow) to a latent of the image's shape under a standard
+/// normal base. <c>LogProb</c>, <c>Sample</c> and <c>SampleWithLogProb</c> work on pixel values
+/// 0..255 (batches [B, C, H, W], any float dtype), like any other flow's.
+/// Registered state: <c>transform.parts.0</c> (dequantisation), <c>transform.parts.1</c> (the body),
+/// <c>baseDistribution</c>.
 /// </summary>
-public sealed class ImageFlow : nn.Module
+public sealed class ImageFlow : Flow
 {
     public ModelConfig Config { get; }
-    public Dequantize Dequantize { get; }
-    public Bijector Body { get; }
     readonly IReadOnlyDictionary<string, IReadOnlyList<nn.Module>> parts;
 
-    public ImageFlow(ModelConfig config) : base(NativeChecked("ImageFlow"))
+    /// <summary>Builds the model a configuration describes; a <see cref="UserError"/> naming every bad field otherwise.</summary>
+    public ImageFlow(ModelConfig config) : this(config, Assemble(config)) { }
+
+    ImageFlow(ModelConfig config, BuiltFlow built)
+        : base(new Chain(new Bijector[] { new Dequantize(config.ImageShape), built.Body }), new StandardNormal(config.ImageShape))
     {
+        Config = config;
+        parts = built.Parts;
+    }
+
+    static BuiltFlow Assemble(ModelConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        // Before TorchSharp's first native call, which would fail with a misleading message.
+        NativeRuntime.EnsureLoaded();
         var problems = config.Problems();
         if (problems.Count > 0) throw new UserError($"model configuration '{config.Name}': {string.Join("; ", problems)}");
-        Config = config;
-        Dequantize = new Dequantize(config.ImageShape);
-        var built = config.Build();
-        Body = built.Body;
-        parts = built.Parts;
-        register_module("body", Body);
+        return config.Build();
     }
 
-    // Before the base constructor, TorchSharp's first chance to fail with a misleading message.
-    static string NativeChecked(string name)
-    {
-        NativeRuntime.EnsureLoaded();
-        return name;
-    }
-
-    /// <summary>The whole flow, pixels to latent, as one bijector (for the Core checks).</summary>
-    public Bijector Flow => new Chain(new Bijector[] { Dequantize, Body });
+    // Read through the transform, not kept in fields: TorchSharp registers Module-typed fields by
+    // reflection, and a second name for the same module would save its tensors twice.
+    /// <summary>Uniform dequantisation of the 8-bit pixels, the transform's first part.</summary>
+    public Dequantize Dequantize => (Dequantize)((Chain)Transform).Parts[0];
+    /// <summary>The model's bijector after dequantisation (MixerFlow's or Glow's).</summary>
+    public Bijector Body => ((Chain)Transform).Parts[1];
 
     public Device Device => Body.parameters().Select(p => p.device).FirstOrDefault() ?? CPU;
     public ScalarType DType => Body.parameters().Select(p => p.dtype).FirstOrDefault(ScalarType.Float32);
@@ -47,24 +53,11 @@ public sealed class ImageFlow : nn.Module
         return this;
     }
 
-    /// <summary>log p(x) of the discrete pixels in nats per image (a dequantisation bound).</summary>
-    public Tensor LogLikelihood(Tensor x)
-    {
-        var d = Dequantize.Forward(x);
-        var b = Body.Forward(d.Value);
-        return Likelihood.StandardNormalLogProb(b.Value) + b.LogDet + d.LogDet;
-    }
+    /// <summary>log p(x) of the discrete pixels in nats per image (a dequantisation bound): the flow's <c>LogProb</c>.</summary>
+    public Tensor LogLikelihood(Tensor x) => LogProb(x);
 
     /// <summary>Bits per dimension of the 8-bit data, per image.</summary>
     public Tensor BitsPerDim(Tensor x) => Likelihood.BitsPerDim(LogLikelihood(x), Config.Dimensions);
-
-    /// <summary>n samples at a temperature (the base's standard deviation), as pixels 0..255.</summary>
-    public Tensor Sample(int n, double temperature)
-    {
-        using var _ = no_grad();
-        var z = randn(new long[] { n }.Concat(Config.ImageShape).ToArray(), dtype: DType, device: Device) * temperature;
-        return Decode(z);
-    }
 
     /// <summary>The latent of x (deterministic: mid-bin dequantisation).</summary>
     public Tensor Encode(Tensor x) => AtMidpoint(() => Body.Forward(Dequantize.Forward(x).Value).Value);
