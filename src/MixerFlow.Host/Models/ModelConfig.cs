@@ -97,9 +97,8 @@ public sealed record MixerFlowConfig : ModelConfig
 
     protected override void FamilyProblems(List<string> p)
     {
-        PatchGeometry? g = null;
-        try { g = Geometry; }
-        catch (ArgumentException e) { p.Add($"patchSize: {FirstSentence(e.Message)}"); }
+        // Core validates what it builds; its messages are reported under the field that fed it.
+        var g = Validated(p, "patchSize", () => Geometry);
         if (g is not null)
         {
             if (g.Patches < 2) p.Add($"patchSize: {Patches} patches of size {PatchSize} give {g.Patches} patch; patch mixing needs at least 2");
@@ -108,13 +107,21 @@ public sealed record MixerFlowConfig : ModelConfig
         }
         if (Layers < 1) p.Add($"layers: must be >= 1, got {Layers}");
         if (InnerSteps < 1) p.Add($"innerSteps: must be >= 1, got {InnerSteps}");
-        if (HiddenWidth < 1) p.Add($"hiddenWidth: must be >= 1, got {HiddenWidth}");
-        if (HiddenDepth < 1) p.Add($"hiddenDepth: must be >= 1, got {HiddenDepth}");
-        if (SplineBins < 2) p.Add($"splineBins: must be >= 2, got {SplineBins}");
-        if (!(SplineBound > 0)) p.Add($"splineBound: must be > 0, got {SplineBound}");
+        Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
+        if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
+            Validated(p, "splineBins / splineBound", () => new RationalQuadratic(SplineBins, SplineBound));
     }
 
-    static string FirstSentence(string message) => message.Split(" (Parameter")[0];
+    /// <summary>Runs a Core constructor; its ArgumentException becomes a problem named after <paramref name="field"/>.</summary>
+    static T? Validated<T>(List<string> problems, string field, Func<T> build) where T : class
+    {
+        try { return build(); }
+        catch (ArgumentException e)
+        {
+            problems.Add($"{field}: {e.Message.Split(" (Parameter")[0]}");
+            return null;
+        }
+    }
 
     public override BuiltFlow Build() => MixerFlowBuilder.Build(this);
 }
