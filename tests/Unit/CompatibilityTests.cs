@@ -84,4 +84,30 @@ public class CompatibilityTests
         Assert.Equal(new long[] { 3, 1, 28, 28 }, samples.shape);
         Assert.True(samples.min().item<float>() >= 0 && samples.max().item<float>() <= 255);
     }
+
+    [Fact]
+    public void A_class_conditional_mixerflow_scores_and_samples_by_class()
+    {
+        TorchSharp.torch.manual_seed(5);
+        var m = new ImageFlow(Presets.MixerFlow("tiny") with { Classes = 3 });
+        Assert.Equal(3, m.ContextFeatures);
+        var x = TorchSharp.torch.randint(0, 256, new long[] { 2, 1, 28, 28 }).to_type(TorchSharp.torch.float32);
+        m.train();
+        using (TorchSharp.torch.no_grad())
+        {
+            m.BitsPerDim(x, m.OneHot(new[] { 0, 0 }));   // ActNorm's data initialisation
+            foreach (var p in m.parameters()) p.add_(TorchSharp.torch.randn_like(p) * 0.05);
+        }
+        m.eval();
+        TorchSharp.torch.manual_seed(1);
+        var asClass0 = m.BitsPerDim(x, m.OneHot(new[] { 0, 0 }));
+        TorchSharp.torch.manual_seed(1);
+        var asClass2 = m.BitsPerDim(x, m.OneHot(new[] { 2, 2 }));
+        Assert.True((asClass0 - asClass2).abs().max().item<float>() > 1e-4);
+        Assert.ThrowsAny<ArgumentException>(() => m.BitsPerDim(x));   // a conditional model needs its class
+        var samples = m.Sample(2, m.OneHot(new[] { 0, 1, 2 }), temperature: 0.5);
+        Assert.Equal(new long[] { 6, 1, 28, 28 }, samples.shape);
+        Assert.Throws<ArgumentOutOfRangeException>(() => m.OneHot(new[] { 3 }));
+        Assert.Contains("\"classes\": 3", m.Config.ToJson());
+    }
 }

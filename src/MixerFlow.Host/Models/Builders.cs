@@ -18,14 +18,17 @@ public static class MixerFlowBuilder
         {
             // Alternate the halves so that consecutive steps transform every value.
             var partition = s % 2 == 0 ? Partition.Halves(dim) : Partition.Halves(dim).Swapped;
-            steps.Add(kind switch
+            // A class-conditional model feeds the one-hot class to every conditioner (the context).
+            ElementwiseMap map = kind switch
             {
-                InnerFlow.Affine => new AffineCoupling(new[] { dim }, partition, mlp),
-                InnerFlow.Additive => new AdditiveCoupling(new[] { dim }, partition, mlp),
-                InnerFlow.Spline => new SplineCoupling(new[] { dim }, partition, mlp, c.SplineBins, c.SplineBound),
-                InnerFlow.Maf => new MaskedAutoregressive(dim, c.HiddenWidth, c.HiddenDepth),
+                InnerFlow.Affine or InnerFlow.Maf => new Affine(),
+                InnerFlow.Additive => new Additive(),
+                InnerFlow.Spline => new RationalQuadratic(c.SplineBins, c.SplineBound),
                 _ => throw new ArgumentOutOfRangeException(nameof(kind)),
-            });
+            };
+            steps.Add(kind == InnerFlow.Maf
+                ? new MaskedAutoregressive(dim, c.HiddenWidth, c.HiddenDepth, map, c.Classes)
+                : new Coupling(new[] { dim }, partition, mlp, map, c.Classes));
             if (kind == InnerFlow.Maf && s < c.InnerSteps - 1) steps.Add(Permutation.Reverse(new[] { dim }));
         }
         return steps.Count == 1 ? steps[0] : new Chain(steps);

@@ -56,8 +56,23 @@ public sealed class ImageFlow : Flow
     /// <summary>log p(x) of the discrete pixels in nats per image (a dequantisation bound): the flow's <c>LogProb</c>.</summary>
     public Tensor LogLikelihood(Tensor x) => LogProb(x);
 
+    /// <summary>One-hot class contexts [B, classes] for a class-conditional model, in its dtype and on its device.</summary>
+    /// <param name="labels">Class indices in 0 .. classes - 1.</param>
+    public Tensor OneHot(IReadOnlyList<int> labels)
+    {
+        int classes = (int)ContextFeatures;
+        if (classes == 0) throw new InvalidOperationException($"model '{Config.Name}' is not class-conditional (classes = 0)");
+        var bad = labels.FirstOrDefault(l => l < 0 || l >= classes, -1);
+        if (labels.Any(l => l < 0 || l >= classes)) throw new ArgumentOutOfRangeException(nameof(labels), $"labels must lie in 0..{classes - 1}, got {bad}");
+        var idx = tensor(labels.Select(l => (long)l).ToArray());
+        return nn.functional.one_hot(idx, classes).to(DType).to(Device);
+    }
+
     /// <summary>Bits per dimension of the 8-bit data, per image.</summary>
     public Tensor BitsPerDim(Tensor x) => Likelihood.BitsPerDim(LogLikelihood(x), Config.Dimensions);
+
+    /// <summary>Bits per dimension per image given a context (a class-conditional model's one-hot classes).</summary>
+    public Tensor BitsPerDim(Tensor x, Tensor context) => Likelihood.BitsPerDim(LogProb(x, context), Config.Dimensions);
 
     /// <summary>The latent of x (deterministic: mid-bin dequantisation).</summary>
     public Tensor Encode(Tensor x) => AtMidpoint(() => Body.Forward(Dequantize.Forward(x).Value).Value);

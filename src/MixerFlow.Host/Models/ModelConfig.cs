@@ -91,6 +91,11 @@ public sealed record MixerFlowConfig : ModelConfig
     public bool Shift { get; init; } = true;
     public int SplineBins { get; init; } = 8;
     public double SplineBound { get; init; } = 3.0;
+    /// <summary>
+    /// Classes of a class-conditional model (0: unconditional). Every channel- and patch-mixing
+    /// conditioner then also sees the one-hot class: <c>LogProb(x, ImageFlow.OneHot(labels))</c>.
+    /// </summary>
+    public int Classes { get; init; }
 
     /// <summary>The patch layout (Core's <see cref="PatchGeometry"/>); throws for a layout that does not tile the image.</summary>
     [JsonIgnore] public PatchGeometry Geometry => new(ImageShape, Patches, PatchSize);
@@ -107,6 +112,7 @@ public sealed record MixerFlowConfig : ModelConfig
         }
         if (Layers < 1) p.Add($"layers: must be >= 1, got {Layers}");
         if (InnerSteps < 1) p.Add($"innerSteps: must be >= 1, got {InnerSteps}");
+        if (Classes < 0) p.Add($"classes: must be >= 0 (0: unconditional), got {Classes}");
         Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
         if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
             Validated(p, "splineBins / splineBound", () => new RationalQuadratic(SplineBins, SplineBound));
