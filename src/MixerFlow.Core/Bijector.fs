@@ -44,6 +44,8 @@ module internal LibTorchContext =
     extern void setUserEnabledMkldnn(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
     [<DllImport("libtorch_cpu", EntryPoint = "_ZNK2at7Context17userEnabledMkldnnEv")>]
     extern [<return: MarshalAs(UnmanagedType.U1)>] bool userEnabledMkldnn(nativeint context)
+    [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at7Context20setUserEnabledNNPACKEb")>]
+    extern void setUserEnabledNNPACK(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
 
 /// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
 /// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
@@ -64,6 +66,11 @@ type NativeBackend =
                 torch.InitializeDeviceType(DeviceType.CPU)
                 let c = LibTorchContext.globalContext ()
                 LibTorchContext.setUserEnabledMkldnn (c, false)
+                // Without oneDNN, ATen next tries NNPACK for every convolution; on CPUs NNPACK
+                // does not support (AMD Zen 5 here) each try logs "Could not initialize NNPACK!
+                // Reason: Unsupported hardware" before falling back. Not trying it at all changes
+                // no result (the fallback is the same im2col + BLAS path).
+                (try LibTorchContext.setUserEnabledNNPACK (c, false) with :? EntryPointNotFoundException -> ())
                 Some c
              with
              | :? DllNotFoundException
