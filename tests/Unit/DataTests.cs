@@ -147,6 +147,38 @@ public sealed class DataTests : IDisposable
         Assert.Contains(file, Fails(dir, 1, 8, 8).Message);
     }
 
+    [Theory]
+    [InlineData(1 << 21, 1 << 21, 1 << 21)]
+    [InlineData(int.MaxValue, int.MaxValue, int.MaxValue)]
+    [InlineData(1 << 20, 1 << 10, 1 << 10)]
+    public void An_idx_header_whose_size_overflows_is_an_error_naming_the_file_and_dimensions(int count, int height, int width)
+    {
+        var file = PathOf("t10k-images-idx3-ubyte");
+        Write(file, IdxImages(count, height, width, new byte[64]), gzip: false);
+
+        var e = Fails(dir, 1, height, width);
+
+        Assert.Contains(file, e.Message);
+        Assert.Contains($"{count} images of {height}x{width}", e.Message);
+        Assert.Contains("corrupt IDX header", e.Message);
+    }
+
+    [Fact]
+    public void A_gzip_file_with_garbled_compressed_data_is_reported_as_damaged()
+    {
+        var file = PathOf("t10k-images-idx3-ubyte.gz");
+        Write(file, IdxImages(50, 8, 8, Pattern(50, 64, 0)), gzip: true);
+        var bytes = File.ReadAllBytes(file);
+        for (int i = 10; i < bytes.Length - 8; i++) bytes[i] = (byte)(0xA5 ^ i * 31);   // the 10-byte gzip header kept
+        File.WriteAllBytes(file, bytes);
+
+        var e = Fails(dir, 1, 8, 8);
+
+        Assert.Contains(file, e.Message);
+        Assert.Contains("is a damaged gzip file", e.Message);
+        Assert.DoesNotContain("unsupported compression", e.Message);
+    }
+
     [Fact]
     public void An_idx_file_with_a_wrong_magic_is_an_error_naming_the_file()
     {

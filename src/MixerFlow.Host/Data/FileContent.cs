@@ -112,6 +112,13 @@ internal static class FileContent
         return copy.ToArray();
     }
 
+    /// <summary>
+    /// The error for gzip content that cannot be decoded. .NET words garbled deflate data as
+    /// "unsupported compression method", which reads as a missing feature; it is a damaged file.
+    /// </summary>
+    public static UserError Damaged(string path, InvalidDataException e) =>
+        new($"'{path}' is a damaged gzip file: its compressed data cannot be decoded (re-download or re-compress it)", e);
+
     /// <summary>Turns a damaged gzip stream into an error naming the file.</summary>
     static T Guarded<T>(string path, bool gzip, Func<T> read)
     {
@@ -121,7 +128,7 @@ internal static class FileContent
         }
         catch (InvalidDataException e) when (gzip)
         {
-            throw new UserError($"'{path}' is not a valid gzip file: {e.Message}", e);
+            throw Damaged(path, e);
         }
         catch (IOException e)
         {

@@ -7,6 +7,8 @@ internal static class IdxFormat
 {
     public const int ImagesMagic = 0x00000803;
     public const int LabelsMagic = 0x00000801;
+    /// <summary>The most pixel bytes an images file may claim (the largest array .NET allocates).</summary>
+    public static readonly long MaxBodyBytes = Array.MaxLength;
 
     /// <summary>An images file and, when given, its labels file, as a one-channel dataset.</summary>
     public static ImageDataset Read(string imagesPath, string? labelsPath)
@@ -29,8 +31,13 @@ internal static class IdxFormat
         using var s = FileContent.Open(path, out bool gzip);
         var dims = ReadHeader(s, path, gzip, ImagesMagic, "images", 3);
         var (count, height, width) = (dims[0], dims[1], dims[2]);
-        var pixels = FileContent.ReadBody(s, path, gzip, 16, (long)count * height * width,
-            $"its header says {count} images of {height}x{width}");
+        string claim = $"its header says {count} images of {height}x{width}";
+        long bytes;
+        try { bytes = checked((long)count * height * width); }
+        catch (OverflowException) { throw new UserError($"'{path}' has a corrupt IDX header: {claim}, more bytes than any file may hold"); }
+        if (bytes > MaxBodyBytes)
+            throw new UserError($"'{path}' has a corrupt IDX header: {claim}, {bytes:N0} bytes, more than an IDX data set may hold ({MaxBodyBytes:N0})");
+        var pixels = FileContent.ReadBody(s, path, gzip, 16, bytes, claim);
         return (pixels, count, height, width);
     }
 
@@ -53,7 +60,7 @@ internal static class IdxFormat
         }
         catch (InvalidDataException e) when (gzip)
         {
-            throw new UserError($"'{path}' is not a valid gzip file: {e.Message}", e);
+            throw FileContent.Damaged(path, e);
         }
         if (n >= 4 && BinaryPrimitives.ReadInt32BigEndian(header) != magic)
             throw new UserError(

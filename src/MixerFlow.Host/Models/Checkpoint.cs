@@ -1,3 +1,4 @@
+using System.Security.Cryptography;
 using System.Text;
 using MixerFlow.Host.Files;
 using TorchSharp;
@@ -19,8 +20,16 @@ public static class Checkpoint
     /// compiler-generated names (F# fields such as <c>parts@136</c> that TorchSharp also registered);
     /// they load by name, the extra copies skipped.
     /// </summary>
-    const int Version = 2;
+    /// <remarks>
+    /// 3: checksummed. After the header fields come the SHA-256 of the header's bytes, then each
+    /// section (the model's tensors; the optimiser's state when the header says there is one) as
+    /// its length (Int64), its SHA-256 and its bytes. Every checksum is verified before anything
+    /// of its section is used, so a damaged file is refused by name instead of loading silently.
+    /// </remarks>
+    const int Version = 3;
     const int OldestReadable = 1;
+    const int FirstChecksummed = 3;
+    const int HashBytes = 32;
 
     public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion);
 
@@ -28,32 +37,113 @@ public static class Checkpoint
                             OptimizerHelper? optimizer = null)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        var header = new MemoryStream();
+        using (var h = new BinaryWriter(header, Encoding.UTF8, leaveOpen: true))
+        {
+            h.Write(Magic);
+            h.Write(Version);
+            h.Write(model.Config.ToJson());
+            h.Write(step);
+            h.Write(epoch);
+            h.Write(bestHeldOutBpd);
+            h.Write(optimizer is not null);
+        }
+        var tensors = Section(w => model.save(w));
+        var optimiser = optimizer is null ? null : Section(w => optimizer.save_state_dict(w));
         AtomicFile.Write(path, (Stream stream) =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
-            w.Write(Magic);
-            w.Write(Version);
-            w.Write(model.Config.ToJson());
-            w.Write(step);
-            w.Write(epoch);
-            w.Write(bestHeldOutBpd);
-            w.Write(optimizer is not null);
-            model.save(w);
-            optimizer?.save_state_dict(w);
+            var headerBytes = header.ToArray();
+            w.Write(headerBytes);
+            w.Write(SHA256.HashData(headerBytes));
+            WriteSection(w, tensors);
+            if (optimiser is not null) WriteSection(w, optimiser);
         });
+    }
+
+    static byte[] Section(Action<BinaryWriter> write)
+    {
+        using var ms = new MemoryStream();
+        using (var w = new BinaryWriter(ms, Encoding.UTF8, leaveOpen: true)) write(w);
+        return ms.ToArray();
+    }
+
+    static void WriteSection(BinaryWriter w, byte[] bytes)
+    {
+        w.Write((long)bytes.Length);
+        w.Write(SHA256.HashData(bytes));
+        w.Write(bytes);
+    }
+
+    static UserError Truncated(string path, string where, Exception? e = null) =>
+        new($"{path}: the checkpoint is truncated or damaged (it ends or breaks off inside {where}); it cannot be loaded", e);
+
+    static UserError Damaged(string path, string section) =>
+        new($"{path}: the checkpoint is damaged: the checksum of its {section} does not match (the file was changed or corrupted after it was written)");
+
+    /// <summary>Reads one header field; a file that ends inside it is a truncated checkpoint, not a stack trace.</summary>
+    static T Field<T>(string path, Func<T> read)
+    {
+        try { return read(); }
+        catch (Exception e) when (e is EndOfStreamException or IOException or FormatException or DecoderFallbackException)
+        {
+            throw Truncated(path, "its header", e);
+        }
+    }
+
+    /// <summary>A length-prefixed string, refusing a length beyond the file's end (no huge allocation for a damaged length).</summary>
+    static string ReadString(BinaryReader r, string path)
+    {
+        int length = Field(path, r.Read7BitEncodedInt);
+        var s = r.BaseStream;
+        if (length < 0 || length > s.Length - s.Position) throw Truncated(path, "its header");
+        var bytes = Field(path, () => r.ReadBytes(length));
+        if (bytes.Length != length) throw Truncated(path, "its header");
+        return Field(path, () => new UTF8Encoding(false, true).GetString(bytes));
     }
 
     static Header ReadHeader(BinaryReader r, string path)
     {
         string magic;
-        try { magic = r.ReadString(); }
-        catch (Exception e) when (e is EndOfStreamException or IOException) { throw new UserError($"{path}: not a MixerFlow checkpoint (file too short)"); }
+        try { magic = ReadString(r, path); }
+        catch (UserError) { throw new UserError($"{path}: not a MixerFlow checkpoint (file too short or bad header)"); }
         if (magic != Magic) throw new UserError($"{path}: not a MixerFlow checkpoint (bad header)");
-        int version = r.ReadInt32();
+        int version = Field(path, r.ReadInt32);
         if (version < OldestReadable || version > Version)
             throw new UserError($"{path}: checkpoint version {version}, this program reads versions {OldestReadable} to {Version}");
-        var config = ModelConfig.FromJson(r.ReadString(), path);
-        return new Header(config, r.ReadInt64(), r.ReadInt32(), r.ReadDouble(), r.ReadBoolean(), version);
+        var json = ReadString(r, path);
+        long step = Field(path, r.ReadInt64);
+        int epoch = Field(path, r.ReadInt32);
+        double best = Field(path, r.ReadDouble);
+        bool hasOptimizer = Field(path, r.ReadBoolean);
+        if (version >= FirstChecksummed)
+        {
+            long end = r.BaseStream.Position;
+            var stored = Field(path, () => r.ReadBytes(HashBytes));
+            if (stored.Length != HashBytes) throw Truncated(path, "its header");
+            var s = r.BaseStream;
+            s.Position = 0;
+            var bytes = new byte[end];
+            s.ReadExactly(bytes);
+            s.Position = end + HashBytes;
+            if (!SHA256.HashData(bytes).AsSpan().SequenceEqual(stored)) throw Damaged(path, "header");
+        }
+        var config = ModelConfig.FromJson(json, path);
+        return new Header(config, step, epoch, best, hasOptimizer, version);
+    }
+
+    /// <summary>Reads a checksummed section whole and verifies it before any of it is used.</summary>
+    static BinaryReader ReadSection(BinaryReader r, string path, string section)
+    {
+        long length = Field(path, r.ReadInt64);
+        var s = r.BaseStream;
+        if (length < 0 || length > s.Length - s.Position - HashBytes) throw Truncated(path, $"its {section}");
+        if (length > Array.MaxLength) throw new UserError($"{path}: the checkpoint's {section} claims {length:N0} bytes, more than this program can load");
+        var stored = Field(path, () => r.ReadBytes(HashBytes));
+        var bytes = Field(path, () => r.ReadBytes((int)length));
+        if (stored.Length != HashBytes || bytes.Length != length) throw Truncated(path, $"its {section}");
+        if (!SHA256.HashData(bytes).AsSpan().SequenceEqual(stored)) throw Damaged(path, section);
+        return new BinaryReader(new MemoryStream(bytes, writable: false), Encoding.UTF8);
     }
 
     static FileStream Open(string path)
@@ -78,7 +168,8 @@ public static class Checkpoint
 
     /// <summary>
     /// Loads the file's tensors into an existing model of the same configuration and, when both
-    /// the file and the caller have one, its optimiser state into `optimizer`.
+    /// the file and the caller have one, its optimiser state into `optimizer`. From version 3 both
+    /// sections are verified against their checksums before either is loaded.
     /// </summary>
     public static Header LoadInto(string path, ImageFlow model, OptimizerHelper? optimizer)
     {
@@ -87,14 +178,25 @@ public static class Checkpoint
         var header = ReadHeader(r, path);
         if (header.Config != model.Config)
             throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");
+        BinaryReader tensors = r, optimiser = r;
+        if (header.FileVersion >= FirstChecksummed)
+        {
+            tensors = ReadSection(r, path, "model tensors");
+            if (header.HasOptimizer) optimiser = ReadSection(r, path, "optimiser state");
+        }
         try
         {
-            LoadState(model, r, path, header.FileVersion);
-            if (header.HasOptimizer) optimizer?.load_state_dict(r);
+            LoadState(model, tensors, path, header.FileVersion);
+            if (header.HasOptimizer) optimizer?.load_state_dict(optimiser);
         }
         catch (Exception e) when (e is not UserError)
         {
             throw new UserError($"{path}: checkpoint is damaged or does not match its configuration ({e.Message})", e);
+        }
+        finally
+        {
+            if (tensors != r) tensors.Dispose();
+            if (optimiser != r) optimiser.Dispose();
         }
         return header;
     }

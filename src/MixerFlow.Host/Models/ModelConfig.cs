@@ -39,9 +39,39 @@ public abstract record ModelConfig
     {
         var p = new List<string>();
         if (Channels < 1 || Height < 1 || Width < 1) p.Add($"channels / height / width: must be >= 1, got {Channels}x{Height}x{Width}");
-        else FamilyProblems(p);
+        else if (Channels > MaxChannels) p.Add($"channels: must be <= {MaxChannels}, got {Channels}");
+        else if (Height > MaxSide) p.Add($"height: must be <= {MaxSide}, got {Height}");
+        else if (Width > MaxSide) p.Add($"width: must be <= {MaxSide}, got {Width}");
+        else
+        {
+            int before = p.Count;
+            FamilyProblems(p);
+            if (p.Count == before && EstimatedParameters() is var n && n > MaxParameters)
+                p.Add($"{SizeFields}: the model would have about {n:0.##e0} parameters, more than {MaxParameters:0.##e0}");
+        }
         if (!(Alpha > 0 && Alpha < 0.5)) p.Add($"alpha: must lie in (0, 0.5), got {Alpha}");
         return p;
+    }
+
+    // Bounds on every size field, so that a crafted configuration (a checkpoint's, a file's) is
+    // refused by name instead of failing in a native allocation or building for hours.
+    public const int MaxChannels = 64;
+    public const int MaxSide = 4096;
+    /// <summary>The largest model built: 1e9 parameters, 4 GB of float32 weights.</summary>
+    public const double MaxParameters = 1e9;
+
+    /// <summary>A rough count of the model's parameters (only its order of magnitude matters).</summary>
+    protected abstract double EstimatedParameters();
+
+    /// <summary>The fields that set the model's size, named when the parameter bound is exceeded.</summary>
+    protected abstract string SizeFields { get; }
+
+    /// <summary>Adds a problem naming <paramref name="field"/> unless <paramref name="low"/> &lt;= value &lt;= <paramref name="high"/>.</summary>
+    protected static bool InRange(List<string> problems, string field, int value, int low, int high)
+    {
+        if (value >= low && value <= high) return true;
+        problems.Add($"{field}: must lie in [{low}, {high}], got {value}");
+        return false;
     }
 
     /// <summary>The family's own problems (the image shape is valid when this is called).</summary>
@@ -110,12 +140,35 @@ public sealed record MixerFlowConfig : ModelConfig
             if (g.Features < 2) p.Add($"patchSize: patches hold {g.Features} value; channel mixing needs at least 2");
             if (PatchFlow == InnerFlow.Maf && g.Patches > 256) p.Add("patchFlow: MAF over more than 256 patches makes sampling too slow; use a coupling");
         }
-        if (Layers < 1) p.Add($"layers: must be >= 1, got {Layers}");
-        if (InnerSteps < 1) p.Add($"innerSteps: must be >= 1, got {InnerSteps}");
+        InRange(p, "layers", Layers, 1, MaxLayers);
+        InRange(p, "innerSteps", InnerSteps, 1, MaxInnerSteps);
         if (Classes < 0) p.Add($"classes: must be >= 0 (0: unconditional), got {Classes}");
-        Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
+        else InRange(p, "classes", Classes, 0, MaxClasses);
+        bool hidden = InRange(p, "hiddenWidth", HiddenWidth, 1, MaxHiddenWidth) & InRange(p, "hiddenDepth", HiddenDepth, 0, MaxHiddenDepth);
+        if (hidden) Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
         if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
-            Validated(p, "splineBins / splineBound", () => new RationalQuadratic(SplineBins, SplineBound));
+        {
+            if (InRange(p, "splineBins", SplineBins, 1, MaxSplineBins))
+                Validated(p, "splineBins / splineBound", () => new RationalQuadratic(SplineBins, SplineBound));
+        }
+    }
+
+    public const int MaxLayers = 256;
+    public const int MaxInnerSteps = 64;
+    public const int MaxHiddenWidth = 65536;
+    public const int MaxHiddenDepth = 16;
+    public const int MaxSplineBins = 1024;
+    public const int MaxClasses = 100000;
+
+    protected override string SizeFields => "layers / innerSteps / hiddenWidth / hiddenDepth / classes";
+
+    protected override double EstimatedParameters()
+    {
+        var g = Geometry;
+        double outputs = (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline) ? 3.0 * SplineBins + 1 : 2;
+        double Mlp(double inputs) =>
+            (inputs + Classes) * HiddenWidth + Math.Max(0, HiddenDepth - 1) * (double)HiddenWidth * HiddenWidth + HiddenWidth * inputs * outputs;
+        return (double)Layers * InnerSteps * (Mlp(g.Features) + Mlp(g.Patches));
     }
 
     /// <summary>Runs a Core constructor; its ArgumentException becomes a problem named after <paramref name="field"/>.</summary>
@@ -142,15 +195,34 @@ public sealed record GlowConfig : ModelConfig
 
     protected override void FamilyProblems(List<string> p)
     {
-        if (Levels < 1) p.Add($"levels: must be >= 1, got {Levels}");
-        if (StepsPerLevel < 1) p.Add($"stepsPerLevel: must be >= 1, got {StepsPerLevel}");
-        if (GlowWidth < 1) p.Add($"glowWidth: must be >= 1, got {GlowWidth}");
+        if (!InRange(p, "levels", Levels, 1, MaxLevels)) return;
+        InRange(p, "stepsPerLevel", StepsPerLevel, 1, MaxStepsPerLevel);
+        InRange(p, "glowWidth", GlowWidth, 1, MaxGlowWidth);
         long h = Height, w = Width;
         for (int l = 0; l < Levels; l++)
         {
             if (h % 2 != 0 || w % 2 != 0) { p.Add($"levels: {Levels} levels halve the image {Levels} times; {Height}x{Width} cannot be squeezed at level {l + 1}"); break; }
             h /= 2; w /= 2;
         }
+    }
+
+    public const int MaxLevels = 8;
+    public const int MaxStepsPerLevel = 256;
+    public const int MaxGlowWidth = 65536;
+
+    protected override string SizeFields => "levels / stepsPerLevel / glowWidth";
+
+    /// <summary>Per step a coupling network (3x3, 1x1 and 3x3 convolutions of glowWidth) at each level's channel count.</summary>
+    protected override double EstimatedParameters()
+    {
+        double total = 0, c = Channels;
+        for (int l = 0; l < Levels; l++)
+        {
+            c *= 4;
+            total += (double)StepsPerLevel * (9 * c / 2 * GlowWidth + (double)GlowWidth * GlowWidth + 9 * GlowWidth * c + c * c);
+            c /= 2;
+        }
+        return total;
     }
 
     public override BuiltFlow Build() => GlowBuilder.Build(this);

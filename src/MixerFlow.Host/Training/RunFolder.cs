@@ -39,6 +39,70 @@ public sealed class RunFolder
         metrics = new CsvLog(System.IO.Path.Combine(path, "metrics.csv"), MetricColumns);
     }
 
+    public const string LockFile = ".lock";
+    public const string LockHolderFile = ".lock-holder";
+
+    /// <summary>
+    /// Locks the run folder <paramref name="path"/> (creating it) for one process: an OS lock on its
+    /// <c>.lock</c> file, opened with <see cref="FileShare.None"/> and held until the result is
+    /// disposed (or the process ends, also by a crash). A second holder, in this or another process,
+    /// is refused with a <see cref="UserError"/> naming the folder and the holder's process id.
+    /// The id is written into <c>.lock</c> and, so that a refused process can read it while the
+    /// lock is held, into <c>.lock-holder</c>.
+    /// </summary>
+    public static IDisposable Lock(string path)
+    {
+        Directory.CreateDirectory(path);
+        var lockPath = System.IO.Path.Combine(path, LockFile);
+        var holderPath = System.IO.Path.Combine(path, LockHolderFile);
+        FileStream stream;
+        try
+        {
+            stream = new FileStream(lockPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException e)
+        {
+            string holder;
+            try { holder = File.ReadAllText(holderPath).Trim(); }
+            catch (Exception x) when (x is IOException or UnauthorizedAccessException) { holder = "unknown"; }
+            throw new UserError(
+                $"{path}: the run folder is in use by another process (process id {holder}); " +
+                $"wait for it to finish, stop it, or choose another run folder", e);
+        }
+        catch (UnauthorizedAccessException e)
+        {
+            throw new UserError($"{path}: cannot lock the run folder ({e.Message})", e);
+        }
+        try
+        {
+            string pid = Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
+            stream.SetLength(0);
+            var bytes = System.Text.Encoding.ASCII.GetBytes(pid + "\n");
+            stream.Write(bytes);
+            stream.Flush();
+            File.WriteAllText(holderPath, pid + "\n");
+        }
+        catch
+        {
+            stream.Dispose();
+            throw;
+        }
+        return new FolderLock(stream, holderPath);
+    }
+
+    sealed class FolderLock(FileStream stream, string holderPath) : IDisposable
+    {
+        bool disposed;
+
+        public void Dispose()
+        {
+            if (disposed) return;
+            disposed = true;
+            try { File.Delete(holderPath); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+            stream.Dispose();
+        }
+    }
+
     /// <summary>Reads the curves of metrics.csv up to <paramref name="step"/> (for a resumed run).</summary>
     public void ReadCurves(long step)
     {
