@@ -65,6 +65,7 @@ type TrainArgs =
     | Threads of count: int
     | Resume of dir: string
     | Checkpoint_Every of steps: int
+    | Extend_Steps of steps: int
     interface IArgParserTemplate with
         member a.Usage =
             let d = TrainingSettings()
@@ -79,7 +80,8 @@ type TrainArgs =
             | Seed _ -> sprintf "seed of initialisation, data order and dequantisation noise (default %d)." d.Seed
             | Device _ -> "cpu or cuda (default cpu)."
             | Threads _ -> "CPU threads for LibTorch (default: LibTorch's choice, all cores)."
-            | Resume _ -> "continue the run in this folder from its last checkpoint (optimiser state and step included)."
+            | Resume _ -> "continue the run in this folder from its last checkpoint (optimiser state and step included) under its saved settings.json; options given that contradict those are refused, a finished run is reported, not retrained."
+            | Extend_Steps _ -> "with --resume: train this many steps beyond the run's saved total; the cosine learning-rate schedule then follows the new total."
             | Checkpoint_Every _ -> sprintf "steps between checkpoints (default %d)." d.CheckpointEvery
 
 type EvalArgs =
@@ -192,6 +194,18 @@ type CommandLine =
                 t.Raise("train takes --epochs or --steps, not both")
             let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset) |> Option.defaultValue Presets.Default
             let resume = t.TryGetResult TrainArgs.Resume
+            if t.Contains TrainArgs.Extend_Steps && resume.IsNone then
+                t.Raise("--extend-steps only extends a run continued with --resume DIR")
+            // The settings typed (by TrainingSettings property name): with --resume only these are
+            // checked against the run's saved settings.json; everything else comes from that file.
+            let given =
+                [ t.Contains TrainArgs.Data, "Data"; t.Contains TrainArgs.Epochs, "Epochs"; t.Contains TrainArgs.Steps, "Steps"
+                  t.Contains TrainArgs.Batch_Size, "BatchSize"; t.Contains TrainArgs.Lr, "LearningRate"; t.Contains TrainArgs.Seed, "Seed"
+                  t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery" ]
+                |> List.filter fst
+                |> List.map snd
+            let givenSet : Collections.Generic.IReadOnlySet<string> =
+                if resume.IsSome then Collections.Generic.HashSet<string>(given) else null
             Command.Train(
                 TrainingSettings(
                     Model = (Presets.Get preset),
@@ -207,7 +221,9 @@ type CommandLine =
                     Seed = (t.GetResult(TrainArgs.Seed, defaultValue = d.Seed)),
                     Device = (Text.lower (t.GetResult(TrainArgs.Device, defaultValue = Device.Cpu))),
                     Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
-                    CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery)))
+                    CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery),
+                    ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
+                    Given = givenSet))
         | MainArgs.Eval e ->
             Command.Eval
                 { Checkpoint = e.GetResult EvalArgs.Checkpoint

@@ -371,6 +371,17 @@ public sealed class DataTests : IDisposable
     }
 
     [Fact]
+    public void An_empty_class_folder_is_refused_naming_it()
+    {
+        for (int i = 0; i < 3; i++) SavePng(new Image<L8>(4, 4, new L8(1)), PathOf("cat", $"{i}.png"));
+        Directory.CreateDirectory(PathOf("dog"));
+        File.WriteAllText(PathOf("dog", "notes.txt"), "no images here");
+
+        var e = Assert.Throws<UserError>(() => DatasetLoader.Load(dir, 1, 4, 4));
+        Assert.Contains(PathOf("dog"), e.Message);
+    }
+
+    [Fact]
     public void A_folder_with_images_and_subfolders_is_unlabelled()
     {
         for (int i = 0; i < 3; i++) SavePng(new Image<L8>(4, 4, new L8(1)), PathOf($"{i}.png"));

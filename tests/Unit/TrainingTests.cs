@@ -15,6 +15,12 @@ public class TrainingTests
     /// <summary>Test observer: stops after a step, or makes chosen steps' losses non-finite.</summary>
     sealed class Hooks(Func<long, bool>? corrupt = null, long? stopAfter = null) : ITrainingObserver
     {
+        public List<string> Messages { get; } = [];
+        public long? TotalSteps { get; private set; }
+        public int Steps { get; private set; }
+        public void OnMessage(string text) => Messages.Add(text);
+        public void OnStart(string runFolder, string model, long parameters, string data, long fromStep, long totalSteps) => TotalSteps = totalSteps;
+        public void OnProgress(StepReport report) => Steps++;
         public Tensor TransformLoss(long step, Tensor loss) => corrupt?.Invoke(step) == true ? loss * double.NaN : loss;
         public bool ShouldStop(long step) => step == stopAfter;
     }
@@ -127,6 +133,145 @@ public class TrainingTests
         finally { Directory.Delete(dir, true); }
     }
 
+    /// <summary>What the command line passes for `train --resume DIR` with no other option.</summary>
+    static TrainingSettings ResumeOnly(string dir, params string[] given) =>
+        new() { RunFolder = dir, Resume = true, Given = new HashSet<string>(given) };
+
+    [Fact]
+    public void A_run_saves_its_resolved_settings_and_a_resume_without_options_continues_under_them()
+    {
+        var dir = TempDir();
+        try
+        {
+            Assert.True(new Trainer(Options(dir, 12), new Hooks(stopAfter: 5)).Run().StoppedEarly);
+            var json = File.ReadAllText(Path.Combine(dir, "settings.json"));
+            Assert.Contains("\"batchSize\": 16", json);
+            Assert.Contains("\"steps\": 12", json);
+            Assert.DoesNotContain("resume", json, StringComparison.OrdinalIgnoreCase);
+            var hooks = new Hooks();
+            var summary = new Trainer(ResumeOnly(dir), hooks).Run();
+            Assert.Equal(12L, hooks.TotalSteps); // not the defaults' 10 epochs at batch 64
+            Assert.Equal(12, summary.Steps);
+            var saved = TrainingSettings.FromJson(File.ReadAllText(Path.Combine(dir, "settings.json")));
+            Assert.Equal((16, 1e-3, 7, 5), (saved.BatchSize, saved.LearningRate, saved.Seed, saved.CheckpointEvery));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void Resuming_a_finished_run_says_so_and_returns_its_summary_without_training()
+    {
+        var dir = TempDir();
+        try
+        {
+            var first = new Trainer(Options(dir, 6)).Run();
+            var metrics = File.ReadAllText(Path.Combine(dir, "metrics.csv"));
+            var hooks = new Hooks();
+            var again = new Trainer(ResumeOnly(dir), hooks).Run();
+            Assert.Contains("run already finished at step 6", string.Join("\n", hooks.Messages));
+            Assert.Equal(0, hooks.Steps);
+            Assert.Equal((first.Steps, first.HeldOutBpd), (again.Steps, again.HeldOutBpd));
+            Assert.Equal(metrics, File.ReadAllText(Path.Combine(dir, "metrics.csv")));
+            // and the command line exits 0
+            Assert.Equal(0, MixerFlow.Cli.Program.Main(["train", "--resume", dir]));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void A_resume_with_a_contradicting_setting_is_refused_naming_the_field_and_both_values()
+    {
+        var dir = TempDir();
+        try
+        {
+            new Trainer(Options(dir, 12), new Hooks(stopAfter: 5)).Run();
+            var e = Assert.Throws<MixerFlow.Host.UserError>(() =>
+                new Trainer(ResumeOnly(dir, "BatchSize", "Seed") with { BatchSize = 32, Seed = 7 }).Run());
+            Assert.Contains("batchSize", e.Message);
+            Assert.Contains("16", e.Message);
+            Assert.Contains("32", e.Message);
+            Assert.DoesNotContain("seed", e.Message); // the same seed given again is no contradiction
+            Assert.Equal(2, MixerFlow.Cli.Program.Main(["train", "--resume", dir, "--steps", "1400"]));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void Extend_steps_raises_the_total_of_a_finished_run()
+    {
+        var dir = TempDir();
+        try
+        {
+            new Trainer(Options(dir, 6)).Run();
+            var hooks = new Hooks();
+            var summary = new Trainer(ResumeOnly(dir) with { ExtendSteps = 4 }, hooks).Run();
+            Assert.Equal(10L, hooks.TotalSteps);
+            Assert.Equal(10, summary.Steps);
+            Assert.Equal(10, TrainingSettings.FromJson(File.ReadAllText(Path.Combine(dir, "settings.json"))).Steps);
+            Assert.NotEmpty(new TrainingSettings { ExtendSteps = 3 }.Problems()); // only with resume
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void A_resume_trims_metrics_after_the_checkpoint_and_removes_stale_temporary_files()
+    {
+        var dir = TempDir();
+        try
+        {
+            // Checkpoint at 15, a metrics row at 20, stopped at 25: the row at 20 is recomputed.
+            new Trainer(Options(dir, 30, checkpointEvery: 15), new Hooks(stopAfter: 25)).Run();
+            var stale = Path.Combine(dir, $".last.{Guid.NewGuid():N}.tmp.ckpt");
+            var staleJson = Path.Combine(dir, $".summary.{Guid.NewGuid():N}.tmp.json");
+            var other = Path.Combine(dir, ".notes.tmp");
+            foreach (var f in new[] { stale, staleJson, other }) File.WriteAllText(f, "x");
+            new Trainer(Options(dir, 30, resume: true, checkpointEvery: 15)).Run();
+            var steps = MixerFlow.Host.Files.CsvLog.Read(Path.Combine(dir, "metrics.csv"))
+                .Where(r => r["heldout_bpd"] == "").Select(r => long.Parse(r["step"])).ToList();
+            Assert.Equal(new long[] { 10, 20, 30 }, steps);
+            Assert.False(File.Exists(stale));
+            Assert.False(File.Exists(staleJson));
+            Assert.True(File.Exists(other)); // not one of AtomicFile's names
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
+    public void A_batch_larger_than_the_training_set_is_refused_before_a_run_folder_is_made()
+    {
+        var images = TempDir();
+        var runs = TempDir();
+        try
+        {
+            for (int i = 0; i < 10; i++)
+                SixLabors.ImageSharp.ImageExtensions.SaveAsPng(
+                    new SixLabors.ImageSharp.Image<SixLabors.ImageSharp.PixelFormats.L8>(8, 8, new((byte)(i * 20))), Path.Combine(images, $"{i}.png"));
+            var run = Path.Combine(runs, "fresh");
+            var e = Assert.Throws<MixerFlow.Host.UserError>(() =>
+                new Trainer(Options(run, 4) with { Data = images, BatchSize = 64 }).Run());
+            Assert.Contains("batch size 64", e.Message);
+            Assert.Contains("9 images", e.Message);
+            Assert.False(Directory.Exists(run));
+        }
+        finally { Directory.Delete(images, true); Directory.Delete(runs, true); }
+    }
+
+    [Fact]
+    public void A_failed_data_load_leaves_no_run_folder()
+    {
+        var runs = TempDir();
+        try
+        {
+            var run = Path.Combine(runs, "fresh");
+            Assert.Throws<MixerFlow.Host.UserError>(() =>
+                new Trainer(Options(run, 4) with { Data = Path.Combine(runs, "no-such-data") }).Run());
+            Assert.False(Directory.Exists(run));
+            Assert.Equal(2, MixerFlow.Cli.Program.Main(["train", "--preset", "tiny", "--data", Path.Combine(runs, "missing"), "--out", run]));
+            Assert.False(Directory.Exists(run));
+        }
+        finally { Directory.Delete(runs, true); }
+    }
+
     [Fact]
     public void A_run_folder_holds_everything_a_person_looks_at()
     {
@@ -154,6 +299,8 @@ public class CommandLineTests
     [InlineData("train", "--epochs", "2", "--steps", "3")]
     [InlineData("train", "--device", "tpu")]
     [InlineData("train", "--preset", "no-such-preset")]
+    [InlineData("train", "--extend-steps", "5")]
+    [InlineData("train", "--resume", "runs/a", "--extend-steps", "0")]
     [InlineData("eval")]
     [InlineData("eval", "--checkpoint", "/nonexistent/file.ckpt")]
     [InlineData("eval", "--checkpoint", "x.ckpt", "--split", "validation")]
@@ -204,6 +351,11 @@ public class CommandLineTests
         Assert.Equal(defaults with { Model = d.Model }, d);
         var r = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--resume", "runs/a" }).Command).settings;
         Assert.Equal(("runs/a", true), (r.RunFolder, r.Resume));
+        Assert.Empty(r.Given!);
+        var g = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(
+            new[] { "train", "--resume", "runs/a", "--lr", "0.01", "--batch-size", "8", "--extend-steps", "100" }).Command).settings;
+        Assert.Equal(new[] { "BatchSize", "LearningRate" }, g.Given!.Order());
+        Assert.Equal(100L, g.ExtendSteps);
     }
 
     [Fact]

@@ -48,6 +48,11 @@ internal static class ImageFolderFormat
                 for (int c = 0; c < subfolders.Length; c++)
                 {
                     var inClass = ImageFiles(subfolders[c], SearchOption.AllDirectories, ref skipped);
+                    // An empty class would still take a label (and a one-hot slot) that no image ever has.
+                    if (inClass.Count == 0)
+                        throw new UserError(
+                            $"class folder '{subfolders[c]}' holds no PNG or JPEG images; remove it or add images " +
+                            "(every subfolder of a class-labelled image folder becomes a class)");
                     files.AddRange(inClass);
                     labels.AddRange(Enumerable.Repeat(c, inClass.Count));
                 }

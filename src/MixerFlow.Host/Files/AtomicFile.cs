@@ -76,6 +76,28 @@ public static class AtomicFile
         return Path.Combine(folder, $".{name}.{Guid.NewGuid():N}.tmp{ext}");
     }
 
+    /// <summary>Whether <paramref name="fileName"/> (a name, not a path) is one of <see cref="TempPathFor"/>'s
+    /// temporary names: <c>.NAME.&lt;32 hex digits&gt;.tmp[EXT]</c>, as a killed write leaves behind.</summary>
+    public static bool IsTempName(string fileName) => TempName.IsMatch(fileName);
+
+    static readonly System.Text.RegularExpressions.Regex TempName =
+        new(@"^\..*\.[0-9a-f]{32}\.tmp(\.[^.]*)?$", System.Text.RegularExpressions.RegexOptions.CultureInvariant);
+
+    /// <summary>Removes the temporary files that killed writes left in <paramref name="folder"/>; returns their names.</summary>
+    public static IReadOnlyList<string> RemoveStaleTemps(string folder)
+    {
+        var removed = new List<string>();
+        if (!Directory.Exists(folder)) return removed;
+        foreach (var file in Directory.GetFiles(folder))
+        {
+            var name = Path.GetFileName(file);
+            if (!IsTempName(name)) continue;
+            TryDelete(file);
+            if (!File.Exists(file)) removed.Add(name);
+        }
+        return removed;
+    }
+
     static void TryDelete(string path)
     {
         try { File.Delete(path); }

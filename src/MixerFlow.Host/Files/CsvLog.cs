@@ -66,6 +66,21 @@ public sealed class CsvLog
         Append(_columns.Select(c => row.TryGetValue(c, out var v) ? v : null).ToArray());
     }
 
+    /// <summary>Rewrites the file atomically keeping only the data rows <paramref name="keep"/> accepts
+    /// (for a resumed run: the rows up to its checkpoint); returns how many rows were dropped.</summary>
+    public int KeepRows(Func<IReadOnlyDictionary<string, string>, bool> keep)
+    {
+        ArgumentNullException.ThrowIfNull(keep);
+        if (!File.Exists(Path)) return 0;
+        var rows = Read(Path);
+        var kept = rows.Where(r => keep(r)).ToList();
+        if (kept.Count == rows.Count) return 0;
+        var sb = new StringBuilder(JoinLine(_columns));
+        foreach (var row in kept) sb.Append(JoinLine(_columns.Select(c => row.TryGetValue(c, out var v) ? v : "")));
+        AtomicFile.WriteAllText(Path, sb.ToString());
+        return rows.Count - kept.Count;
+    }
+
     /// <summary>Reads a CSV file written by <see cref="CsvLog"/>: one dictionary per data row,
     /// keyed by the header's column names.</summary>
     public static IReadOnlyList<Dictionary<string, string>> Read(string path)

@@ -116,6 +116,31 @@ public sealed class RunFolder
         }
     }
 
+    /// <summary>The run's saved settings (settings.json).</summary>
+    public string SettingsPath => SettingsFile(Path);
+
+    public static string SettingsFile(string folder) => System.IO.Path.Combine(folder, "settings.json");
+    public static string SummaryFile(string folder) => System.IO.Path.Combine(folder, "summary.json");
+
+    /// <summary>Writes the run's resolved settings as settings.json (atomically).</summary>
+    public void WriteSettings(TrainingSettings settings) => AtomicFile.WriteAllText(SettingsPath, settings.ToJson());
+
+    /// <summary>Drops the rows of metrics.csv after <paramref name="step"/> (a resumed run recomputes them).</summary>
+    public int TrimMetrics(long step) =>
+        metrics.KeepRows(r => long.TryParse(r["step"], NumberStyles.Integer, CultureInfo.InvariantCulture, out var s) && s <= step);
+
+    /// <summary>Removes temporary files of killed atomic writes (AtomicFile's own names only).</summary>
+    public IReadOnlyList<string> RemoveStaleTemps() => AtomicFile.RemoveStaleTemps(Path);
+
+    /// <summary>summary.json of a finished run, or null.</summary>
+    public static TrainSummary? ReadSummary(string folder)
+    {
+        var path = SummaryFile(folder);
+        if (!File.Exists(path)) return null;
+        return JsonSerializer.Deserialize<TrainSummary>(File.ReadAllText(path),
+            new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.CamelCase, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals });
+    }
+
     public void WriteConfig(ModelConfig config) => AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), config.ToJson());
 
     /// <summary>A row of metrics.csv; the training or held-out value may be missing.</summary>
@@ -144,8 +169,8 @@ public sealed class RunFolder
     }
 
     public void SaveSummary(TrainSummary summary) =>
-        AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "summary.json"),
-            JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase }));
+        AtomicFile.WriteAllText(SummaryFile(Path),
+            JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
 
     /// <summary>Tensors alive on this thread (TorchSharp's dispose-scope statistics): flat when no step leaks.</summary>
     static long LiveTensors() => TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount;

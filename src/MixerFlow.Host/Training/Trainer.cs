@@ -72,25 +72,53 @@ public sealed class Trainer
         // Model, optimiser and step: fresh, or from the run folder's last checkpoint.
         string runPath = s.RunFolder ?? Path.Combine("runs", $"{s.Model.Name}-{DateTime.Now:yyyyMMdd-HHmmss}");
         string? resumeFrom = s.Resume ? Path.Combine(runPath, LastCheckpoint) : null;
+        // A resumed run continues under the settings it was started with (settings.json), which
+        // given settings may not contradict; folders written before settings.json use the given ones.
+        if (s.Resume && File.Exists(RunFolder.SettingsFile(runPath)))
+        {
+            TrainingSettings saved;
+            try { saved = TrainingSettings.FromJson(File.ReadAllText(RunFolder.SettingsFile(runPath))); }
+            catch (System.Text.Json.JsonException e) { throw new UserError($"'{RunFolder.SettingsFile(runPath)}' cannot be read: {e.Message}", e); }
+            s = s.ForResume(saved);
+            if (s.Threads > 0) set_num_threads(s.Threads);
+        }
         manual_seed(s.Seed);
         var model = new ImageFlow(resumeFrom is null ? s.Model : Checkpoint.ReadConfig(resumeFrom));
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
         var adam = optim.Adam(model.parameters(), s.LearningRate);
-        var data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed);
-        var folder = new RunFolder(runPath);
         Checkpoint.Header? resumed = null;
         if (resumeFrom is not null)
         {
             resumed = Checkpoint.LoadInto(resumeFrom, model, adam);
+            // A finished run (its saved total reached, its summary written) is not trained again.
+            if (s.Steps > 0 && resumed.Step >= s.Steps && RunFolder.ReadSummary(runPath) is { } done)
+            {
+                observer.OnMessage($"run already finished at step {resumed.Step}; use --extend-steps N to train N more steps");
+                return done;
+            }
+        }
+        // The data is loaded before the run folder is made: a failed load leaves no folder behind.
+        var data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed);
+        if (s.BatchSize > data.Train.Count)
+            throw new UserError($"batch size {s.BatchSize} is larger than the training set ({data.Train.Count} images: {data.Description}); " +
+                                $"use a batch size of at most {data.Train.Count}");
+        var folder = new RunFolder(runPath);
+        foreach (var name in folder.RemoveStaleTemps())
+            observer.OnMessage($"removed {name}, the temporary file of an interrupted write");
+        if (resumed is not null)
+        {
             observer.OnMessage($"resuming {resumeFrom} at step {resumed.Step}");
+            int trimmed = folder.TrimMetrics(resumed.Step);
+            if (trimmed > 0) observer.OnMessage($"metrics.csv: dropped {trimmed} rows after step {resumed.Step}");
             folder.ReadCurves(resumed.Step);
         }
         folder.WriteConfig(cfg);
 
         int stepsPerEpoch = Math.Max(1, data.Train.Count / s.BatchSize);
         long totalSteps = s.Steps > 0 ? s.Steps : (long)stepsPerEpoch * s.Epochs;
+        folder.WriteSettings(s with { Steps = totalSteps, Resume = false, ExtendSteps = 0, Given = null });
         var schedule = new LearningRateSchedule(s.LearningRate, totalSteps, s.WarmupSteps);
         var trainingStep = new TrainingStep(model, adam, s.ClipNorm);
         long step = resumed?.Step ?? 0;

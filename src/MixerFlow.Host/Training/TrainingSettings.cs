@@ -1,3 +1,5 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
 using MixerFlow.Host.Models;
 
 namespace MixerFlow.Host.Training;
@@ -6,20 +8,42 @@ namespace MixerFlow.Host.Training;
 /// Everything a training run needs besides the model: what to train on, for how long, and how.
 /// Immutable; derive variants with <c>with</c>. The command line maps its options onto this record,
 /// and library users build one directly.
+/// A run saves its resolved settings (without <see cref="Model"/>, <see cref="RunFolder"/>,
+/// <see cref="Resume"/>, <see cref="ExtendSteps"/> and <see cref="Given"/>) as settings.json in the
+/// run folder; a resumed run continues under those, see <see cref="ForResume"/>.
 /// </summary>
 public sealed record TrainingSettings
 {
     /// <summary>The model to train. Ignored when resuming: the checkpoint carries its configuration.</summary>
+    [JsonIgnore]
     public ModelConfig Model { get; init; } = Presets.Get(Presets.Default);
 
     /// <summary>A data file or folder (IDX, CIFAR-10 batches, PNG/JPEG folder); null for the bundled Fashion-MNIST test split.</summary>
     public string? Data { get; init; }
 
     /// <summary>The run folder; null for <c>runs/&lt;model&gt;-&lt;time&gt;</c>.</summary>
+    [JsonIgnore]
     public string? RunFolder { get; init; }
 
     /// <summary>Continue the run in <see cref="RunFolder"/> from its last checkpoint.</summary>
+    [JsonIgnore]
     public bool Resume { get; init; }
+
+    /// <summary>
+    /// When resuming: steps to add to the saved total (which is otherwise kept). The cosine
+    /// learning-rate schedule then follows the new total, so the learning rate at the resumed step
+    /// jumps up to where the longer schedule has it; the extended total is saved for later resumes.
+    /// </summary>
+    [JsonIgnore]
+    public long ExtendSteps { get; init; }
+
+    /// <summary>
+    /// The names of the properties the caller set on purpose (for example "Steps", "BatchSize"), as
+    /// the command line fills it from the options typed; null means every property counts as given.
+    /// When resuming, a given setting that differs from the saved one is refused.
+    /// </summary>
+    [JsonIgnore]
+    public IReadOnlySet<string>? Given { get; init; }
 
     /// <summary>Passes over the training images; used when <see cref="Steps"/> is 0.</summary>
     public int Epochs { get; init; } = 10;
@@ -71,7 +95,69 @@ public sealed record TrainingSettings
         if (Threads < 0) p.Add($"threads: must be >= 0, got {Threads}");
         if (CheckpointEvery < 1) p.Add($"checkpointEvery: must be >= 1, got {CheckpointEvery}");
         if (RollbackAfter < 1) p.Add($"rollbackAfter: must be >= 1, got {RollbackAfter}");
+        if (ExtendSteps < 0) p.Add($"extendSteps: must be >= 0, got {ExtendSteps}");
+        if (ExtendSteps > 0 && !Resume) p.Add("extendSteps: only extends a resumed run");
         if (Resume && RunFolder is null) p.Add("resume: needs the run folder to continue");
         return p;
+    }
+
+    /// <summary>The settings that decide what a run computes; a resumed run may not change them.</summary>
+    static readonly string[] Fixed =
+        [nameof(Data), nameof(Epochs), nameof(Steps), nameof(BatchSize), nameof(LearningRate), nameof(WarmupSteps),
+         nameof(ClipNorm), nameof(Seed), nameof(CheckpointEvery), nameof(RollbackAfter)];
+
+    static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase };
+
+    /// <summary>settings.json's text (camelCase).</summary>
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+
+    /// <summary>Reads settings.json's text.</summary>
+    public static TrainingSettings FromJson(string json) =>
+        JsonSerializer.Deserialize<TrainingSettings>(json, Json) ?? throw new InvalidDataException("settings.json is empty");
+
+    bool IsGiven(string name) => Given is null || Given.Contains(name);
+
+    static string Camel(string name) => char.ToLowerInvariant(name[0]) + name[1..];
+
+    object? ValueOf(string name) => name switch
+    {
+        nameof(Data) => Data is null ? null : System.IO.Path.GetFullPath(Data),
+        nameof(Epochs) => Epochs,
+        nameof(Steps) => Steps,
+        nameof(BatchSize) => BatchSize,
+        nameof(LearningRate) => LearningRate,
+        nameof(WarmupSteps) => WarmupSteps,
+        nameof(ClipNorm) => ClipNorm,
+        nameof(Seed) => Seed,
+        nameof(CheckpointEvery) => CheckpointEvery,
+        nameof(RollbackAfter) => RollbackAfter,
+        _ => throw new ArgumentOutOfRangeException(nameof(name)),
+    };
+
+    /// <summary>
+    /// The settings a resumed run continues under: <paramref name="saved"/> (read from settings.json)
+    /// with this run's folder, device, threads and pictures, and its total step count raised by
+    /// <see cref="ExtendSteps"/>. A given setting that contradicts the saved one is a
+    /// <see cref="UserError"/> naming the field and both values (Steps of 0 means "not given in steps").
+    /// </summary>
+    public TrainingSettings ForResume(TrainingSettings saved)
+    {
+        ArgumentNullException.ThrowIfNull(saved);
+        var clashes = new List<string>();
+        foreach (var name in Fixed)
+        {
+            if (!IsGiven(name) || (name == nameof(Steps) && Steps == 0)) continue;
+            var (mine, theirs) = (ValueOf(name), saved.ValueOf(name));
+            if (!Equals(mine, theirs))
+                clashes.Add($"{Camel(name)}: the run was started with {theirs ?? "the bundled data"}, now given {mine ?? "the bundled data"}");
+        }
+        if (clashes.Count > 0)
+            throw new UserError($"resume {RunFolder}: settings differ from the run's settings.json ({string.Join("; ", clashes)}); " +
+                                "leave them out to continue as started, or use --extend-steps N to train N more steps");
+        return saved with
+        {
+            Model = Model, RunFolder = RunFolder, Resume = true, ExtendSteps = 0, Given = null,
+            Steps = saved.Steps + ExtendSteps, Device = Device, Threads = Threads, Pictures = Pictures,
+        };
     }
 }
