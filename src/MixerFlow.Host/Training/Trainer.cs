@@ -104,6 +104,8 @@ public sealed class Trainer
         if (s.BatchSize > data.Train.Count)
             throw new UserError($"batch size {s.BatchSize} is larger than the training set ({data.Train.Count} images: {data.Description}); " +
                                 $"use a batch size of at most {data.Train.Count}");
+        // One process per run folder: a second `train` on it is refused with the holder's PID.
+        using var runLock = RunFolder.Lock(runPath);
         var folder = new RunFolder(runPath);
         foreach (var name in folder.RemoveStaleTemps())
             observer.OnMessage($"removed {name}, the temporary file of an interrupted write");
