@@ -116,6 +116,16 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
 /// Conditioner networks are MLPs with `depth` hidden layers of `hidden` ReLU units.
 [<AbstractClass; Sealed>]
 type Flows =
+    /// Couplings that transform the two halves in turn, with an optional mixing layer between them.
+    static member private AlternatingCouplings(features: int64, transforms: int, mlp: ConditionerFactory,
+                                               map: unit -> ElementwiseMap, context: int64, between: unit -> Bijector option) =
+        let halves = Partition.Halves features
+        let layers =
+            [ for i in 0 .. transforms - 1 do
+                if i > 0 then yield! Option.toList (between ())
+                yield new Coupling([| features |], (if i % 2 = 0 then halves else halves.Swapped), mlp, map (), context) :> Bijector ]
+        new Flow(new Chain(layers))
+
     static member private Check(what: string, features: int64, transforms: int, minFeatures: int64) =
         if features < minFeatures then
             invalidArg "features" (sprintf "%s needs at least %d features, got %d" what minFeatures features)
@@ -134,12 +144,7 @@ type Flows =
                           [<Optional; DefaultParameterValue(2)>] depth: int,
                           [<Optional; DefaultParameterValue(0L)>] context: int64) : Flow =
         Flows.Check("RealNVP", features, transforms, 2L)
-        let mlp = Conditioners.Mlp(hidden, depth)
-        let layers =
-            [ for i in 0 .. transforms - 1 ->
-                let p = Partition.Halves features
-                new Coupling([| features |], (if i % 2 = 0 then p else p.Swapped), mlp, Affine(), context) :> Bijector ]
-        new Flow(new Chain(layers))
+        Flows.AlternatingCouplings(features, transforms, Conditioners.Mlp(hidden, depth), (fun () -> Affine()), context, (fun () -> None))
 
     /// Masked autoregressive flow (Papamakarios et al. 2017): affine MAF layers with the
     /// feature order reversed between them.
@@ -177,10 +182,5 @@ type Flows =
                       [<Optional; DefaultParameterValue(2)>] depth: int,
                       [<Optional; DefaultParameterValue(0L)>] context: int64) : Flow =
         Flows.Check("NSF", features, transforms, 2L)
-        let mlp = Conditioners.Mlp(hidden, depth)
-        let layers =
-            [ for i in 0 .. transforms - 1 do
-                if i > 0 then yield LULinear.Vector features :> Bijector
-                let p = Partition.Halves features
-                yield new Coupling([| features |], (if i % 2 = 0 then p else p.Swapped), mlp, RationalQuadratic(bins, bound), context) :> Bijector ]
-        new Flow(new Chain(layers))
+        Flows.AlternatingCouplings(features, transforms, Conditioners.Mlp(hidden, depth), (fun () -> RationalQuadratic(bins, bound)),
+                                   context, (fun () -> Some(LULinear.Vector features :> Bijector)))
