@@ -39,5 +39,20 @@ public static class Program
             Console.Error.WriteLine($"error: {e.Message}");
             return 3;
         }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // The file system refused (a folder given as a file, a read-only or full disk): the
+            // runtime's message names the path.
+            Console.Error.WriteLine($"error: {e.Message}");
+            if (parsed.Verbose) Console.Error.WriteLine(e);
+            return 2;
+        }
+        catch (Exception e)
+        {
+            // Last resort: one line, the stack trace only when asked for.
+            Console.Error.WriteLine($"error: {e.GetType().Name}: {e.Message}");
+            Console.Error.WriteLine(parsed.Verbose ? e.ToString() : "(run with --verbose for the stack trace)");
+            return 1;
+        }
     }
 }

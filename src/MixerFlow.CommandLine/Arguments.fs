@@ -109,7 +109,7 @@ type SampleArgs =
         member a.Usage =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
-            | Count _ -> "samples per temperature (default 64)."
+            | Count _ -> "samples per temperature, at most 10000 (default 64); drawn 256 at a time, 1024 per PNG grid (numbered files beyond)."
             | Temperature _ -> "one or more temperatures in [0, 10] (default 0.7)."
             | Out _ -> "PNG file (default samples.png); one file per temperature when several are given."
             | Seed _ -> "seed of the base samples (default 0)."
@@ -133,9 +133,11 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Embed of ParseResults<EmbedArgs>
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
+    | [<AltCommandLine("-v")>] Verbose
     interface IArgParserTemplate with
         member a.Usage =
             match a with
+            | Verbose -> "print the stack trace of an unexpected error (before the verb: mixerflow --verbose train ...)."
             | Train _ -> "train a model; writes a run folder (checkpoints, metrics.csv, curve, samples, summary.json)."
             | Eval _ -> "bits/dim of a checkpoint on a split, with its standard error."
             | Sample _ -> "sample images from a checkpoint as a PNG grid."
@@ -165,7 +167,10 @@ type Command =
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
-type ParsedCommand(command: Command option, message: string, exitCode: int) =
+type ParsedCommand(command: Command option, message: string, exitCode: int, verbose: bool) =
+    new(command, message, exitCode) = ParsedCommand(command, message, exitCode, false)
+    /// --verbose was given: unexpected errors print their stack trace.
+    member _.Verbose = verbose
     /// The command, or null when parsing stopped (help or error).
     member _.Command : Command = Option.toObj command
     /// Help text or error message to print when Command is null.
@@ -240,7 +245,10 @@ type CommandLine =
                 |> List.toArray
             Command.Sample
                 { Checkpoint = s.GetResult SampleArgs.Checkpoint
-                  Count = s.TryPostProcessResult(SampleArgs.Count, CommandLine.Positive) |> Option.defaultValue 64
+                  Count =
+                    s.TryPostProcessResult(SampleArgs.Count, fun n ->
+                        if n < 1 || n > 10000 then failwithf "must lie in 1..10000 (1024 images per PNG grid), got %d" n else n)
+                    |> Option.defaultValue 64
                   Temperatures = temps
                   Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
                   Seed = s.GetResult(SampleArgs.Seed, defaultValue = 0) }
@@ -258,12 +266,13 @@ type CommandLine =
             | Some p, None -> Command.Info { Preset = p; Checkpoint = null; TimeStep = i.Contains InfoArgs.Time_Step }
             | None, Some c -> Command.Info { Preset = null; Checkpoint = c; TimeStep = i.Contains InfoArgs.Time_Step }
             | _ -> i.Raise("info needs exactly one of --preset NAME and --checkpoint FILE")
+        | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
     /// Parses the arguments; never throws for bad input.
     static member Parse(argv: string[]) : ParsedCommand =
         try
             let r = CommandLine.Parser.ParseCommandLine(argv, raiseOnUsage = true)
-            ParsedCommand(Some(CommandLine.ToCommand r), null, 0)
+            ParsedCommand(Some(CommandLine.ToCommand r), null, 0, r.Contains MainArgs.Verbose)
         with
         | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(None, e.Message, 0)
         | :? ArguParseException as e -> ParsedCommand(None, e.Message, 2)

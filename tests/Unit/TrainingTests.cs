@@ -305,6 +305,7 @@ public class CommandLineTests
     [InlineData("eval", "--checkpoint", "/nonexistent/file.ckpt")]
     [InlineData("eval", "--checkpoint", "x.ckpt", "--split", "validation")]
     [InlineData("sample", "--checkpoint", "x.ckpt", "--count", "-4")]
+    [InlineData("sample", "--checkpoint", "x.ckpt", "--count", "10001")]
     [InlineData("sample", "--checkpoint", "x.ckpt", "--temperature", "-1")]
     [InlineData("embed", "--checkpoint", "x.ckpt")]
     [InlineData("info")]
@@ -377,5 +378,45 @@ public class CommandLineTests
         Assert.Equal(0, parsed.ExitCode);
         foreach (var verb in new[] { "train", "eval", "sample", "embed", "info", "check" })
             Assert.Contains(verb, parsed.Message);
+    }
+}
+
+/// <summary>`sample` on a real checkpoint: bounded grids, and file-system refusals as one line.</summary>
+public class SampleVerbTests
+{
+    static (int Code, string Err) Run(params string[] args)
+    {
+        var err = new StringWriter();
+        var (savedErr, savedOut) = (Console.Error, Console.Out);
+        Console.SetError(err);
+        Console.SetOut(TextWriter.Null);
+        try { return (MixerFlow.Cli.Program.Main(args), err.ToString()); }
+        finally { Console.SetError(savedErr); Console.SetOut(savedOut); }
+    }
+
+    [Fact]
+    public void Many_samples_go_to_numbered_grids_and_a_folder_as_output_is_one_line_with_exit_2()
+    {
+        var dir = Directory.CreateTempSubdirectory("mixerflow-sample-").FullName;
+        try
+        {
+            new Trainer(new TrainingSettings
+            {
+                Model = MixerFlow.Host.Models.Presets.Get("tiny"), RunFolder = Path.Combine(dir, "run"), Steps = 2, BatchSize = 8, Pictures = false,
+            }).Run();
+            var ckpt = Path.Combine(dir, "run", Trainer.LastCheckpoint);
+            var (code, err) = Run("sample", "--checkpoint", ckpt, "--count", "1100", "--out", Path.Combine(dir, "s.png"));
+            Assert.True(code == 0, err);
+            Assert.True(File.Exists(Path.Combine(dir, "s-001.png")) && File.Exists(Path.Combine(dir, "s-002.png")));
+            Assert.False(File.Exists(Path.Combine(dir, "s-003.png")));
+
+            Directory.CreateDirectory(Path.Combine(dir, "taken.png"));
+            (code, err) = Run("sample", "--checkpoint", ckpt, "--count", "4", "--out", Path.Combine(dir, "taken.png"));
+            Assert.Equal(2, code);
+            Assert.StartsWith("error:", err);
+            Assert.Contains("taken.png", err);
+            Assert.DoesNotContain(" at ", err);   // no stack trace
+        }
+        finally { Directory.Delete(dir, true); }
     }
 }

@@ -43,17 +43,36 @@ public static class ModelVerbs
         return 0;
     }
 
+    /// <summary>Images per PNG grid: larger counts are written to numbered files.</summary>
+    public const int ImagesPerGrid = 1024;
+    /// <summary>Samples drawn per batch, so memory stays bounded whatever the count.</summary>
+    const int SampleBatch = 256;
+
     public static int Sample(SampleCommand o, TextWriter output)
     {
         var model = Load(o.Checkpoint, Device.Cpu);
         manual_seed(o.Seed);
         foreach (var t in o.Temperatures)
         {
-            var path = o.Temperatures.Length == 1
+            var stem = o.Temperatures.Length == 1
                 ? o.Out
                 : Path.Combine(Path.GetDirectoryName(o.Out) ?? "", $"{Path.GetFileNameWithoutExtension(o.Out)}-t{t.ToString("0.0##", CultureInfo.InvariantCulture)}.png");
-            ImageGrid.Save(NativeSafety.Run(() => model.Sample(o.Count, t)), path);
-            output.WriteLine($"wrote {o.Count} samples at temperature {t} to {path}");
+            int files = (o.Count + ImagesPerGrid - 1) / ImagesPerGrid;
+            for (int f = 0; f < files; f++)
+            {
+                int inFile = Math.Min(ImagesPerGrid, o.Count - f * ImagesPerGrid);
+                var path = files == 1 ? stem
+                    : Path.Combine(Path.GetDirectoryName(stem) ?? "", $"{Path.GetFileNameWithoutExtension(stem)}-{f + 1:000}.png");
+                var parts = new List<Tensor>();
+                for (int done = 0; done < inFile; done += SampleBatch)
+                {
+                    int n = Math.Min(SampleBatch, inFile - done);
+                    parts.Add(NativeSafety.Run(() => model.Sample(n, t)));
+                }
+                ImageGrid.Save(cat(parts, 0), path);
+                foreach (var part in parts) part.Dispose();
+                output.WriteLine($"wrote {inFile} samples at temperature {t} to {path}");
+            }
         }
         return 0;
     }
