@@ -63,6 +63,14 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
                     (sprintf "Flow expects a context of shape [rows, %d], got %s" transform.ContextFeatures (Shapes.show context.shape))
             context.repeat_interleave(n, 0L)
 
+    /// Base draws z for n samples per context row (n in all without a context) and their
+    /// pass through the transform's inverse: shared by Sample and SampleWithLogProb.
+    member private this.Draw(n: int64, context: Tensor, temperature: float) : struct (Tensor * Transformed) =
+        let c = this.Expand(context, n)
+        let rows = if isNull c then n else c.shape.[0]
+        let z = baseDistribution.Sample(rows, temperature)
+        struct (z, (if isNull c then transform.Inverse z else transform.Inverse(z, c)))
+
     /// log p(x | context) per sample: [B, eventShape...], [B, contextFeatures] -> [B].
     /// <param name="x">Data [B, eventShape...].</param>
     /// <param name="context">[B, contextFeatures], or null for an unconditional flow.</param>
@@ -83,10 +91,7 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
     /// <param name="temperature">Scales the base's spread; 1 samples the flow itself.</param>
     member this.SampleWithLogProb(n: int64, context: Tensor,
                                   [<Optional; DefaultParameterValue(1.0)>] temperature: float) : FlowSample =
-        let c = this.Expand(context, n)
-        let rows = if isNull c then n else c.shape.[0]
-        let z = baseDistribution.Sample(rows, temperature)
-        let r = if isNull c then transform.Inverse z else transform.Inverse(z, c)
+        let struct (z, r) = this.Draw(n, context, temperature)
         // log p(x) = log p_base(z) - log|det dx/dz|.
         FlowSample(r.Value, baseDistribution.LogProb z - r.LogDet)
     /// Samples with their log density, reparameterised (see the overload with a context).
@@ -101,10 +106,8 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
     /// <param name="temperature">Scales the base's spread; 1 samples the flow itself.</param>
     member this.Sample(n: int64, context: Tensor, [<Optional; DefaultParameterValue(1.0)>] temperature: float) : Tensor =
         use _ = torch.no_grad()
-        let c = this.Expand(context, n)
-        let rows = if isNull c then n else c.shape.[0]
-        let z = baseDistribution.Sample(rows, temperature)
-        (if isNull c then transform.Inverse z else transform.Inverse(z, c)).Value
+        let struct (_, r) = this.Draw(n, context, temperature)
+        r.Value
     /// n samples [n, eventShape...] without gradients.
     /// <param name="n">How many samples.</param>
     /// <param name="temperature">Scales the base's spread; 1 samples the flow itself.</param>

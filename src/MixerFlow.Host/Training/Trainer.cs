@@ -66,8 +66,6 @@ public sealed class Trainer
     {
         var s = settings;
         var wall = Stopwatch.StartNew();
-        if (s.Threads > 0) set_num_threads(s.Threads);
-        var device = ParseDevice(s.Device);
 
         // Model, optimiser and step: fresh, or from the run folder's last checkpoint.
         string runPath = s.RunFolder ?? Path.Combine("runs", $"{s.Model.Name}-{DateTime.Now:yyyyMMdd-HHmmss}");
@@ -80,8 +78,10 @@ public sealed class Trainer
             try { saved = TrainingSettings.FromJson(File.ReadAllText(RunFolder.SettingsFile(runPath))); }
             catch (System.Text.Json.JsonException e) { throw new UserError($"'{RunFolder.SettingsFile(runPath)}' cannot be read: {e.Message}", e); }
             s = s.ForResume(saved);
-            if (s.Threads > 0) set_num_threads(s.Threads);
         }
+        // Device and threads may change on resume: read them from the resolved settings, once.
+        if (s.Threads > 0) set_num_threads(s.Threads);
+        var device = ParseDevice(s.Device);
         manual_seed(s.Seed);
         var model = new ImageFlow(resumeFrom is null ? s.Model : Checkpoint.ReadConfig(resumeFrom));
         var cfg = model.Config;
