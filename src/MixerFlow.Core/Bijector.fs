@@ -37,58 +37,6 @@ module internal Shapes =
     let show (s: int64 seq) = "[" + String.Join(", ", s) + "]"
     let numel (s: int64[]) = Array.fold (*) 1L s
 
-module internal LibTorchContext =
-    [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at13globalContextEv")>]
-    extern nativeint globalContext()
-    [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at7Context20setUserEnabledMkldnnEb")>]
-    extern void setUserEnabledMkldnn(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
-    [<DllImport("libtorch_cpu", EntryPoint = "_ZNK2at7Context17userEnabledMkldnnEv")>]
-    extern [<return: MarshalAs(UnmanagedType.U1)>] bool userEnabledMkldnn(nativeint context)
-    [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at7Context20setUserEnabledNNPACKEb")>]
-    extern void setUserEnabledNNPACK(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
-
-/// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
-/// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
-/// input channels are not a multiple of the block (72 -> 4) gives wrong or NaN outputs, and one
-/// whose output channels are not (8 -> 4, Glow's coupling nets) a wrong or NaN input gradient,
-/// differently from call to call (LibTorch 2.10.0 / oneDNN 3.7.1, seen on AMD Zen 5). Float64 and
-/// batch-1 convolutions never take that path and are right. TorchSharp has no switch for it, so
-/// this turns it off the way `torch.backends.mkldnn.enabled = False` does in PyTorch:
-/// `at::globalContext().setUserEnabledMkldnn(false)`. Convolutions then run ATen's own
-/// im2col + BLAS kernels (those of float64). Where the symbols are missing (a LibTorch built
-/// with another C++ ABI, Windows) nothing changes and `Available` is false.
-[<AbstractClass; Sealed>]
-type NativeBackend =
-    static let context =
-        lazy
-            (try
-                // Let TorchSharp load its natives first, so the same libtorch_cpu is used.
-                torch.InitializeDeviceType(DeviceType.CPU)
-                let c = LibTorchContext.globalContext ()
-                LibTorchContext.setUserEnabledMkldnn (c, false)
-                // Without oneDNN, ATen next tries NNPACK for every convolution; on CPUs NNPACK
-                // does not support (AMD Zen 5 here) each try logs "Could not initialize NNPACK!
-                // Reason: Unsupported hardware" before falling back. Not trying it at all changes
-                // no result (the fallback is the same im2col + BLAS path).
-                (try LibTorchContext.setUserEnabledNNPACK (c, false) with :? EntryPointNotFoundException -> ())
-                Some c
-             with
-             | :? DllNotFoundException
-             | :? EntryPointNotFoundException -> None)
-
-    /// Turns oneDNN convolutions off (once per process; later calls are free). Called by every
-    /// bijector's constructor and by the convolutional conditioners.
-    static member Ensure() = context.Force() |> ignore
-
-    /// Whether the switch could be reached in this LibTorch.
-    static member Available = context.Force().IsSome
-
-    /// Whether LibTorch may use oneDNN (mkldnn) kernels. False after Ensure() where Available;
-    /// set it back to true only on a LibTorch whose oneDNN convolutions are known to be right.
-    static member MkldnnEnabled
-        with get () = match context.Force() with Some c -> LibTorchContext.userEnabledMkldnn c | None -> true
-        and set (v: bool) = match context.Force() with Some c -> LibTorchContext.setUserEnabledMkldnn (c, v) | None -> ()
-
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
 /// InputShape and OutputShape are the shapes of one sample (without the batch dimension).
