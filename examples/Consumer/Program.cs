@@ -16,7 +16,8 @@ var heldOut = mixture.Sample(10_000);
 
 // 1. Fit an NSF by maximum likelihood.
 var flow = Flows.NSF(features: 2, transforms: 3);
-var optimizer = optim.Adam(flow.parameters(), lr: 3e-3);
+// MixerFlow.Core's Adam: the same update as torch.optim.Adam, without TorchSharp's Scalar race.
+using var optimizer = new Adam(flow.parameters(), 3e-3);
 const int steps = 1000, batch = 512;
 var clock = System.Diagnostics.Stopwatch.StartNew();
 for (int step = 1; step <= steps; step++)
@@ -24,9 +25,9 @@ for (int step = 1; step <= steps; step++)
     using var scope = NewDisposeScope();
     var x = train[randint(0, train.shape[0], new long[] { batch })];
     var loss = -flow.LogProb(x).mean();
-    optimizer.zero_grad();
+    optimizer.ZeroGrad();
     loss.backward();
-    optimizer.step();
+    optimizer.Step();
     if (step % 250 == 0) Console.WriteLine($"step {step}: training NLL {loss.item<float>():F4} nats");
 }
 Console.WriteLine($"trained {steps} steps in {clock.Elapsed.TotalSeconds:F1} s");
@@ -66,7 +67,7 @@ Console.WriteLine($"checks on the trained flow: {results.Count(r => r.Applicable
 
 // 5. A MixerFlow image model from MixerFlow.Host: a few Adam steps on 28x28 images.
 var image = new ImageFlow(Presets.Get("tiny"));
-var imageOptimizer = optim.Adam(image.parameters(), lr: 5e-3);
+using var imageOptimizer = new Adam(image.parameters(), 5e-3);
 const int imageSteps = 20;
 var pictures = Pictures(16);
 double first = double.NaN, last = double.NaN;
@@ -74,9 +75,9 @@ for (int step = 0; step < imageSteps; step++)
 {
     using var scope = NewDisposeScope();
     var bpd = image.BitsPerDim(pictures).mean();
-    imageOptimizer.zero_grad();
+    imageOptimizer.ZeroGrad();
     bpd.backward();
-    imageOptimizer.step();
+    imageOptimizer.Step();
     last = bpd.item<float>();
     if (step == 0) first = last;
 }

@@ -94,17 +94,39 @@ type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
     override this.ToString() =
         sprintf "%s %s -> %s" this.Name (Shapes.show inputShape) (Shapes.show outputShape)
 
-/// Runs TorchSharp work with garbage collection held off. TorchSharp hands temporary Scalars (the
-/// alpha = 1 of every tensor addition, Adam's coefficients, ...) to native code as raw handles
-/// without keeping the managed object alive; a collection during the native call can finalize
-/// the Scalar and free its value while the op reads it. Seen here as sporadic "Expected false to
-/// be true ... toFloat" errors in training runs. Inside a no-GC region no collection happens, so
-/// no Scalar in use can be finalized; finalizers queued before the region belong to finished ops.
+/// TorchSharp Scalars for constants, each created once and kept for the life of the process.
+///
+/// TorchSharp hands Scalars to native code as raw handles without keeping the managed object
+/// alive, and it creates temporary ones behind many overloads (the `alpha = 1` of `a + b` and of
+/// `t + scalar`, every implicit `double -> Scalar` conversion, `square()`, `softplus`, the
+/// coefficients inside `torch.optim.Adam.step`). A collection on any thread during the native
+/// call can finalize such a temporary and free its value while the op reads it ("Expected false
+/// to be true ... toFloat/toDouble, c10/core/Scalar.h"). MixerFlow's own code therefore never
+/// creates a temporary Scalar: constants come from this cache, values that change every call
+/// are created with `use`/`using` (which keeps them alive until the call returns), and an IL
+/// scan in the tests refuses any call into a TorchSharp overload that creates one.
+[<AbstractClass; Sealed>]
+type Scalars private () =
+    static let cache = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
+    /// The Scalar for `value` (a float64 Scalar; it does not change a float32 tensor's dtype).
+    /// Meant for constants: every distinct value stays in memory for the process's life.
+    static member Of(value: float) : Scalar =
+        match cache.TryGetValue value with
+        | true, s -> s
+        // Two threads may both create one; the loser is never handed out.
+        | _ -> cache.GetOrAdd(value, Scalar.op_Implicit value)
+    /// The Scalar 1, the `alpha` of a plain addition.
+    static member One : Scalar = Scalars.Of 1.0
+
+/// Opt-in: runs TorchSharp work with garbage collection held off (a no-GC region). MixerFlow's
+/// own code no longer needs it (it creates no temporary Scalars, see <see cref="Scalars"/>);
+/// it remains for code of one's own that calls TorchSharp overloads which do create them.
+/// Entering a region forces a full blocking collection, which costs more than a small training
+/// step, and allocations on other threads can exhaust its budget and end it early.
 [<AbstractClass; Sealed>]
 type NativeSafety =
-    /// Managed allocation allowed inside one region; a step allocates far less. If it is exceeded,
-    /// the runtime collects and leaves the region (the old, unguarded behaviour), nothing fails.
-    /// A fashion-mnist training step at batch 64 allocates about 2 MB.
+    /// Managed allocation allowed inside one region. If it is exceeded, the runtime collects and
+    /// leaves the region (the unguarded behaviour), nothing fails.
     static member Budget = 32L * 1024L * 1024L
 
     static member Run<'T>(work: Func<'T>) : 'T =
@@ -123,12 +145,25 @@ type NativeSafety =
 /// Helpers shared by the bijector implementations (F#: camelCase; .NET names PascalCase,
 /// e.g. `Ops.MoveTo(dtype, device, module)` from C#).
 module Ops =
-    let private scalars = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
-    /// A TorchSharp Scalar for a constant, cached for the life of the process. A temporary
-    /// Scalar can be finalized by the GC while the native op that received its handle still
-    /// reads it (seen as sporadic "toFloat" overflow errors under load); cached ones never are.
+    /// A TorchSharp Scalar for a constant, cached for the life of the process
+    /// (<see cref="Scalars"/>): never a temporary that the GC could free mid-op.
     [<CompiledName("Scalar")>]
-    let scalar (v: float) : Scalar = scalars.GetOrAdd(v, fun v -> Scalar.op_Implicit v)
+    let scalar (v: float) : Scalar = Scalars.Of v
+    /// a + b for tensors, with a cached alpha (TorchSharp's `a + b` creates a temporary one).
+    [<CompiledName("Add")>]
+    let add (a: Tensor) (b: Tensor) : Tensor = a.add(b, Scalars.One)
+    /// a + b for tensors (F# operator form of <c>add</c>).
+    let inline ( +. ) (a: Tensor) (b: Tensor) : Tensor = a.add(b, Scalars.One)
+    /// t + c for a constant c, with cached Scalars.
+    [<CompiledName("AddScalar")>]
+    let addScalar (t: Tensor) (c: float) : Tensor = t.add(Scalars.Of c, Scalars.One)
+    /// c - t for a constant c, with cached Scalars.
+    [<CompiledName("ScalarMinus")>]
+    let scalarMinus (c: float) (t: Tensor) : Tensor = t.neg().add(Scalars.Of c, Scalars.One)
+    /// log(1 + exp(x)), computed stably without TorchSharp's softplus (which creates temporary
+    /// Scalars for beta and threshold): max(x, 0) + log1p(exp(-|x|)).
+    [<CompiledName("Softplus")>]
+    let softplus (x: Tensor) : Tensor = x.relu().add(x.abs().neg().exp().log1p(), Scalars.One)
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     [<CompiledName("SumPerSample")>]
     let sumPerSample (t: Tensor) : Tensor =
@@ -151,7 +186,7 @@ module Ops =
     /// Standard normal log density per sample (sum over event elements).
     [<CompiledName("StandardNormalLogProb")>]
     let standardNormalLogProb (z: Tensor) : Tensor =
-        sumPerSample ((z * z + scalar (Math.Log(2.0 * Math.PI))) * scalar -0.5)
+        sumPerSample ((addScalar (z * z) (Math.Log(2.0 * Math.PI))) * scalar -0.5)
     /// Moves a module's parameters and buffers to a dtype and a device.
     [<CompiledName("MoveTo")>]
     let moveTo (dtype: torch.ScalarType) (device: torch.Device) (m: 'M when 'M :> torch.nn.Module) : unit =
@@ -193,7 +228,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         for p in parts do
             let r = if isNull context then p.Forward h else p.Forward(h, context)
             h <- r.Value
-            ld <- if isNull ld then r.LogDet else ld + r.LogDet
+            ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
         Transformed(h, ld)
 
     override _.Inverse(y: Tensor, context: Tensor) =
@@ -202,7 +237,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         for i in parts.Count - 1 .. -1 .. 0 do
             let r = if isNull context then parts.[i].Inverse h else parts.[i].Inverse(h, context)
             h <- r.Value
-            ld <- if isNull ld then r.LogDet else ld + r.LogDet
+            ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
         Transformed(h, ld)
 
     override _.ContextFeatures = parts |> Seq.map (fun p -> p.ContextFeatures) |> Seq.fold max 0L

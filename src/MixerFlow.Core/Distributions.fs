@@ -51,5 +51,5 @@ type DiagonalNormal(eventShape: int64[]) as this =
     member _.LogStd = logStd
     override _.LogProb(z) =
         let u = (z - mean) * logStd.neg().exp()
-        sumPerSample ((u * u + scalar (Math.Log(2.0 * Math.PI))) * scalar -0.5 - logStd)
-    override this.Sample(n, temperature) = mean + this.Noise n * scalar temperature * logStd.exp()
+        sumPerSample ((addScalar (u * u) (Math.Log(2.0 * Math.PI))) * scalar -0.5 - logStd)
+    override this.Sample(n, temperature) = mean +. this.Noise n * scalar temperature * logStd.exp()

@@ -22,7 +22,7 @@ type ScaleBound private (limit: float) =
     /// <param name="raw">Unconstrained values h, any shape.</param>
     member _.LogScale(raw: Tensor) : Tensor =
         if Double.IsNaN limit then
-            torch.nn.functional.logsigmoid(raw + scalar 2.0) + scalar (Math.Log(1.0 + Math.Exp(-2.0)))
+            addScalar (torch.nn.functional.logsigmoid(addScalar raw 2.0)) (Math.Log(1.0 + Math.Exp(-2.0)))
         else (raw / scalar limit).tanh() * scalar limit
     override _.Equals(o) =
         match o with
@@ -60,7 +60,7 @@ type Affine(scaleBound: ScaleBound) =
     member _.ScaleBound = scaleBound
     override _.Forward(x, h) =
         let logScale = scaleBound.LogScale(h.select(1L, 1L))
-        struct (x * logScale.exp() + h.select(1L, 0L), logScale)
+        struct (x * logScale.exp() +. h.select(1L, 0L), logScale)
     override _.Inverse(y, h) =
         let logScale = scaleBound.LogScale(h.select(1L, 1L))
         struct ((y - h.select(1L, 0L)) * logScale.neg().exp(), logScale.neg())
@@ -68,7 +68,7 @@ type Affine(scaleBound: ScaleBound) =
 /// y = x + t (NICE): volume preserving, log|dy/dx| = 0; h = (t).
 type Additive() =
     inherit ElementwiseMap("Additive", 1L)
-    override _.Forward(x, h) = struct (x + h.select(1L, 0L), torch.zeros_like(x))
+    override _.Forward(x, h) = struct (x +. h.select(1L, 0L), torch.zeros_like(x))
     override _.Inverse(y, h) = struct (y - h.select(1L, 0L), torch.zeros_like(y))
 
 /// Monotonic rational-quadratic spline (Durkan et al. 2019) with `bins` bins on

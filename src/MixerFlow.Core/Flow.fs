@@ -78,7 +78,7 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
         if transform.ContextFeatures > 0L && isNull context then
             invalidArg "context" (sprintf "this flow is conditional: it needs a context of %d features" transform.ContextFeatures)
         let r = if isNull context then transform.Forward x else transform.Forward(x, context)
-        baseDistribution.LogProb r.Value + r.LogDet
+        baseDistribution.LogProb r.Value +. r.LogDet
     /// log p(x) per sample: [B, eventShape...] -> [B].
     /// <param name="x">Data [B, eventShape...].</param>
     member this.LogProb(x: Tensor) : Tensor = this.LogProb(x, null)

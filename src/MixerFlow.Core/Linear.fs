@@ -37,8 +37,8 @@ type LULinear(eventShape: int64[]) as this =
     static member Vector(dim: int64) = new LULinear([| dim |])
     static member Conv1x1(channels: int64, height: int64, width: int64) = new LULinear([| channels; height; width |])
 
-    member _.L = lower * lowerMask + torch.eye(c, dtype = lower.dtype, device = lower.device)
-    member _.U = upper * upperMask + torch.diag(signS * logS.exp())
+    member _.L = lower * lowerMask +. torch.eye(c, dtype = lower.dtype, device = lower.device)
+    member _.U = upper * upperMask +. torch.diag(signS * logS.exp())
     /// The weight matrix W = P L U.
     member this.Weight = permutationMatrix.matmul(this.L.matmul(this.U))
 

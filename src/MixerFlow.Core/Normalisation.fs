@@ -55,13 +55,13 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         let mean = x.mean(dims, keepdim = true)
         let std = (x - mean).pow(scalar 2.0).mean(dims, keepdim = true).sqrt()
         bias.copy_(mean.neg()) |> ignore
-        logScale.copy_((std + scalar 1e-6).log().neg()) |> ignore
-        initialized.fill_(Scalar.op_Implicit 1L) |> ignore
+        logScale.copy_((addScalar std 1e-6).log().neg()) |> ignore
+        initialized.fill_(scalar 1.0) |> ignore
 
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
         if this.training && not this.IsInitialized then this.InitializeFrom x
-        let y = (x + bias) * logScale.exp()
+        let y = (x +. bias) * logScale.exp()
         Transformed(y, constantLogDet x (logScale.sum() * scalar positions))
 
     override this.Inverse(y) =
@@ -112,18 +112,18 @@ type BatchNormFlow(eventShape: int64[], featureAxes: int[],
                 let m = x.mean(dims, keepdim = true)
                 let v = (x - m).pow(scalar 2.0).mean(dims, keepdim = true)
                 use _ = torch.no_grad()
-                runningMean.mul_(scalar (1.0 - momentum)).add_(m.detach() * scalar momentum) |> ignore
-                runningVar.mul_(scalar (1.0 - momentum)).add_(v.detach() * scalar momentum) |> ignore
+                runningMean.mul_(scalar (1.0 - momentum)).add_(m.detach(), scalar momentum) |> ignore
+                runningVar.mul_(scalar (1.0 - momentum)).add_(v.detach(), scalar momentum) |> ignore
                 m, v
             else runningMean, runningVar
-        let logStd = (var + scalar eps).log() * scalar 0.5
-        let y = (x - mean) * (logGamma - logStd).exp() + beta
+        let logStd = (addScalar var eps).log() * scalar 0.5
+        let y = (x - mean) * (logGamma - logStd).exp() +. beta
         Transformed(y, constantLogDet x ((logGamma - logStd).sum() * scalar positions))
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
-        let logStd = (runningVar + scalar eps).log() * scalar 0.5
-        let x = (y - beta) * (logStd - logGamma).exp() + runningMean
+        let logStd = (addScalar runningVar eps).log() * scalar 0.5
+        let x = (y - beta) * (logStd - logGamma).exp() +. runningMean
         Transformed(x, constantLogDet y ((logStd - logGamma).sum() * scalar positions))
 
     override _.Traits = { BijectorTraits.Bijective with BatchCoupledInTraining = true }

@@ -20,7 +20,7 @@ type Dequantize(eventShape: int64[], levels: int) =
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
         let u = if this.Midpoint then torch.full_like(x, scalar 0.5) else torch.rand_like(x)
-        let y = (x + u) / scalar (float levels)
+        let y = (x +. u) / scalar (float levels)
         Transformed(y, torch.full([| x.shape.[0] |], scalar -logLevels, dtype = x.dtype, device = x.device))
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
@@ -38,16 +38,16 @@ type Logit(eventShape: int64[], alpha: float) =
     member _.Alpha = alpha
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        let p = x * scalar (1.0 - 2.0 * alpha) + scalar alpha
-        let y = p.log() - (scalar 1.0 - p).log()
-        let ld = (p.log() + (scalar 1.0 - p).log()).neg() + scalar (Math.Log(1.0 - 2.0 * alpha))
+        let p = addScalar (x * scalar (1.0 - 2.0 * alpha)) alpha
+        let y = p.log() - (scalarMinus 1.0 p).log()
+        let ld = addScalar ((p.log() +. (scalarMinus 1.0 p).log()).neg()) (Math.Log(1.0 - 2.0 * alpha))
         Transformed(y, sumPerSample ld)
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let p = y.sigmoid()
         let x = (p - scalar alpha) / scalar (1.0 - 2.0 * alpha)
         // log p + log(1 - p) = logsigmoid(y) + logsigmoid(-y), stable for large |y|.
-        let ld = torch.nn.functional.logsigmoid(y) + torch.nn.functional.logsigmoid(y.neg()) - scalar (Math.Log(1.0 - 2.0 * alpha))
+        let ld = torch.nn.functional.logsigmoid(y) +. torch.nn.functional.logsigmoid(y.neg()) - scalar (Math.Log(1.0 - 2.0 * alpha))
         Transformed(x, sumPerSample ld)
 
 /// Bits per dimension of the discrete data from a log-likelihood in nats.

@@ -16,7 +16,7 @@ module Spline =
     /// Knot positions [..., K+1] and bin sizes [..., K] from unnormalised widths [..., K].
     let knots (unnormalised: Tensor) (bound: float) (minSize: float) =
         let k = unnormalised.shape.[int (unnormalised.dim() - 1L)]
-        let w = unnormalised.softmax(-1L) * scalar (1.0 - minSize * float k) + scalar minSize
+        let w = addScalar (unnormalised.softmax(-1L) * scalar (1.0 - minSize * float k)) minSize
         let cum = w.cumsum(-1L) * scalar (2.0 * bound) - scalar bound
         let zero = torch.full_like(cum.narrow(-1L, 0L, 1L), scalar -bound)
         // Pin the last knot exactly at +bound, as the reference code does.
@@ -25,7 +25,7 @@ module Spline =
 
     /// Derivatives at the K+1 knots from K-1 unnormalised inner values; 1 at both ends.
     let derivatives (unnormalised: Tensor) =
-        let inner = torch.nn.functional.softplus(unnormalised) + scalar minDerivative
+        let inner = addScalar (softplus unnormalised) minDerivative
         let one = torch.ones_like(inner.narrow(-1L, 0L, 1L))
         torch.cat([| one; inner; one |], -1L)
 
@@ -55,22 +55,22 @@ module Spline =
         let y, logDeriv =
             if not inverse then
                 let theta = (xc - xk) / wk
-                let t1t = theta * (scalar 1.0 - theta)
-                let numerator = hk * (delta * theta.pow(scalar 2.0) + dk * t1t)
-                let denominator = delta + (dk + dk1 - delta * scalar 2.0) * t1t
-                let y = yk + numerator / denominator
-                let dnum = delta.pow(scalar 2.0) * (dk1 * theta.pow(scalar 2.0) + delta * t1t * scalar 2.0 + dk * (scalar 1.0 - theta).pow(scalar 2.0))
+                let t1t = theta * (scalarMinus 1.0 theta)
+                let numerator = hk * (delta * theta.pow(scalar 2.0) +. dk * t1t)
+                let denominator = delta +. (dk +. dk1 - delta * scalar 2.0) * t1t
+                let y = yk +. numerator / denominator
+                let dnum = delta.pow(scalar 2.0) * (dk1 * theta.pow(scalar 2.0) +. delta * t1t * scalar 2.0 +. dk * (scalarMinus 1.0 theta).pow(scalar 2.0))
                 y, dnum.log() - denominator.log() * scalar 2.0
             else
                 let dy = xc - yk
-                let a = dy * (dk + dk1 - delta * scalar 2.0) + hk * (delta - dk)
-                let b = hk * dk - dy * (dk + dk1 - delta * scalar 2.0)
+                let a = dy * (dk +. dk1 - delta * scalar 2.0) +. hk * (delta - dk)
+                let b = hk * dk - dy * (dk +. dk1 - delta * scalar 2.0)
                 let c = delta.neg() * dy
                 let disc = (b.pow(scalar 2.0) - a * c * scalar 4.0).clamp_min(scalar 0.0)
                 let root = (c * scalar 2.0) / (b.neg() - disc.sqrt())
-                let x = root * wk + xk
-                let t1t = root * (scalar 1.0 - root)
-                let denominator = delta + (dk + dk1 - delta * scalar 2.0) * t1t
-                let dnum = delta.pow(scalar 2.0) * (dk1 * root.pow(scalar 2.0) + delta * t1t * scalar 2.0 + dk * (scalar 1.0 - root).pow(scalar 2.0))
+                let x = root * wk +. xk
+                let t1t = root * (scalarMinus 1.0 root)
+                let denominator = delta +. (dk +. dk1 - delta * scalar 2.0) * t1t
+                let dnum = delta.pow(scalar 2.0) * (dk1 * root.pow(scalar 2.0) +. delta * t1t * scalar 2.0 +. dk * (scalarMinus 1.0 root).pow(scalar 2.0))
                 x, (dnum.log() - denominator.log() * scalar 2.0).neg()
         torch.where(inside, y, x), torch.where(inside, logDeriv, torch.zeros_like(logDeriv))

@@ -59,15 +59,15 @@ let private trainedFlow () =
     let mixing = torch.randn(d, d)
     let draw (n: int64) = torch.randn(n, d).matmul(mixing) + scalar 1.5
     let data = draw 512L
-    let opt = torch.optim.Adam(flow.parameters(), lr = 5e-3)
+    use opt = new Adam(flow.parameters(), 5e-3)
     flow.train()
     for _ in 1 .. 60 do
         use _ = torch.NewDisposeScope()
-        opt.zero_grad()
+        opt.ZeroGrad()
         let r = flow.Forward data
         let loss = (standardNormalLogProb r.Value + r.LogDet).mean().neg()
         loss.backward()
-        opt.step() |> ignore
+        opt.Step()
     flow.eval()
     flow, build, Func<int64, Tensor>(draw)
 

@@ -107,13 +107,13 @@ let ``a short NSF fit on a 2-D Gaussian mixture improves the log-likelihood`` ()
     let test = mixture 1000L
     let score () = using (torch.no_grad()) (fun _ -> (flow.LogProb test).mean().item<float32>() |> float)
     let before = score ()
-    let opt = torch.optim.Adam(flow.parameters(), lr = 1e-2)
+    use opt = new Adam(flow.parameters(), 1e-2)
     for _ in 1 .. 60 do
         use _ = torch.NewDisposeScope()
-        opt.zero_grad()
+        opt.ZeroGrad()
         let loss = (flow.LogProb(mixture 128L)).mean().neg()
         loss.backward()
-        opt.step() |> ignore
+        opt.Step()
     let after = score ()
     // At initialisation about -6.1 nats (a standard normal on the mixture); the mixture itself
     // scores about -2.1.
@@ -151,16 +151,16 @@ let ``a conditional flow depends on its context and samples follow it`` () =
 let ``a fitted conditional MAF samples near the mean its context asks for`` () =
     torch.manual_seed(8L) |> ignore
     let flow = Flows.MAF(2L, transforms = 2, hidden = 32L, context = 1L)
-    let opt = torch.optim.Adam(flow.parameters(), lr = 1e-2)
+    use opt = new Adam(flow.parameters(), 1e-2)
     let data n =
         let c = (torch.randint(0L, 2L, [| n; 1L |]) * 2L - 1L).to_type(torch.float32) * scalar 2.0
         torch.randn(n, 2L) * scalar 0.5 + c, c
     for _ in 1 .. 200 do
         use _ = torch.NewDisposeScope()
         let x, c = data 256L
-        opt.zero_grad()
+        opt.ZeroGrad()
         (flow.LogProb(x, c)).mean().neg().backward()
-        opt.step() |> ignore
+        opt.Step()
     let contexts = torch.tensor([| -2.0f; 2.0f |]).unsqueeze(1L)
     let samples = flow.Sample(500L, contexts)
     let low = samples.narrow(0L, 0L, 500L).mean().item<float32>()

@@ -1,4 +1,6 @@
+using MixerFlow.Core;
 using MixerFlow.Host;
+using MixerFlow.Host.Training;
 using MixerFlow.CommandLine;
 using MixerFlow.Host.Models;
 
@@ -16,11 +18,13 @@ public static class InfoVerb
         return 0;
     }
 
-    /// <summary>Median wall time of a training step (batch 64) after two warm-up steps.</summary>
+    /// <summary>Median wall time of a training step (batch 64) after two warm-up steps: the
+    /// trainer's own <see cref="TrainingStep"/> (forward, backward, clipping, Adam).</summary>
     public static void TimeSteps(ImageFlow model, TextWriter output, int batch = 64, int steps = 11)
     {
         var c = model.Config;
-        var adam = TorchSharp.torch.optim.Adam(model.parameters(), 1e-4);
+        using var adam = new Adam(model.parameters(), 1e-4);
+        var step = new TrainingStep(model, adam, clipNorm: new TrainingSettings().ClipNorm);
         model.train();
         var times = new List<double>();
         for (int i = 0; i < steps + 2; i++)
@@ -28,10 +32,7 @@ public static class InfoVerb
             using var scope = TorchSharp.torch.NewDisposeScope();
             var x = TorchSharp.torch.randint(0, 256, new long[] { batch, c.Channels, c.Height, c.Width }).to_type(TorchSharp.torch.float32);
             var sw = System.Diagnostics.Stopwatch.StartNew();
-            var loss = model.BitsPerDim(x).mean();
-            adam.zero_grad();
-            loss.backward();
-            adam.step();
+            step.Take(x, 1e-4);
             if (i >= 2) times.Add(sw.Elapsed.TotalMilliseconds);
         }
         times.Sort();

@@ -67,7 +67,8 @@ public static class ModelVerbs
                 for (int done = 0; done < inFile; done += SampleBatch)
                 {
                     int n = Math.Min(SampleBatch, inFile - done);
-                    parts.Add(NativeSafety.Run(() => model.Sample(n, t)));
+                    using var scope = NewDisposeScope();
+                    parts.Add(model.Sample(n, t).MoveToOuterDisposeScope());
                 }
                 ImageGrid.Save(cat(parts, 0), path);
                 foreach (var part in parts) part.Dispose();

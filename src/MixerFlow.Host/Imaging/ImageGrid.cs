@@ -1,3 +1,4 @@
+using MixerFlow.Core;
 using MixerFlow.Host.Files;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.Formats.Png;
@@ -91,7 +92,7 @@ public static class ImageGrid
     {
         using var scope = NewDisposeScope();
         var t = AsBatch(images);
-        var cpu = t.detach().to(CPU).to_type(float32).clamp(0, 255).round().to_type(ScalarType.Byte).contiguous();
+        var cpu = t.detach().to(CPU).to_type(float32).clamp(Ops.Scalar(0), Ops.Scalar(255)).round().to_type(ScalarType.Byte).contiguous();
         var bytes = cpu.data<byte>().ToArray();
         return (bytes, (int)t.shape[0], (int)t.shape[1], (int)t.shape[2], (int)t.shape[3]);
     }

@@ -3,6 +3,7 @@ using System.Text;
 using MixerFlow.Host.Files;
 using TorchSharp;
 using TorchSharp.Modules;
+using Adam = MixerFlow.Core.Adam;
 using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Models;
@@ -34,7 +35,7 @@ public static class Checkpoint
     public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion);
 
     public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
-                            OptimizerHelper? optimizer = null)
+                            Adam? optimizer = null)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
         var header = new MemoryStream();
@@ -49,7 +50,7 @@ public static class Checkpoint
             h.Write(optimizer is not null);
         }
         var tensors = Section(w => model.save(w));
-        var optimiser = optimizer is null ? null : Section(w => optimizer.save_state_dict(w));
+        var optimiser = optimizer is null ? null : Section(w => optimizer.SaveState(w));
         AtomicFile.Write(path, (Stream stream) =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
@@ -171,7 +172,7 @@ public static class Checkpoint
     /// the file and the caller have one, its optimiser state into `optimizer`. From version 3 both
     /// sections are verified against their checksums before either is loaded.
     /// </summary>
-    public static Header LoadInto(string path, ImageFlow model, OptimizerHelper? optimizer)
+    public static Header LoadInto(string path, ImageFlow model, Adam? optimizer)
     {
         using var fs = Open(path);
         using var r = new BinaryReader(fs, Encoding.UTF8);
@@ -187,7 +188,7 @@ public static class Checkpoint
         try
         {
             LoadState(model, tensors, path, header.FileVersion);
-            if (header.HasOptimizer) optimizer?.load_state_dict(optimiser);
+            if (header.HasOptimizer) optimizer?.LoadState(optimiser);
         }
         catch (Exception e) when (e is not UserError)
         {

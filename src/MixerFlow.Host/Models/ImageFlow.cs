@@ -103,7 +103,7 @@ public sealed class ImageFlow : Flow
         {
             var y = Dequantize.Forward(x).Value;
             var back = Body.Inverse(Body.Forward(y).Value).Value;
-            return ((back - y).abs().max() * Dequantize.Levels).to_type(float64).item<double>();
+            return (back - y).abs().max().mul(Ops.Scalar(Dequantize.Levels)).to_type(float64).item<double>();
         });
     }
 

@@ -27,12 +27,9 @@ public static class Evaluation
             for (int start = 0; start < data.Count; start += batchSize)
             {
                 var idx = Enumerable.Range(start, Math.Min(batchSize, data.Count - start)).ToArray();
-                all.AddRange(NativeSafety.Run(() =>
-                {
-                    using var scope = NewDisposeScope();
-                    using var _ = no_grad();
-                    return model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray();
-                }));
+                using var scope = NewDisposeScope();
+                using var _ = no_grad();
+                all.AddRange(model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray());
             }
         }
         finally { model.train(training); }
@@ -48,11 +45,10 @@ public static class Evaluation
         for (int s = 0; s < data.Count; s += batchSize)
         {
             var idx = Enumerable.Range(s, Math.Min(batchSize, data.Count - s)).ToArray();
-            parts.Add(NativeSafety.Run(() =>
-            {
-                using var _ = no_grad();
-                return model.Encode(data.Batch(idx).to(model.DType).to(model.Device)).flatten(1).cpu();
-            }));
+            // Every temporary in a scope: one the GC finalizes mid-op would be freed under the op.
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            parts.Add(model.Encode(data.Batch(idx).to(model.DType).to(model.Device)).flatten(1).cpu().MoveToOuterDisposeScope());
         }
         return cat(parts, 0);
     }
@@ -65,20 +61,20 @@ public static class Evaluation
     {
         int classes = Math.Max(trainY.Max(), testY.Max()) + 1;
         var mean = trainZ.mean(new long[] { 0 }, keepdim: true);
-        var std = trainZ.std(0, keepdim: true) + 1e-6;
+        var std = Ops.AddScalar(trainZ.std(0, keepdim: true), 1e-6);
         var x = (trainZ - mean) / std;
         var y = tensor(trainY.Select(v => (long)v).ToArray());
         var lin = nn.Linear(x.shape[1], classes);
-        var opt = optim.Adam(lin.parameters(), 0.01);
+        using var opt = new Adam(lin.parameters(), 0.01);
         for (int e = 0; e < epochs; e++)
-            NativeSafety.Run(() =>
-            {
-                using var scope = NewDisposeScope();
-                opt.zero_grad();
-                var loss = nn.functional.cross_entropy(lin.call(x), y) + 1e-4 * lin.weight.square().sum();
-                loss.backward();
-                opt.step();
-            });
+        {
+            using var scope = NewDisposeScope();
+            opt.ZeroGrad();
+            var penalty = lin.weight.pow(Ops.Scalar(2)).sum().mul(Ops.Scalar(1e-4));
+            var loss = Ops.Add(nn.functional.cross_entropy(lin.call(x), y), penalty);
+            loss.backward();
+            opt.Step();
+        }
         using var _ = no_grad();
         var pred = lin.call((testZ - mean) / std).argmax(1);
         var truth = tensor(testY.Select(v => (long)v).ToArray());

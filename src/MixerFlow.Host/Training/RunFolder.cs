@@ -6,6 +6,7 @@ using MixerFlow.Host.Files;
 using MixerFlow.Host.Imaging;
 using MixerFlow.Host.Models;
 using TorchSharp.Modules;
+using Adam = MixerFlow.Core.Adam;
 using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Training;
@@ -151,7 +152,7 @@ public sealed class RunFolder
         metrics.Append(step, epoch, trainBpd, heldOut?.Bpd, heldOut?.StdErr, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors());
     }
 
-    public void SaveCheckpoint(string name, ImageFlow model, long step, int epoch, double best, OptimizerHelper optimizer) =>
+    public void SaveCheckpoint(string name, ImageFlow model, long step, int epoch, double best, Adam optimizer) =>
         Checkpoint.Save(System.IO.Path.Combine(Path, name), model, step, epoch, best, optimizer);
 
     public void SaveCurve(string title) =>

@@ -87,7 +87,7 @@ public sealed class Trainer
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
-        var adam = optim.Adam(model.parameters(), s.LearningRate);
+        using var adam = new Adam(model.parameters(), s.LearningRate);
         Checkpoint.Header? resumed = null;
         if (resumeFrom is not null)
         {

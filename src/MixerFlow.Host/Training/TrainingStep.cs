@@ -1,6 +1,5 @@
 using MixerFlow.Core;
 using MixerFlow.Host.Models;
-using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Training;
@@ -13,31 +12,28 @@ public readonly record struct StepOutcome(bool Kept, double BitsPerDim, string? 
 /// clipping, Adam. A step whose loss or gradient norm is not finite changes nothing and is
 /// reported as dropped.
 /// </summary>
-public sealed class TrainingStep(ImageFlow model, OptimizerHelper optimizer, double clipNorm)
+public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNorm)
 {
-    public OptimizerHelper Optimizer => optimizer;
+    public Adam Optimizer => optimizer;
 
     /// <summary>Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning rate <paramref name="lr"/>.</summary>
     public StepOutcome Take(Tensor batch, double lr, Func<Tensor, Tensor>? transformLoss = null)
     {
-        foreach (var g in optimizer.ParamGroups) g.LearningRate = lr;
-        return NativeSafety.Run(() =>
+        optimizer.LearningRate = lr;
+        using var scope = NewDisposeScope();
+        var loss = model.BitsPerDim(batch).mean();
+        if (transformLoss is not null) loss = transformLoss(loss);
+        double bpd = loss.item<float>();
+        if (!double.IsFinite(bpd)) return new StepOutcome(false, bpd, "non-finite loss");
+        optimizer.ZeroGrad();
+        loss.backward();
+        var norm = nn.utils.clip_grad_norm_(model.parameters(), clipNorm);
+        if (!double.IsFinite(norm))
         {
-            using var scope = NewDisposeScope();
-            var loss = model.BitsPerDim(batch).mean();
-            if (transformLoss is not null) loss = transformLoss(loss);
-            double bpd = loss.item<float>();
-            if (!double.IsFinite(bpd)) return new StepOutcome(false, bpd, "non-finite loss");
-            optimizer.zero_grad();
-            loss.backward();
-            var norm = nn.utils.clip_grad_norm_(model.parameters(), clipNorm);
-            if (!double.IsFinite(norm))
-            {
-                optimizer.zero_grad();
-                return new StepOutcome(false, bpd, "non-finite gradient");
-            }
-            optimizer.step();
-            return new StepOutcome(true, bpd, null);
-        });
+            optimizer.ZeroGrad();
+            return new StepOutcome(false, bpd, "non-finite gradient");
+        }
+        optimizer.Step();
+        return new StepOutcome(true, bpd, null);
     }
 }
