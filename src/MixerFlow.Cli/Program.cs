@@ -7,6 +7,9 @@ namespace MixerFlow.Cli;
 /// <summary>The <c>mixerflow</c> executable: parse, dispatch on the command, turn user errors into one line and exit code 2.</summary>
 public static class Program
 {
+    /// <summary>Runs the command line <paramref name="args"/>; returns the exit code: 0 done, 2 bad input or a
+    /// path the file system refused (one line on stderr naming it), 3 the native library cannot load,
+    /// 1 anything unexpected (the stack trace only under <c>--verbose</c>).</summary>
     public static int Main(string[] args)
     {
         var parsed = CommandLine.CommandLine.Parse(args);
@@ -30,7 +33,7 @@ public static class Program
         }
         catch (UserError e)
         {
-            Console.Error.WriteLine($"error: {e.Message}");
+            Console.Error.WriteLine($"error: {OneLine(e.Message)}");
             return 2;
         }
         catch (MixerFlow.Core.NativeLoadException e)
@@ -42,17 +45,21 @@ public static class Program
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // The file system refused (a folder given as a file, a read-only or full disk): the
-            // runtime's message names the path.
-            Console.Error.WriteLine($"error: {e.Message}");
+            // message names the path (AtomicFile and CsvLog name the file and the reason).
+            Console.Error.WriteLine($"error: {OneLine(e.Message)}");
             if (parsed.Verbose) Console.Error.WriteLine(e);
             return 2;
         }
         catch (Exception e)
         {
             // Last resort: one line, the stack trace only when asked for.
-            Console.Error.WriteLine($"error: {e.GetType().Name}: {e.Message}");
+            Console.Error.WriteLine($"error: {e.GetType().Name}: {OneLine(e.Message)}");
             Console.Error.WriteLine(parsed.Verbose ? e.ToString() : "(run with --verbose for the stack trace)");
             return 1;
         }
     }
+
+    /// <summary>A message on one line: line breaks become "; ".</summary>
+    static string OneLine(string message) =>
+        string.Join("; ", message.Split(['\r', '\n'], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
 }

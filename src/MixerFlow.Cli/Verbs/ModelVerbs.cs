@@ -17,8 +17,13 @@ namespace MixerFlow.Cli.Verbs;
 /// <summary>`train`, `eval`, `sample` and `embed`.</summary>
 public static class ModelVerbs
 {
+    /// <summary>`train`: the run folder is checked first (not an existing file, writable), so a
+    /// refusal comes before any data is loaded or step taken.</summary>
     public static int Train(TrainingSettings settings, TextWriter output)
     {
+        ArgumentNullException.ThrowIfNull(settings);
+        // The default run folder is made under runs/ (Trainer names it).
+        OutputPath.CheckFolder(settings.RunFolder ?? "runs", settings.Resume ? "--resume" : "--out");
         new Trainer(settings, new ProgressReporter(output)).Run();
         return 0;
     }
@@ -48,10 +53,10 @@ public static class ModelVerbs
     /// <summary>Samples drawn per batch, so memory stays bounded whatever the count.</summary>
     const int SampleBatch = 256;
 
-    public static int Sample(SampleCommand o, TextWriter output)
+    /// <summary>The files `sample` writes: one grid per temperature and per <see cref="ImagesPerGrid"/> images.</summary>
+    static List<(double Temperature, string Path, int Count)> SampleFiles(SampleCommand o)
     {
-        var model = Load(o.Checkpoint, Device.Cpu);
-        manual_seed(o.Seed);
+        var plan = new List<(double, string, int)>();
         foreach (var t in o.Temperatures)
         {
             var stem = o.Temperatures.Length == 1
@@ -63,23 +68,42 @@ public static class ModelVerbs
                 int inFile = Math.Min(ImagesPerGrid, o.Count - f * ImagesPerGrid);
                 var path = files == 1 ? stem
                     : Path.Combine(Path.GetDirectoryName(stem) ?? "", $"{Path.GetFileNameWithoutExtension(stem)}-{f + 1:000}.png");
-                var parts = new List<Tensor>();
-                for (int done = 0; done < inFile; done += SampleBatch)
-                {
-                    int n = Math.Min(SampleBatch, inFile - done);
-                    using var scope = NewDisposeScope();
-                    parts.Add(model.Sample(n, t).MoveToOuterDisposeScope());
-                }
-                ImageGrid.Save(cat(parts, 0), path);
-                foreach (var part in parts) part.Dispose();
-                output.WriteLine($"wrote {inFile} samples at temperature {t} to {path}");
+                plan.Add((t, path, inFile));
             }
+        }
+        return plan;
+    }
+
+    /// <summary>`sample`: every output path is checked (not a folder, its folder writable) before the
+    /// checkpoint is loaded; each grid is written atomically, so a failure keeps the files before it.</summary>
+    public static int Sample(SampleCommand o, TextWriter output)
+    {
+        ArgumentNullException.ThrowIfNull(o);
+        var plan = SampleFiles(o);
+        foreach (var (_, path, _) in plan) OutputPath.CheckFile(path, "--out");
+        var model = Load(o.Checkpoint, Device.Cpu);
+        manual_seed(o.Seed);
+        foreach (var (t, path, inFile) in plan)
+        {
+            var parts = new List<Tensor>();
+            for (int done = 0; done < inFile; done += SampleBatch)
+            {
+                int n = Math.Min(SampleBatch, inFile - done);
+                using var scope = NewDisposeScope();
+                parts.Add(model.Sample(n, t).MoveToOuterDisposeScope());
+            }
+            ImageGrid.Save(cat(parts, 0), path);
+            foreach (var part in parts) part.Dispose();
+            output.WriteLine($"wrote {inFile} samples at temperature {t} to {path}");
         }
         return 0;
     }
 
+    /// <summary>`embed`: the output path is checked (not a folder, its folder writable) before any work.</summary>
     public static int Embed(EmbedCommand o, TextWriter output)
     {
+        ArgumentNullException.ThrowIfNull(o);
+        OutputPath.CheckFile(o.Out, "--out");
         var model = Load(o.Checkpoint, Device.Cpu);
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);

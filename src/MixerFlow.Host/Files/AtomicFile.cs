@@ -5,7 +5,9 @@ namespace MixerFlow.Host.Files;
 /// <summary>
 /// Writes a file so that a crash never leaves it half-written: the content goes to a temporary
 /// file in the same folder, which is flushed to disk and then renamed over the target.
-/// If the writer throws, the temporary file is removed and the target is left as it was.
+/// If the writer throws, the temporary file is removed and the target is left as it was; a
+/// refusal of the file system (a full disk, a read-only folder, a folder in the target's place)
+/// becomes an <see cref="IOException"/> whose one-line message names the target and the reason.
 /// </summary>
 public static class AtomicFile
 {
@@ -14,15 +16,21 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(write);
         var target = Path.GetFullPath(path);
-        var temp = TempPathFor(target);
+        string? temp = null;
         try
         {
+            temp = TempPathFor(target);
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
             {
                 write(stream);
                 stream.Flush(flushToDisk: true);
             }
             File.Move(temp, target, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            TryDelete(temp);
+            throw Refused(target, e);
         }
         catch
         {
@@ -40,9 +48,10 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(writeToPath);
         var target = Path.GetFullPath(path);
-        var temp = TempPathFor(target);
+        string? temp = null;
         try
         {
+            temp = TempPathFor(target);
             writeToPath(temp);
             if (!File.Exists(temp))
                 throw new IOException($"the writer for '{target}' did not create its temporary file '{temp}'");
@@ -50,12 +59,23 @@ public static class AtomicFile
                 stream.Flush(flushToDisk: true);
             File.Move(temp, target, overwrite: true);
         }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            TryDelete(temp);
+            throw Refused(target, e);
+        }
         catch
         {
             TryDelete(temp);
             throw;
         }
     }
+
+    /// <summary>The one-line error for a write of <paramref name="target"/> that the file system refused
+    /// (the original is the inner exception).</summary>
+    static IOException Refused(string target, Exception e) =>
+        new($"{target}: cannot write ({OutputPath.Reason(e)}); " +
+            (File.Exists(target) ? "the previous file is unchanged" : "nothing was written"), e);
 
     /// <summary>Writes <paramref name="text"/> as UTF-8 (no byte-order mark).</summary>
     public static void WriteAllText(string path, string text) =>
@@ -98,8 +118,9 @@ public static class AtomicFile
         return removed;
     }
 
-    static void TryDelete(string path)
+    static void TryDelete(string? path)
     {
+        if (path is null) return;
         try { File.Delete(path); }
         catch (IOException) { }
         catch (UnauthorizedAccessException) { }

@@ -40,21 +40,47 @@ public sealed class CsvLog
         }
     }
 
-    /// <summary>Appends one row; values are given in column order (null writes an empty field).</summary>
+    /// <summary>Appends one row; values are given in column order (null writes an empty field).
+    /// If the file system refuses (a full disk), the file is cut back to the rows it had and an
+    /// <see cref="IOException"/> names the file and the reason.</summary>
     public void Append(params object?[] values)
     {
         if (values.Length != _columns.Length)
             throw new ArgumentException($"expected {_columns.Length} values, got {values.Length}", nameof(values));
         var sb = new StringBuilder();
-        var dir = System.IO.Path.GetDirectoryName(Path);
-        if (!string.IsNullOrEmpty(dir)) Directory.CreateDirectory(dir);
-        using var stream = new FileStream(Path, FileMode.Append, FileAccess.Write, FileShare.Read);
-        if (stream.Length == 0)
-            sb.Append(JoinLine(_columns));
-        sb.Append(JoinLine(values.Select(Format)));
-        var bytes = new UTF8Encoding(false).GetBytes(sb.ToString());
-        stream.Write(bytes, 0, bytes.Length);
-        stream.Flush(flushToDisk: true);
+        FileStream? stream = null;
+        long start = -1;
+        try
+        {
+            var dir = System.IO.Path.GetDirectoryName(Path);
+            if (!string.IsNullOrEmpty(dir)) Directory.CreateDirectory(dir);
+            // Unbuffered, so that nothing of a failed row is left to be written when the stream closes.
+            stream = new FileStream(Path, FileMode.Append, FileAccess.Write, FileShare.Read, bufferSize: 0);
+            start = stream.Length;
+            if (start == 0)
+                sb.Append(JoinLine(_columns));
+            sb.Append(JoinLine(values.Select(Format)));
+            var bytes = new UTF8Encoding(false).GetBytes(sb.ToString());
+            stream.Write(bytes, 0, bytes.Length);
+            stream.Flush(flushToDisk: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // A full disk can take part of the row: cut the file back to the rows it had.
+            bool restored = start < 0;
+            if (stream is not null && start >= 0)
+            {
+                try { stream.SetLength(start); restored = true; }
+                catch (Exception x) when (x is IOException or UnauthorizedAccessException) { }
+            }
+            throw new IOException(
+                $"{Path}: cannot append a row ({OutputPath.Reason(e)}); " +
+                (restored ? "the rows already written are kept" : "the last row may be incomplete"), e);
+        }
+        finally
+        {
+            stream?.Dispose();
+        }
     }
 
     /// <summary>Appends one row given by column name; columns not named are left empty.</summary>

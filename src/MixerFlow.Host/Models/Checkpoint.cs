@@ -149,8 +149,16 @@ public static class Checkpoint
 
     static FileStream Open(string path)
     {
+        if (Directory.Exists(path))
+            throw new UserError(File.Exists(Path.Combine(path, "last.ckpt"))
+                ? $"{path}: is a folder, not a checkpoint file; a run folder's checkpoints are {Path.Combine(path, "last.ckpt")} and {Path.Combine(path, "best.ckpt")}"
+                : $"{path}: is a folder, not a checkpoint file");
         if (!File.Exists(path)) throw new UserError($"{path}: checkpoint file not found");
-        return File.OpenRead(path);
+        try { return File.OpenRead(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UserError($"{path}: cannot read the checkpoint ({OutputPath.Reason(e)})", e);
+        }
     }
 
     public static ModelConfig ReadConfig(string path)

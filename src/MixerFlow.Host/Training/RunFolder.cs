@@ -47,19 +47,31 @@ public sealed class RunFolder
     /// Locks the run folder <paramref name="path"/> (creating it) for one process: an OS lock on its
     /// <c>.lock</c> file, opened with <see cref="FileShare.None"/> and held until the result is
     /// disposed (or the process ends, also by a crash). A second holder, in this or another process,
-    /// is refused with a <see cref="UserError"/> naming the folder and the holder's process id.
+    /// is refused with a <see cref="UserError"/> naming the folder and the holder's process id; so is
+    /// a path that is an existing file, or a folder the file system will not write (read-only, full).
     /// The id is written into <c>.lock</c> and, so that a refused process can read it while the
     /// lock is held, into <c>.lock-holder</c>.
     /// </summary>
     public static IDisposable Lock(string path)
     {
-        Directory.CreateDirectory(path);
+        if (File.Exists(path))
+            throw new UserError($"{path}: is an existing file, not a folder; a run folder must be a folder or a new path");
+        try { Directory.CreateDirectory(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UserError($"{path}: cannot create the run folder ({OutputPath.Reason(e)})", e);
+        }
         var lockPath = System.IO.Path.Combine(path, LockFile);
         var holderPath = System.IO.Path.Combine(path, LockHolderFile);
         FileStream stream;
         try
         {
             stream = new FileStream(lockPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException e) when (!OutputPath.IsSharingViolation(e))
+        {
+            // Not another holder: the file system refused (a read-only or full disk).
+            throw new UserError($"{path}: cannot write the run folder ({OutputPath.Reason(e)})", e);
         }
         catch (IOException e)
         {
@@ -72,7 +84,7 @@ public sealed class RunFolder
         }
         catch (UnauthorizedAccessException e)
         {
-            throw new UserError($"{path}: cannot lock the run folder ({e.Message})", e);
+            throw new UserError($"{path}: cannot write the run folder ({OutputPath.Reason(e)})", e);
         }
         try
         {
@@ -82,6 +94,11 @@ public sealed class RunFolder
             stream.Write(bytes);
             stream.Flush();
             File.WriteAllText(holderPath, pid + "\n");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            try { stream.Dispose(); } catch (IOException) { }
+            throw new UserError($"{path}: cannot write the run folder ({OutputPath.Reason(e)})", e);
         }
         catch
         {
