@@ -118,6 +118,36 @@ module internal LibTorchContext =
     [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at7Context20setUserEnabledNNPACKEb")>]
     extern void setUserEnabledNNPACK(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
 
+module internal MklDispatch =
+    /// MKL (linked into libtorch_cpu) picks its GEMM kernels by CPU: on a CPU whose vendor string
+    /// is not "GenuineIntel" `mkl_serv_intel_cpu_true()` returns 0 and MKL takes its generic code
+    /// path (about 49 GFLOP/s for a 1024^3 float32 matmul on one Zen 5 core, against 112 when the
+    /// function returns 1). The function caches its answer in a static int (-1 until computed):
+    ///   mov eax, [rip + cached]; test eax, eax; js compute; ret
+    /// Setting that int to 1 before MKL's first GEMM makes MKL trust the CPU's feature flags, as
+    /// a preloaded override of the function does. Nothing is written unless the function starts
+    /// with exactly that sequence. Returns what was done, for the record.
+    let trustCpuFeatures () : string =
+        let mutable lib = 0n
+        if not (NativeLibrary.TryLoad("libtorch_cpu", typeof<NativeRuntime>.Assembly, Nullable(), &lib)) then
+            "libtorch_cpu not found"
+        else
+            let mutable f = 0n
+            if not (NativeLibrary.TryGetExport(lib, "mkl_serv_intel_cpu_true", &f)) then
+                "no mkl_serv_intel_cpu_true in libtorch_cpu (no MKL)"
+            else
+                let b i = Marshal.ReadByte(f, i)
+                if not (b 0 = 0x8buy && b 1 = 0x05uy && b 6 = 0x85uy && b 7 = 0xc0uy && b 8 = 0x78uy) then
+                    "mkl_serv_intel_cpu_true has an unknown shape; left alone"
+                else
+                    let cached = f + 6n + nativeint (Marshal.ReadInt32(f, 2))
+                    match Marshal.ReadInt32 cached with
+                    | 1 -> "MKL already trusts this CPU"
+                    | before ->
+                        Marshal.WriteInt32(cached, 1)
+                        if before = 0 then "MKL had already chosen its generic path; set to trust the CPU for later calls"
+                        else "MKL set to trust the CPU's feature flags"
+
 /// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
 /// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
 /// input channels are not a multiple of the block (72 -> 4) gives wrong or NaN outputs, and one
@@ -142,10 +172,25 @@ type NativeBackend =
                 // Reason: Unsupported hardware" before falling back. Not trying it at all changes
                 // no result (the fallback is the same im2col + BLAS path).
                 (try LibTorchContext.setUserEnabledNNPACK (c, false) with :? EntryPointNotFoundException -> ())
+                NativeBackend.MklOutcome <-
+                    if Environment.GetEnvironmentVariable "MIXERFLOW_MKL_GENERIC" = "1" then "left on MKL's own CPU check (MIXERFLOW_MKL_GENERIC=1)"
+                    else MklDispatch.trustCpuFeatures ()
                 Some c
              with
              | :? DllNotFoundException
              | :? EntryPointNotFoundException -> None)
+
+    /// What was done about MKL's CPU check at first use (see <see cref="MklFastKernels"/>).
+    static member val MklOutcome = "not yet initialised" with get, set
+
+    /// Where LibTorch's MKL would take its generic kernels because the CPU is not an Intel one
+    /// (AMD here: about 49 against 112 GFLOP/s for a 1024^3 float32 matmul on one core), Core makes
+    /// it trust the CPU's feature flags at first use, as a preloaded override of
+    /// `mkl_serv_intel_cpu_true` would. Set the environment variable MIXERFLOW_MKL_GENERIC=1 to
+    /// keep MKL's own choice. True where MKL now trusts the CPU.
+    static member MklFastKernels =
+        NativeBackend.Ensure()
+        NativeBackend.MklOutcome.StartsWith "MKL"
 
     /// Turns oneDNN convolutions off (once per process; later calls are free). Called by every
     /// bijector's constructor and by the convolutional conditioners.

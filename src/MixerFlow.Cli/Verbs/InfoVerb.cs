@@ -14,6 +14,9 @@ public static class InfoVerb
         var config = options.Preset is not null ? Presets.Get(options.Preset) : Checkpoint.ReadConfig(options.Checkpoint);
         var model = new ImageFlow(config);
         Describe(model, output);
+        output.WriteLine();
+        output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads; MKL: {NativeBackend.MklOutcome}; " +
+                         $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
         if (options.TimeStep) TimeSteps(model, output);
         return 0;
     }
