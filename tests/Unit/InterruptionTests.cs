@@ -198,6 +198,27 @@ public class InterruptionTests
     }
 
     [Fact]
+    public void A_second_Ctrl_C_exits_at_once_without_the_resume_line()
+    {
+        var dir = TempDir();
+        try
+        {
+            // fashion-mnist: a step takes long enough (over 50 ms here) for the second signal to
+            // arrive while the first is still being honoured.
+            using var child = new MixerflowProcess.Child("train", "--preset", "fashion-mnist", "--steps", "100000",
+                "--checkpoint-every", "100000", "--threads", "1", "--out", dir);
+            WaitForSteps(child, dir);
+            child.Signal(SIGINT);
+            Thread.Sleep(10);
+            child.Signal(SIGINT);
+            int code = child.Wait(TimeSpan.FromMinutes(2));
+            Assert.True(code == 130, $"exit {code}\n{child.Stdout}\n{child.Stderr}");
+            Assert.DoesNotContain("interrupted at step", child.Stderr);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    [Fact]
     public void Ctrl_C_on_a_fresh_run_exits_130_with_the_resume_line()
     {
         var dir = TempDir();

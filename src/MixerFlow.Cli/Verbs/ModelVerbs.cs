@@ -36,6 +36,8 @@ public static class ModelVerbs
         {
             // True: the first request, handled here; false: a second one, which ends the process.
             if (Interlocked.CompareExchange(ref signal, number, 0) != 0) return false;
+            // On a terminal the live progress line has no newline yet.
+            if (!Console.IsOutputRedirected) Console.WriteLine();
             Console.Error.WriteLine($"{(number == 2 ? "Ctrl-C" : "SIGTERM")}: stopping after the current step and saving last.ckpt (Ctrl-C again to stop at once)");
             cts.Cancel();
             return true;
