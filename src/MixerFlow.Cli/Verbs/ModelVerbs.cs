@@ -2,6 +2,7 @@ using MixerFlow.Core;
 using MixerFlow.Checks;
 using MixerFlow.Host;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text;
 using MixerFlow.CommandLine;
 using Device = MixerFlow.CommandLine.Device;
@@ -17,15 +18,60 @@ namespace MixerFlow.Cli.Verbs;
 /// <summary>`train`, `eval`, `sample` and `embed`.</summary>
 public static class ModelVerbs
 {
-    /// <summary>`train`: the run folder is checked first (not an existing file, writable), so a
-    /// refusal comes before any data is loaded or step taken.</summary>
+    /// <summary>Exit code after Ctrl-C (SIGINT): 128 + 2, the shell convention.</summary>
+    public const int InterruptedExitCode = 130;
+    /// <summary>Exit code after SIGTERM: 128 + 15.</summary>
+    public const int TerminatedExitCode = 143;
+
+    /// <summary>
+    /// Trains. The first Ctrl-C (SIGINT) or SIGTERM finishes the step in progress, saves last.ckpt,
+    /// prints one line naming the step, the checkpoint and how to resume, and exits with 130 (SIGINT)
+    /// or 143 (SIGTERM); a second one exits at once. A run that keeps diverging exits with 2.
+    /// </summary>
+    /// The run folder is checked first (not an existing file, writable), so a refusal comes before
+    /// any data is loaded or step taken.
     public static int Train(TrainingSettings settings, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(settings);
         // The default run folder is made under runs/ (Trainer names it).
         OutputPath.CheckFolder(settings.RunFolder ?? "runs", settings.Resume ? "--resume" : "--out");
-        new Trainer(settings, new ProgressReporter(output)).Run();
-        return 0;
+        using var cts = new CancellationTokenSource();
+        int signal = 0; // the first signal received: 2 (SIGINT) or 15 (SIGTERM)
+        bool Request(int number)
+        {
+            // True: the first request, handled here; false: a second one, which ends the process.
+            if (Interlocked.CompareExchange(ref signal, number, 0) != 0) return false;
+            // On a terminal the live progress line has no newline yet.
+            if (!Console.IsOutputRedirected) Console.WriteLine();
+            Console.Error.WriteLine($"{(number == 2 ? "Ctrl-C" : "SIGTERM")}: stopping after the current step and saving last.ckpt (Ctrl-C again to stop at once)");
+            cts.Cancel();
+            return true;
+        }
+        ConsoleCancelEventHandler onCtrlC = (_, e) => e.Cancel = Request(2);
+        Console.CancelKeyPress += onCtrlC;
+        PosixSignalRegistration? onTerm = null;
+        try { onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => c.Cancel = Request(15)); }
+        catch (PlatformNotSupportedException) { }
+        try
+        {
+            new Trainer(settings, new ProgressReporter(output)).Run(cts.Token);
+            return 0;
+        }
+        catch (TrainingInterruptedException e)
+        {
+            Console.Error.WriteLine($"interrupted at step {e.Step}: saved {e.Checkpoint}; continue with: mixerflow train --resume {e.RunFolder}");
+            return signal == 15 ? TerminatedExitCode : InterruptedExitCode;
+        }
+        catch (TrainingDivergedException e)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 2;
+        }
+        finally
+        {
+            Console.CancelKeyPress -= onCtrlC;
+            onTerm?.Dispose();
+        }
     }
 
     static ImageFlow Load(string checkpoint, Device device)

@@ -17,8 +17,13 @@ public sealed record TrainSummary(
 /// <see cref="TrainingStep"/> per batch, held-out <see cref="Evaluation"/> after every epoch, and a
 /// <see cref="RunFolder"/> with atomic checkpoints every N steps and at the best held-out score.
 /// Seeded and reproducible: data order and dequantisation noise are functions of seed and step,
-/// so a resumed run continues exactly as an uninterrupted one. Five non-finite steps in a row
-/// roll back to the last checkpoint at half the learning rate.
+/// so a resumed run continues exactly as an uninterrupted one. A step whose loss or gradient is
+/// not finite, or whose loss explodes against the recent kept ones (<see cref="DivergenceGuard"/>),
+/// is dropped; <see cref="TrainingSettings.RollbackAfter"/> dropped steps in a row roll back to the
+/// last checkpoint (a fresh run writes one at step 0) at half the learning rate, and a run that
+/// needs more than <see cref="TrainingSettings.MaxRollbacks"/> rollbacks ends with a
+/// <see cref="TrainingDivergedException"/>. <see cref="Run(CancellationToken)"/> stops cleanly when
+/// cancelled, saving last.ckpt first (<see cref="TrainingInterruptedException"/>).
 /// </summary>
 public sealed class Trainer
 {
@@ -62,7 +67,18 @@ public sealed class Trainer
         return order;
     }
 
-    public TrainSummary Run()
+    /// <summary>Trains to the end; see <see cref="Run(CancellationToken)"/>.</summary>
+    public TrainSummary Run() => Run(CancellationToken.None);
+
+    /// <summary>
+    /// Trains to the end and returns the summary (also written to summary.json). When
+    /// <paramref name="cancellationToken"/> is cancelled, the step in progress is finished, last.ckpt
+    /// is saved at the current step and a <see cref="TrainingInterruptedException"/> (an
+    /// <see cref="OperationCanceledException"/>) is thrown; resuming the run folder continues from there.
+    /// A run that keeps diverging throws <see cref="TrainingDivergedException"/>; invalid input or
+    /// settings, a <see cref="UserError"/>.
+    /// </summary>
+    public TrainSummary Run(CancellationToken cancellationToken)
     {
         var s = settings;
         var wall = Stopwatch.StartNew();
@@ -129,12 +145,16 @@ public sealed class Trainer
 
         if (resumed is null)
         {
+            // A rollback target from the start: a run that goes bad before its first checkpoint
+            // rolls back to the untrained model.
+            folder.SaveCheckpoint(LastCheckpoint, model, 0, 0, best, adam);
             // The untrained model's held-out score starts the curve.
             var (held0, se0) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device);
             folder.Record(0, 0, null, (held0, se0), null, null, 0);
             observer.OnEvaluation(new EvaluationReport(0, 0, held0, se0, false));
         }
 
+        var guard = new DivergenceGuard();
         int dropped = 0, rollbacks = 0, consecutiveBad = 0;
         double lrScale = 1.0, lastTrainBpd = double.NaN, runningBpd = double.NaN, imagesPerSecond = 0;
         (double Bpd, double StdErr)? lastHeldOut = null;
@@ -146,6 +166,12 @@ public sealed class Trainer
         model.train();
         while (step < totalSteps)
         {
+            if (cancellationToken.IsCancellationRequested)
+            {
+                // Between steps: the last one finished, so the state is whole; save it and stop.
+                folder.SaveCheckpoint(LastCheckpoint, model, step, (int)(Math.Max(0, step - 1) / stepsPerEpoch), best, adam);
+                throw new TrainingInterruptedException(step, folder.Last, folder.Path, cancellationToken);
+            }
             int epoch = (int)(step / stepsPerEpoch);
             int inEpoch = (int)(step % stepsPerEpoch);
             if (epoch != orderEpoch) (order, orderEpoch) = (EpochOrder(data.Train.Count, s.Seed, epoch), epoch);
@@ -155,7 +181,7 @@ public sealed class Trainer
             manual_seed(s.Seed * 1_000_003L + step);
             StepOutcome outcome;
             using (var scope = NewDisposeScope())
-                outcome = trainingStep.Take(data.Train.Batch(idx).to(device), lr, loss => observer.TransformLoss(stepNow, loss));
+                outcome = trainingStep.Take(data.Train.Batch(idx).to(device), lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
 
             if (!outcome.Kept)
             {
@@ -164,9 +190,15 @@ public sealed class Trainer
                 observer.OnMessage($"step {step}: {outcome.DroppedBecause}, step dropped ({dropped} so far)");
                 if (consecutiveBad >= s.RollbackAfter)
                 {
+                    if (rollbacks >= s.MaxRollbacks)
+                        throw new TrainingDivergedException(
+                            $"training diverged: {s.RollbackAfter} steps in a row dropped at step {step} (last: {outcome.DroppedBecause}) " +
+                            $"after {rollbacks} rollbacks, each halving the learning rate; nothing after the last checkpoint was kept " +
+                            $"and no summary was written; train again with a lower --lr than {s.LearningRate}", step, rollbacks);
                     if (!File.Exists(folder.Last))
-                        throw new UserError($"{s.RollbackAfter} non-finite steps in a row before any checkpoint was written; lower the learning rate (now {s.LearningRate})");
+                        throw new UserError($"{s.RollbackAfter} bad steps in a row and no checkpoint to roll back to ({folder.Last} is missing); lower the learning rate (now {s.LearningRate})");
                     step = Checkpoint.LoadInto(folder.Last, model, adam).Step;
+                    guard.ForgetAfter(step);
                     lrScale *= 0.5;
                     rollbacks++;
                     consecutiveBad = 0;
@@ -177,6 +209,7 @@ public sealed class Trainer
                 continue;
             }
             consecutiveBad = 0;
+            guard.Keep(step, outcome.BitsPerDim);
             step++;
             imagesSinceReport += idx.Length;
             lastTrainBpd = outcome.BitsPerDim;
@@ -197,7 +230,7 @@ public sealed class Trainer
                 var (held, se) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device);
                 lastHeldOut = (held, se);
                 folder.Record(step, epoch, runningBpd, (held, se), lr, imagesPerSecond, dropped);
-                bool isBest = held < best;
+                bool isBest = double.IsFinite(held) && held < best;
                 observer.OnEvaluation(new EvaluationReport(step, epoch, held, se, isBest));
                 if (isBest) { best = held; folder.SaveCheckpoint(BestCheckpoint, model, step, epoch, best, adam); }
                 folder.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);

@@ -78,6 +78,12 @@ public sealed record TrainingSettings
     /// <summary>Non-finite steps in a row after which the run rolls back to its last checkpoint.</summary>
     public int RollbackAfter { get; init; } = 5;
 
+    /// <summary>
+    /// Rollbacks a run may make; when it needs one more, it ends with a
+    /// <see cref="TrainingDivergedException"/> (the learning rate is too high for the model).
+    /// </summary>
+    public int MaxRollbacks { get; init; } = 3;
+
     /// <summary>Write samples, reconstructions and the training curve into the run folder.</summary>
     public bool Pictures { get; init; } = true;
 
@@ -95,6 +101,7 @@ public sealed record TrainingSettings
         if (Threads < 0) p.Add($"threads: must be >= 0, got {Threads}");
         if (CheckpointEvery < 1) p.Add($"checkpointEvery: must be >= 1, got {CheckpointEvery}");
         if (RollbackAfter < 1) p.Add($"rollbackAfter: must be >= 1, got {RollbackAfter}");
+        if (MaxRollbacks < 0) p.Add($"maxRollbacks: must be >= 0, got {MaxRollbacks}");
         if (ExtendSteps < 0) p.Add($"extendSteps: must be >= 0, got {ExtendSteps}");
         if (ExtendSteps > 0 && !Resume) p.Add("extendSteps: only extends a resumed run");
         if (Resume && RunFolder is null) p.Add("resume: needs the run folder to continue");

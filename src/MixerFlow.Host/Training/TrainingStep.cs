@@ -9,29 +9,43 @@ public readonly record struct StepOutcome(bool Kept, double BitsPerDim, string? 
 
 /// <summary>
 /// One training step with its guards: the mean bits/dim of a batch, backward, global-norm gradient
-/// clipping, Adam. A step whose loss or gradient norm is not finite changes nothing and is
-/// reported as dropped.
+/// clipping, Adam. A step whose loss or gradient norm is not finite, or whose loss the caller
+/// rejects (a divergence guard), changes nothing and is reported as dropped: not the parameters,
+/// not the optimiser state, and not the model's buffers (batch-norm running statistics, ActNorm's
+/// initialised flag), which the forward pass may have updated and which are put back.
 /// </summary>
 public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNorm)
 {
     public Adam Optimizer => optimizer;
 
-    /// <summary>Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning rate <paramref name="lr"/>.</summary>
-    public StepOutcome Take(Tensor batch, double lr, Func<Tensor, Tensor>? transformLoss = null)
+    /// <summary>
+    /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
+    /// rate <paramref name="lr"/>. <paramref name="rejectLoss"/>, given the finite loss before the
+    /// backward pass, returns why the step must be dropped, or null to keep it.
+    /// </summary>
+    public StepOutcome Take(Tensor batch, double lr, Func<Tensor, Tensor>? transformLoss = null, Func<double, string?>? rejectLoss = null)
     {
         optimizer.LearningRate = lr;
         using var scope = NewDisposeScope();
+        var buffers = model.buffers().ToArray();
+        var saved = buffers.Select(b => b.detach().clone()).ToArray();
+        StepOutcome Drop(double bpd, string why)
+        {
+            using (no_grad()) for (int i = 0; i < buffers.Length; i++) buffers[i].copy_(saved[i]);
+            return new StepOutcome(false, bpd, why);
+        }
         var loss = model.BitsPerDim(batch).mean();
         if (transformLoss is not null) loss = transformLoss(loss);
         double bpd = loss.item<float>();
-        if (!double.IsFinite(bpd)) return new StepOutcome(false, bpd, "non-finite loss");
+        if (!double.IsFinite(bpd)) return Drop(bpd, "non-finite loss");
+        if (rejectLoss?.Invoke(bpd) is { } rejected) return Drop(bpd, rejected);
         optimizer.ZeroGrad();
         loss.backward();
         var norm = nn.utils.clip_grad_norm_(model.parameters(), clipNorm);
         if (!double.IsFinite(norm))
         {
             optimizer.ZeroGrad();
-            return new StepOutcome(false, bpd, "non-finite gradient");
+            return Drop(bpd, "non-finite gradient");
         }
         optimizer.Step();
         return new StepOutcome(true, bpd, null);
