@@ -82,6 +82,24 @@ internal static class ImageFolderFormat
         return new Result(dataset, classes, skipped);
     }
 
+    /// <summary>One PNG/JPEG file as a data set of one image (scaled to cover, centre-cropped).</summary>
+    public static ImageDataset ReadFile(string path, int channels, int height, int width)
+    {
+        if (channels is not (1 or 3))
+            throw new UserError($"images can be read as 1 (grey) or 3 (RGB) channels, but the model expects {channels}");
+        if (Directory.Exists(path)) throw new UserError($"'{path}' is a folder; expected a PNG or JPEG file");
+        if (!File.Exists(path)) throw new UserError($"'{path}' does not exist");
+        var pixels = new byte[channels * height * width];
+        if (channels == 1) Decode<L8>(path, height, width, pixels, 0, (row, plane, x, stride) => plane[x] = row.PackedValue);
+        else Decode<Rgb24>(path, height, width, pixels, 0, (row, plane, x, stride) =>
+        {
+            plane[x] = row.R;
+            plane[stride + x] = row.G;
+            plane[2 * stride + x] = row.B;
+        });
+        return new ImageDataset(pixels, 1, channels, height, width, null, path);
+    }
+
     delegate void Store<TPixel>(TPixel pixel, Span<byte> plane, int x, int planeStride);
 
     /// <summary>Decodes, scales to cover height x width, centre-crops, and writes channel-major at <paramref name="offset"/>.</summary>

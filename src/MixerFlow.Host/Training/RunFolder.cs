@@ -7,6 +7,7 @@ using MixerFlow.Host.Imaging;
 using MixerFlow.Host.Models;
 using TorchSharp.Modules;
 using Adam = MixerFlow.Core.Adam;
+using Ops = MixerFlow.Core.Ops;
 using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Training;
@@ -180,10 +181,33 @@ public sealed class RunFolder
     {
         model.eval();
         manual_seed(seed);
+        using var scope = NewDisposeScope();
         foreach (var t in new[] { 0.5, 0.7, 1.0 })
             ImageGrid.Save(model.Sample(64, t), System.IO.Path.Combine(Path, $"samples-t{t.ToString("0.0", CultureInfo.InvariantCulture)}.png"));
         var originals = heldOut.Batch(Enumerable.Range(0, Math.Min(16, heldOut.Count)).ToArray()).to(model.Device);
         using (no_grad()) ImageGrid.SavePairs(originals, model.Reconstruct(originals), System.IO.Path.Combine(Path, "reconstructions.png"));
+    }
+
+    /// <summary>The folder of the per-epoch sample grids (samples/epoch-NNN.png).</summary>
+    public string SamplesFolder => System.IO.Path.Combine(Path, "samples");
+
+    /// <summary>
+    /// Decodes the same base noise after every epoch (samples/epoch-NNN.png, temperature 0.7), so
+    /// that progress can be watched on the same samples; <paramref name="noise"/> is a standard
+    /// normal draw of the model's latent shape, fixed for the run.
+    /// </summary>
+    public void SaveEpochSamples(ImageFlow model, Tensor noise, int epoch)
+    {
+        bool training = model.training;
+        model.eval();
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            Directory.CreateDirectory(SamplesFolder);
+            ImageGrid.Save(model.Decode(noise.mul(Ops.Scalar(0.7))), System.IO.Path.Combine(SamplesFolder, $"epoch-{epoch:000}.png"));
+        }
+        finally { model.train(training); }
     }
 
     public void SaveSummary(TrainSummary summary) =>

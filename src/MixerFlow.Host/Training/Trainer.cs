@@ -163,6 +163,15 @@ public sealed class Trainer
         bool stoppedEarly = false;
         int[] order = [];
         int orderEpoch = -1;
+        // The same base noise is decoded after every epoch (samples/epoch-NNN.png): a generator of
+        // its own, so the training's random stream is untouched.
+        Tensor? epochNoise = null;
+        if (s.Pictures)
+        {
+            using var noiseGenerator = new Generator((ulong)s.Seed + 0x5A3D1E);
+            epochNoise = randn(Ops.BatchShape(36, model.Transform.OutputShape), generator: noiseGenerator).to(device);
+        }
+        using var epochNoiseOwner = epochNoise;
         model.train();
         while (step < totalSteps)
         {
@@ -234,7 +243,11 @@ public sealed class Trainer
                 observer.OnEvaluation(new EvaluationReport(step, epoch, held, se, isBest));
                 if (isBest) { best = held; folder.SaveCheckpoint(BestCheckpoint, model, step, epoch, best, adam); }
                 folder.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);
-                if (s.Pictures) folder.SaveCurve($"{cfg.Name}: bits/dim");
+                if (s.Pictures)
+                {
+                    folder.SaveCurve($"{cfg.Name}: bits/dim");
+                    folder.SaveEpochSamples(model, epochNoise!, (int)Math.Ceiling(step / (double)stepsPerEpoch));
+                }
                 throughput.Restart();
             }
             if (observer.ShouldStop(step)) { stoppedEarly = true; break; }
