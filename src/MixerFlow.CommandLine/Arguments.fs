@@ -125,6 +125,23 @@ type EmbedArgs =
             | Data _ -> "data folder (default: the embedded Fashion-MNIST test split)."
             | Out _ -> "CSV file: one row per image, the label (if any) and the latent."
 
+type InterpolateArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | [<Mandatory>] From of image: string
+    | [<Mandatory>] To of image: string
+    | Steps of n: int
+    | Linear
+    | Out of file: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "checkpoint file written by train."
+            | From _ -> "the first image (PNG or JPEG; scaled to cover the model's size and centre-cropped)."
+            | To _ -> "the last image."
+            | Steps _ -> "images on the path, the two ends included, 2..64 (default 10)."
+            | Linear -> "interpolate the latents linearly (default: spherically, keeping their norm)."
+            | Out _ -> "PNG file for the strip (default interpolation.png)."
+
 [<RequireSubcommand>]
 type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
@@ -133,6 +150,7 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Embed of ParseResults<EmbedArgs>
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
+    | [<CliPrefix(CliPrefix.None)>] Interpolate of ParseResults<InterpolateArgs>
     | [<AltCommandLine("-v")>] Verbose
     interface IArgParserTemplate with
         member a.Usage =
@@ -143,6 +161,7 @@ type MainArgs =
             | Sample _ -> "sample images from a checkpoint as a PNG grid."
             | Embed _ -> "latents of a data set for downstream use, with a linear-probe accuracy where labels exist."
             | Info _ -> "print a model's configuration and parameter breakdown."
+            | Interpolate _ -> "decode the path between two images in latent space as a PNG strip."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
 /// `eval`: score a checkpoint.
@@ -153,6 +172,8 @@ type SampleCommand = { Checkpoint: string; Count: int; Temperatures: float[]; Ou
 type EmbedCommand = { Checkpoint: string; Data: string; Out: string }
 /// `info`: exactly one of Preset and Checkpoint is non-null.
 type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool }
+/// `interpolate`: the latent path between two images as a strip.
+type InterpolateCommand = { Checkpoint: string; From: string; To: string; Steps: int; Spherical: bool; Out: string }
 /// `check`: the property checks of the built-in bijectors.
 type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
 
@@ -164,6 +185,7 @@ type Command =
     | Embed of EmbedCommand
     | Info of InfoCommand
     | Check of CheckCommand
+    | Interpolate of InterpolateCommand
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
@@ -266,6 +288,17 @@ type CommandLine =
             | Some p, None -> Command.Info { Preset = p; Checkpoint = null; TimeStep = i.Contains InfoArgs.Time_Step }
             | None, Some c -> Command.Info { Preset = null; Checkpoint = c; TimeStep = i.Contains InfoArgs.Time_Step }
             | _ -> i.Raise("info needs exactly one of --preset NAME and --checkpoint FILE")
+        | MainArgs.Interpolate p ->
+            Command.Interpolate
+                { Checkpoint = p.GetResult InterpolateArgs.Checkpoint
+                  From = p.GetResult InterpolateArgs.From
+                  To = p.GetResult InterpolateArgs.To
+                  Steps =
+                    p.TryPostProcessResult(InterpolateArgs.Steps, fun n ->
+                        if n < 2 || n > 64 then failwithf "must lie in 2..64, got %d" n else n)
+                    |> Option.defaultValue 10
+                  Spherical = not (p.Contains InterpolateArgs.Linear)
+                  Out = p.GetResult(InterpolateArgs.Out, defaultValue = "interpolation.png") }
         | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
     /// Parses the arguments; never throws for bad input.

@@ -65,3 +65,51 @@ public class SamplingTests : IDisposable
         Assert.Contains("is a folder", e.Message);
     }
 }
+
+/// <summary>The `interpolate` verb end to end.</summary>
+public class InterpolateVerbTests
+{
+    static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var (err, @out) = (new StringWriter(), new StringWriter());
+        var (savedErr, savedOut) = (Console.Error, Console.Out);
+        Console.SetError(err);
+        Console.SetOut(@out);
+        try { return (MixerFlow.Cli.Program.Main(args), @out.ToString(), err.ToString()); }
+        finally { Console.SetError(savedErr); Console.SetOut(savedOut); }
+    }
+
+    [Fact]
+    public void Writes_a_strip_between_two_pictures_and_refuses_a_missing_one_in_one_line()
+    {
+        var dir = Directory.CreateTempSubdirectory("mixerflow-interpolate-").FullName;
+        try
+        {
+            new Trainer(new TrainingSettings
+            {
+                Model = Presets.Get("tiny"), RunFolder = Path.Combine(dir, "run"), Steps = 2, BatchSize = 8, Pictures = false,
+            }).Run();
+            var ckpt = Path.Combine(dir, "run", Trainer.LastCheckpoint);
+            var images = DatasetLoader.Load(null, 1, 28, 28, 7).HeldOut;
+            ImageGrid.Save(images.Batch([0]), Path.Combine(dir, "a.png"), columns: 1, scale: 1, padding: 0);
+            ImageGrid.Save(images.Batch([1]), Path.Combine(dir, "b.png"), columns: 1, scale: 1, padding: 0);
+            var strip = Path.Combine(dir, "strip.png");
+            var (code, output, err) = Run("interpolate", "--checkpoint", ckpt, "--from", Path.Combine(dir, "a.png"),
+                                          "--to", Path.Combine(dir, "b.png"), "--steps", "5", "--out", strip);
+            Assert.True(code == 0, err);
+            Assert.Contains("wrote 5 images", output);
+            // 5 tiles of 28 pixels at scale 2 with 1-pixel padding, in one row.
+            var info = SixLabors.ImageSharp.Image.Identify(strip);
+            Assert.Equal(5 * 56 + 6, info.Width);
+            Assert.Equal(56 + 2, info.Height);
+
+            (code, _, err) = Run("interpolate", "--checkpoint", ckpt, "--from", Path.Combine(dir, "missing.png"),
+                                 "--to", Path.Combine(dir, "b.png"), "--out", Path.Combine(dir, "x.png"));
+            Assert.Equal(2, code);
+            Assert.StartsWith("error:", err);
+            Assert.Contains("missing.png", err);
+            Assert.DoesNotContain(" at ", err);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+}

@@ -145,6 +145,23 @@ public static class ModelVerbs
         return 0;
     }
 
+    /// <summary>`interpolate`: both images are encoded, the latent path between them decoded, and
+    /// the strip written (the ends are the images as the model reconstructs them).</summary>
+    public static int Interpolate(InterpolateCommand o, TextWriter output)
+    {
+        ArgumentNullException.ThrowIfNull(o);
+        OutputPath.CheckFile(o.Out, "--out");
+        var model = Load(o.Checkpoint, Device.Cpu);
+        var c = model.Config;
+        var from = ImageFolderFormat.ReadFile(o.From, c.Channels, c.Height, c.Width);
+        var to = ImageFolderFormat.ReadFile(o.To, c.Channels, c.Height, c.Width);
+        using var scope = NewDisposeScope();
+        var strip = model.Interpolate(from.Batch([0]), to.Batch([0]), o.Steps, o.Spherical);
+        ImageGrid.Save(strip, o.Out, columns: o.Steps);
+        output.WriteLine($"wrote {o.Steps} images from {o.From} to {o.To} ({(o.Spherical ? "spherical" : "linear")} in latent space) to {o.Out}");
+        return 0;
+    }
+
     /// <summary>`embed`: the output path is checked (not a folder, its folder writable) before any work.</summary>
     public static int Embed(EmbedCommand o, TextWriter output)
     {
