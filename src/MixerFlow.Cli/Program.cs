@@ -25,6 +25,7 @@ public static class Program
                 Command.Embed e => ModelVerbs.Embed(e.Item, Console.Out),
                 Command.Check c => CheckVerb.Run(c.Item, Console.Out),
                 Command.Info i => InfoVerb.Run(i.Item, Console.Out),
+                Command.Experiment e => ExperimentVerb.Run(e.Item, Console.Out),
                 _ => throw new InvalidOperationException($"command {parsed.Command} has no handler"),
             };
         }

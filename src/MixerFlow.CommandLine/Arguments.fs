@@ -137,6 +137,15 @@ type EmbedArgs =
             | Data _ -> "data folder (default: the embedded Fashion-MNIST test split)."
             | Out _ -> "CSV file: one row per image, the label (if any) and the latent."
 
+type ExperimentArgs =
+    | [<MainCommand; Mandatory; Unique>] Spec of file: string
+    | Out of dir: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Spec _ -> "the experiment spec (JSON): runs (name, preset or config, set, seeds) and the shared budget (steps, batchSize, learningRate, data); see experiments/README.md."
+            | Out _ -> "results folder (default runs/<spec file name>); running again resumes: finished runs are not retrained."
+
 [<RequireSubcommand>]
 type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
@@ -145,6 +154,7 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Embed of ParseResults<EmbedArgs>
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
+    | [<CliPrefix(CliPrefix.None)>] Experiment of ParseResults<ExperimentArgs>
     | [<AltCommandLine("-v")>] Verbose
     interface IArgParserTemplate with
         member a.Usage =
@@ -155,6 +165,7 @@ type MainArgs =
             | Sample _ -> "sample images from a checkpoint as a PNG grid."
             | Embed _ -> "latents of a data set for downstream use, with a linear-probe accuracy where labels exist."
             | Info _ -> "print a model's configuration and parameter breakdown."
+            | Experiment _ -> "train several models under one budget and compare them: results.csv/.md, held-out curves, samples side by side."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
 /// `eval`: score a checkpoint.
@@ -169,6 +180,9 @@ type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool; Model: 
 /// `check`: the property checks of the built-in bijectors.
 type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
 
+/// `experiment`: run a spec file into a results folder.
+type ExperimentCommand = { Spec: string; Out: string }
+
 /// A parsed command line: one case per verb. `Train` carries the library's own settings record.
 type Command =
     | Train of settings: TrainingSettings
@@ -177,6 +191,7 @@ type Command =
     | Embed of EmbedCommand
     | Info of InfoCommand
     | Check of CheckCommand
+    | Experiment of ExperimentCommand
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
@@ -291,6 +306,11 @@ type CommandLine =
             | None, None, Some f ->
                 Command.Info { Preset = null; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(null, f, sets) }
             | _ -> i.Raise("info needs exactly one of --preset NAME, --config FILE and --checkpoint FILE")
+        | MainArgs.Experiment e ->
+            let spec = e.GetResult ExperimentArgs.Spec
+            Command.Experiment
+                { Spec = spec
+                  Out = e.GetResult(ExperimentArgs.Out, defaultValue = IO.Path.Combine("runs", IO.Path.GetFileNameWithoutExtension spec)) }
         | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
     /// Parses the arguments; never throws for bad input.
