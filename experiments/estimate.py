@@ -2,7 +2,8 @@
 t = {'mixerflow': 41, 'bands': 55, 'stripes': 56, 'shift-off': 37, 'additive': 45, 'spline': 262, 'maf': 39, 'batchnorm': 40, 'glow': 442}
 loop = 1.3                                      # real training loop / info --time-step
 ev = {k: 4 * v / 41 for k, v in t.items()}      # s per evaluation of the 10,000 test images
-ev['glow'] = 94
+ev['glow'] = 94                                 # measured: eval of a checkpoint on the test split
+ev['spline'] = 40                               # measured: a 20-step run of inner-flows.json
 start = 10                                      # per run: process, data, pictures
 specs = {
     'mixerflow-vs-glow': (3000, [('mixerflow', 1), ('glow', 1)], 7000),
