@@ -195,6 +195,15 @@ public class ExperimentTests
             Assert.Empty(again.Trained);
             Assert.Contains("finished earlier, not retrained", log.ToString());
             Assert.Equal(rows.Select(r => r.TestBpd), rows2.Select(r => r.TestBpd));
+
+            // a changed budget or model is refused by name, not reported as if trained under it
+            File.WriteAllText(specPath, TinySpec.Replace("\"steps\": 10", "\"steps\": 12"));
+            var e = Assert.Throws<UserError>(() => new Experiment(ExperimentSpec.Load(specPath), output).Run());
+            Assert.Contains("steps: trained with 10, the spec says 12", e.Message);
+            File.WriteAllText(specPath, TinySpec.Replace("\"shift\": false", "\"shift\": false, \"hiddenWidth\": 8"));
+            e = Assert.Throws<UserError>(() => new Experiment(ExperimentSpec.Load(specPath), output).Run());
+            Assert.Contains("tiny-no-shift/seed-0", e.Message);
+            Assert.Contains("hiddenWidth: trained with 16, the spec says 8", e.Message);
         }
         finally { Directory.Delete(dir, true); }
     }

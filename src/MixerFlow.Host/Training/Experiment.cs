@@ -284,6 +284,7 @@ public sealed class Experiment
         var folder = FolderOf(run.Name, seed);
         var resultPath = Path.Combine(folder, SeedResultFile);
         var label = $"{run.Name}/seed-{seed}";
+        CheckUnchanged(run, seed, folder, label);
         if (RunFolder.ReadSummary(folder) is not null && File.Exists(resultPath))
         {
             log.WriteLine($"{label}: finished earlier, not retrained");
@@ -322,6 +323,41 @@ public sealed class Experiment
             summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps);
         AtomicFile.WriteAllText(resultPath, JsonSerializer.Serialize(result, Json));
         return result;
+    }
+
+    /// <summary>
+    /// Refuses a run folder trained under another budget or model than the spec now gives (a
+    /// finished run would otherwise be reported under the new spec without being retrained).
+    /// </summary>
+    void CheckUnchanged(ExperimentRun run, int seed, string folder, string label)
+    {
+        var diffs = new List<string>();
+        var settingsPath = RunFolder.SettingsFile(folder);
+        if (File.Exists(settingsPath))
+        {
+            TrainingSettings saved;
+            try { saved = TrainingSettings.FromJson(File.ReadAllText(settingsPath)); }
+            catch (JsonException e) { throw new UserError($"{label}: '{settingsPath}' cannot be read: {e.Message}", e); }
+            var now = spec.SettingsFor(run, seed, folder, false);
+            static string D(string? d) => d is null ? "the bundled data" : Path.GetFullPath(d);
+            if (saved.Steps != now.Steps) diffs.Add($"steps: trained with {saved.Steps}, the spec says {now.Steps}");
+            if (saved.BatchSize != now.BatchSize) diffs.Add($"batchSize: trained with {saved.BatchSize}, the spec says {now.BatchSize}");
+            if (saved.LearningRate != now.LearningRate) diffs.Add($"learningRate: trained with {saved.LearningRate}, the spec says {now.LearningRate}");
+            if (saved.WarmupSteps != now.WarmupSteps) diffs.Add($"warmupSteps: trained with {saved.WarmupSteps}, the spec says {now.WarmupSteps}");
+            if (D(saved.Data) != D(now.Data)) diffs.Add($"data: trained on {D(saved.Data)}, the spec says {D(now.Data)}");
+        }
+        var configPath = Path.Combine(folder, "config.json");
+        if (File.Exists(configPath))
+        {
+            using var saved = JsonDocument.Parse(File.ReadAllText(configPath));
+            using var now = JsonDocument.Parse(run.Model.ToJson());
+            foreach (var p in now.RootElement.EnumerateObject())
+                if (!saved.RootElement.TryGetProperty(p.Name, out var v) || v.GetRawText() != p.Value.GetRawText())
+                    diffs.Add($"{p.Name}: trained with {(saved.RootElement.TryGetProperty(p.Name, out var w) ? w.GetRawText() : "none")}, the spec says {p.Value.GetRawText()}");
+        }
+        if (diffs.Count > 0)
+            throw new UserError($"{label}: {folder} was trained under another spec ({string.Join("; ", diffs)}); " +
+                                "give another --out folder, or delete the run's folder to train it again");
     }
 
     /// <summary>Linear-probe accuracy of the model's latents (NaN without labels or with the probe off).</summary>
