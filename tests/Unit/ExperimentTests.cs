@@ -116,6 +116,11 @@ public class ConfigOverrideTests
             Assert.Equal(saved, ConfigOverrides.ReadConfigFile(Path.Combine(run, Trainer.LastCheckpoint)));
             (code, output, _) = Cli("info", "--config", Path.Combine(run, "config.json"));
             Assert.Equal(0, code);
+            // what `info` prints (the JSON, then the parameter table) reads back as --config
+            var printed = Path.Combine(dir, "printed.json");
+            File.WriteAllText(printed, output);
+            Assert.Contains("total", File.ReadAllText(printed));
+            Assert.Equal(saved, ConfigOverrides.ReadConfigFile(printed));
 
             // refusals: both --preset and --config, --set with --resume, a missing file
             Assert.Equal(2, Cli("train", "--preset", "tiny", "--config", file).Code);

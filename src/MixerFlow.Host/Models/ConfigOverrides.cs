@@ -90,7 +90,11 @@ public static class ConfigOverrides
         return Apply(baseConfig, assignments ?? [], source);
     }
 
-    /// <summary>Reads a configuration file: JSON (a "kind" of mixerFlow or glow) or a checkpoint; a preset name is also accepted.</summary>
+    /// <summary>
+    /// Reads a configuration file: JSON (a "kind" of mixerFlow or glow) or a checkpoint; a preset
+    /// name is also accepted. Text after the JSON object is ignored, so the output of
+    /// <c>mixerflow info ... &gt; model.json</c> (the JSON, then the parameter table) reads as is.
+    /// </summary>
     public static ModelConfig ReadConfigFile(string path)
     {
         ArgumentNullException.ThrowIfNull(path);
@@ -100,7 +104,21 @@ public static class ConfigOverrides
             throw new UserError($"config '{path}': no such file (and not a preset: {string.Join(", ", Presets.Names)})");
         }
         if (path.EndsWith(".ckpt", StringComparison.OrdinalIgnoreCase)) return Checkpoint.ReadConfig(path);
-        return ModelConfig.FromJson(File.ReadAllText(path), path);
+        return ModelConfig.FromJson(LeadingJson(File.ReadAllText(path)), path);
+    }
+
+    /// <summary>The leading JSON value of <paramref name="text"/> (all of it when that does not parse: the parser then reports the error).</summary>
+    static string LeadingJson(string text)
+    {
+        var bytes = System.Text.Encoding.UTF8.GetBytes(text);
+        var reader = new System.Text.Json.Utf8JsonReader(bytes, new System.Text.Json.JsonReaderOptions
+            { AllowMultipleValues = true, CommentHandling = System.Text.Json.JsonCommentHandling.Skip });
+        try
+        {
+            if (!reader.Read() || reader.TokenType != System.Text.Json.JsonTokenType.StartObject || !reader.TrySkip()) return text;
+            return System.Text.Encoding.UTF8.GetString(bytes, 0, (int)reader.BytesConsumed);
+        }
+        catch (System.Text.Json.JsonException) { return text; }
     }
 
     sealed record Field(string Key, PropertyInfo Property);
