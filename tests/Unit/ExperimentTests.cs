@@ -1,6 +1,7 @@
 using MixerFlow.Core;
 using MixerFlow.Host;
 using MixerFlow.Host.Files;
+using MixerFlow.Host.Imaging;
 using MixerFlow.Host.Models;
 using MixerFlow.Host.Training;
 using static TorchSharp.torch;
@@ -302,5 +303,52 @@ public class ExperimentTests
             if (Directory.Exists(Path.Combine(d.FullName, "experiments")) && File.Exists(Path.Combine(d.FullName, "MixerFlow.sln")))
                 return Path.Combine(d.FullName, "experiments");
         throw new DirectoryNotFoundException("experiments/ above the test binaries");
+    }
+}
+
+/// <summary>The experiment's pictures: labelled sample rows and the multi-series curve.</summary>
+public class ExperimentPictureTests
+{
+    [Fact]
+    public void The_sample_sheet_has_a_labelled_row_per_model_with_its_images()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"sheet-{Guid.NewGuid():N}.png");
+        try
+        {
+            using var grey = full(new long[] { 3, 1, 10, 10 }, 255f);          // white images
+            using var colour = zeros(new long[] { 2, 3, 12, 12 });              // black images
+            SampleSheet.Save([("first", grey), ("b", colour)], path);
+            using var image = SixLabors.ImageSharp.Image.Load<SixLabors.ImageSharp.PixelFormats.Rgb24>(path);
+            int labelWidth = SampleSheet.TextWidth("first") + 8;
+            Assert.Equal(labelWidth + 3 * (10 * 2 + 1) + 4, image.Width);
+            Assert.Equal(4 + (20 + 4) + (24 + 4), image.Height);       // rows: max(image height x 2, glyph 14) + gaps
+            // ink in each label, the images where they belong
+            bool Ink(int x0, int x1, int y0, int y1)
+            {
+                for (int y = y0; y < y1; y++) for (int x = x0; x < x1; x++) if (image[x, y].R == 0) return true;
+                return false;
+            }
+            Assert.True(Ink(0, labelWidth, 4, 4 + 20));
+            Assert.True(Ink(0, labelWidth, 4 + 24, image.Height));
+            Assert.Equal(0, image[labelWidth + 1, 4 + 24 + 1].R);
+            Assert.Equal(255, image[labelWidth + 1, 4 + 1].R);           // the white grey image       // the black colour image
+            Assert.Throws<ArgumentException>(() => SampleSheet.Save([], path));
+        }
+        finally { File.Delete(path); }
+    }
+
+    [Fact]
+    public void The_curve_plot_takes_one_series_per_run()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"curves-{Guid.NewGuid():N}.png");
+        try
+        {
+            TrainingCurve.SaveSeries(
+                [("a", new List<(long, double)> { (0, 9.7), (10, 5.0) }), ("b", new List<(long, double)> { (0, 9.7), (10, 6.0) }), ("c", [])],
+                path, "test");
+            using var image = SixLabors.ImageSharp.Image.Load(path);
+            Assert.Equal((TrainingCurve.Width, TrainingCurve.Height), (image.Width, image.Height));
+        }
+        finally { File.Delete(path); }
     }
 }

@@ -318,7 +318,7 @@ public sealed class Experiment
             trainedHere = true;
         }
         model ??= Checkpoint.Load(Path.Combine(folder, RunFolder.LastCheckpoint)).Model;
-        double probe = Probe(model);
+        double probe = Probe(model, seed);
         var result = new ExperimentSeedResult(run.Name, seed, summary.Parameters, summary.ImagesPerSecond,
             summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps);
         AtomicFile.WriteAllText(resultPath, JsonSerializer.Serialize(result, Json));
@@ -360,12 +360,15 @@ public sealed class Experiment
                                 "give another --out folder, or delete the run's folder to train it again");
     }
 
-    /// <summary>Linear-probe accuracy of the model's latents (NaN without labels or with the probe off).</summary>
-    double Probe(ImageFlow model)
+    /// <summary>
+    /// Linear-probe accuracy of the model's latents (NaN without labels or with the probe off), on
+    /// the run's own split (data without a test split is split by the run's seed, as the Trainer does).
+    /// </summary>
+    double Probe(ImageFlow model, int seed)
     {
         if (spec.ProbeTrainImages == 0) return double.NaN;
         var c = model.Config;
-        var data = DatasetLoader.Load(spec.Data, c.Channels, c.Height, c.Width, 0);
+        var data = DatasetLoader.Load(spec.Data, c.Channels, c.Height, c.Width, seed);
         if (data.Train.Labels is null || data.HeldOut.Labels is null) return double.NaN;
         var train = First(data.Train, spec.ProbeTrainImages);
         var test = spec.ProbeTestImages > 0 ? First(data.HeldOut, spec.ProbeTestImages) : data.HeldOut;
