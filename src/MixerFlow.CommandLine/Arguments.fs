@@ -27,6 +27,10 @@ type Precision =
 module internal Text =
     let presets () = String.Join(", ", Presets.Names)
     let lower (e: 'E) = (string e).ToLowerInvariant()
+    let configUsage =
+        "a model configuration: a JSON file as `info` prints it and run folders keep it (config.json), a checkpoint (.ckpt), or a preset name."
+    let setUsage =
+        "change one configuration field, repeatable: --set patches=bands --set shift=false --set channelFlow=spline --set hiddenWidth=64 (keys as in the JSON, case-insensitive; enums by name)."
 
 type CheckArgs =
     | [<AltCommandLine("-b")>] Bijector of name: string
@@ -44,6 +48,8 @@ type CheckArgs =
 type InfoArgs =
     | Preset of name: string
     | Checkpoint of file: string
+    | Config of file: string
+    | [<CustomCommandLine("--set")>] Override of key_value: string
     | Time_Step
     interface IArgParserTemplate with
         member a.Usage =
@@ -51,9 +57,13 @@ type InfoArgs =
             | Time_Step -> "also time training steps (forward, backward, Adam) at batch 64 on random images."
             | Preset _ -> "a model preset: " + Text.presets () + "."
             | Checkpoint _ -> "a checkpoint file written by `train`."
+            | Config _ -> Text.configUsage
+            | Override _ -> Text.setUsage
 
 type TrainArgs =
     | Preset of name: string
+    | Config of file: string
+    | [<CustomCommandLine("--set")>] Override of key_value: string
     | Data of dir: string
     | Out of dir: string
     | Epochs of count: int
@@ -71,6 +81,8 @@ type TrainArgs =
             let d = TrainingSettings()
             match a with
             | Preset _ -> sprintf "model preset (default %s): %s." Presets.Default (Text.presets ())
+            | Config _ -> Text.configUsage + " Instead of --preset."
+            | Override _ -> Text.setUsage
             | Data _ -> "folder of IDX files (MNIST / Fashion-MNIST), CIFAR-10 binary batches or PNG/JPEG images (default: the embedded Fashion-MNIST test split)."
             | Out _ -> "run folder (default runs/<preset>-<time>)."
             | Epochs _ -> sprintf "number of passes over the training images (default %d)." d.Epochs
@@ -141,6 +153,14 @@ type InterpolateArgs =
             | Steps _ -> "images on the path, the two ends included, 2..64 (default 10)."
             | Linear -> "interpolate the latents linearly (default: spherically, keeping their norm)."
             | Out _ -> "PNG file for the strip (default interpolation.png)."
+type ExperimentArgs =
+    | [<MainCommand; Mandatory; Unique>] Spec of file: string
+    | Out of dir: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Spec _ -> "the experiment spec (JSON): runs (name, preset or config, set, seeds) and the shared budget (steps, batchSize, learningRate, data); see experiments/README.md."
+            | Out _ -> "results folder (default runs/<spec file name>); running again resumes: finished runs are not retrained."
 
 [<RequireSubcommand>]
 type MainArgs =
@@ -151,6 +171,7 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
     | [<CliPrefix(CliPrefix.None)>] Interpolate of ParseResults<InterpolateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Experiment of ParseResults<ExperimentArgs>
     | [<AltCommandLine("-v")>] Verbose
     interface IArgParserTemplate with
         member a.Usage =
@@ -162,6 +183,7 @@ type MainArgs =
             | Embed _ -> "latents of a data set for downstream use, with a linear-probe accuracy where labels exist."
             | Info _ -> "print a model's configuration and parameter breakdown."
             | Interpolate _ -> "decode the path between two images in latent space as a PNG strip."
+            | Experiment _ -> "train several models under one budget and compare them: results.csv/.md, held-out curves, samples side by side."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
 /// `eval`: score a checkpoint.
@@ -170,12 +192,16 @@ type EvalCommand = { Checkpoint: string; Data: string; Split: Split; BatchSize: 
 type SampleCommand = { Checkpoint: string; Count: int; Temperatures: float[]; Out: string; Seed: int }
 /// `embed`: latents as CSV, and a linear probe.
 type EmbedCommand = { Checkpoint: string; Data: string; Out: string }
-/// `info`: exactly one of Preset and Checkpoint is non-null.
-type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool }
+/// `info`: at most one of Preset and Checkpoint is non-null; Model is the resolved configuration
+/// (preset, --config file or checkpoint, with the --set overrides applied).
+type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool; Model: ModelConfig }
 /// `interpolate`: the latent path between two images as a strip.
 type InterpolateCommand = { Checkpoint: string; From: string; To: string; Steps: int; Spherical: bool; Out: string }
 /// `check`: the property checks of the built-in bijectors.
 type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
+
+/// `experiment`: run a spec file into a results folder.
+type ExperimentCommand = { Spec: string; Out: string }
 
 /// A parsed command line: one case per verb. `Train` carries the library's own settings record.
 type Command =
@@ -186,6 +212,7 @@ type Command =
     | Info of InfoCommand
     | Check of CheckCommand
     | Interpolate of InterpolateCommand
+    | Experiment of ExperimentCommand
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
@@ -219,8 +246,13 @@ type CommandLine =
             let d = TrainingSettings()
             if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Steps then
                 t.Raise("train takes --epochs or --steps, not both")
-            let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset) |> Option.defaultValue Presets.Default
+            let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset)
+            let config = t.TryGetResult TrainArgs.Config
+            let sets = t.GetResults TrainArgs.Override
             let resume = t.TryGetResult TrainArgs.Resume
+            if preset.IsSome && config.IsSome then t.Raise("train takes --preset NAME or --config FILE, not both")
+            if resume.IsSome && (config.IsSome || not sets.IsEmpty) then
+                t.Raise("--config and --set do not apply to --resume: the run's checkpoint carries its model")
             if t.Contains TrainArgs.Extend_Steps && resume.IsNone then
                 t.Raise("--extend-steps only extends a run continued with --resume DIR")
             // The settings typed (by TrainingSettings property name): with --resume only these are
@@ -235,7 +267,8 @@ type CommandLine =
                 if resume.IsSome then Collections.Generic.HashSet<string>(given) else null
             Command.Train(
                 TrainingSettings(
-                    Model = (Presets.Get preset),
+                    Model = (if resume.IsSome then Presets.Get(defaultArg preset Presets.Default)
+                             else ConfigOverrides.Resolve(Option.toObj preset, Option.toObj config, sets)),
                     Data = (t.TryGetResult TrainArgs.Data |> Option.toObj),
                     RunFolder = ((match resume with Some r -> r | None -> t.TryGetResult TrainArgs.Out |> Option.toObj)),
                     Resume = (resume.IsSome),
@@ -284,10 +317,16 @@ type CommandLine =
                   Seed = c.GetResult(CheckArgs.Seed, defaultValue = 20261129) }
         | MainArgs.Info i ->
             let preset = i.TryPostProcessResult(InfoArgs.Preset, CommandLine.KnownPreset)
-            match preset, i.TryGetResult InfoArgs.Checkpoint with
-            | Some p, None -> Command.Info { Preset = p; Checkpoint = null; TimeStep = i.Contains InfoArgs.Time_Step }
-            | None, Some c -> Command.Info { Preset = null; Checkpoint = c; TimeStep = i.Contains InfoArgs.Time_Step }
-            | _ -> i.Raise("info needs exactly one of --preset NAME and --checkpoint FILE")
+            let sets = i.GetResults InfoArgs.Override
+            let timeStep = i.Contains InfoArgs.Time_Step
+            match preset, i.TryGetResult InfoArgs.Checkpoint, i.TryGetResult InfoArgs.Config with
+            | Some p, None, None ->
+                Command.Info { Preset = p; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(p, null, sets) }
+            | None, Some c, None ->
+                Command.Info { Preset = null; Checkpoint = c; TimeStep = timeStep; Model = ConfigOverrides.Apply(MixerFlow.Host.Models.Checkpoint.ReadConfig c, sets) }
+            | None, None, Some f ->
+                Command.Info { Preset = null; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(null, f, sets) }
+            | _ -> i.Raise("info needs exactly one of --preset NAME, --config FILE and --checkpoint FILE")
         | MainArgs.Interpolate p ->
             Command.Interpolate
                 { Checkpoint = p.GetResult InterpolateArgs.Checkpoint
@@ -299,6 +338,11 @@ type CommandLine =
                     |> Option.defaultValue 10
                   Spherical = not (p.Contains InterpolateArgs.Linear)
                   Out = p.GetResult(InterpolateArgs.Out, defaultValue = "interpolation.png") }
+        | MainArgs.Experiment e ->
+            let spec = e.GetResult ExperimentArgs.Spec
+            Command.Experiment
+                { Spec = spec
+                  Out = e.GetResult(ExperimentArgs.Out, defaultValue = IO.Path.Combine("runs", IO.Path.GetFileNameWithoutExtension spec)) }
         | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
     /// Parses the arguments; never throws for bad input.
@@ -309,3 +353,7 @@ type CommandLine =
         with
         | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(None, e.Message, 0)
         | :? ArguParseException as e -> ParsedCommand(None, e.Message, 2)
+        // A configuration that cannot be resolved (--config file, --set key=value): one line.
+        | :? MixerFlow.Host.UserError as e -> ParsedCommand(None, "error: " + e.Message, 2)
+        | :? System.IO.IOException as e -> ParsedCommand(None, "error: " + e.Message, 2)
+        | :? UnauthorizedAccessException as e -> ParsedCommand(None, "error: " + e.Message, 2)

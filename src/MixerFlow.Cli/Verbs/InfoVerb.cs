@@ -11,8 +11,7 @@ public static class InfoVerb
 {
     public static int Run(InfoCommand options, TextWriter output)
     {
-        var config = options.Preset is not null ? Presets.Get(options.Preset) : Checkpoint.ReadConfig(options.Checkpoint);
-        var model = new ImageFlow(config);
+        var model = new ImageFlow(options.Model);
         Describe(model, output);
         output.WriteLine();
         output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads; MKL: {NativeBackend.MklOutcome}; " +

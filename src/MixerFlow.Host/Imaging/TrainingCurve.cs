@@ -38,6 +38,48 @@ public static class TrainingCurve
         AtomicFile.Write(path, (Stream s) => s.Write(png, 0, png.Length));
     }
 
+    /// <summary>
+    /// Writes one line per series (for example held-out bits/dim of several runs) to
+    /// <paramref name="path"/> atomically, with a legend of the series' labels and the axis labels
+    /// "step" and <paramref name="yLabel"/>. Falls back to the plain rendering (no text, the first two series only) where
+    /// ScottPlot's native renderer cannot be loaded, as <see cref="Save"/> does.
+    /// </summary>
+    public static void SaveSeries(
+        IReadOnlyList<(string Label, IReadOnlyList<(long Step, double Value)> Points)> series,
+        string path, string title, string yLabel = "held-out bits/dim")
+    {
+        ArgumentNullException.ThrowIfNull(series);
+        byte[] png;
+        try
+        {
+            var plt = new ScottPlot.Plot();
+            foreach (var (label, points) in series)
+            {
+                var (xs, ys) = Finite(points);
+                if (xs.Length == 0) continue;
+                var s = plt.Add.Scatter(xs, ys);
+                s.LegendText = label;
+                s.MarkerSize = xs.Length > 50 ? 0 : 5;
+                s.LineWidth = 2f;
+            }
+            plt.Title(title);
+            plt.XLabel("step");
+            plt.YLabel(yLabel);
+            if (series.Count > 0) plt.ShowLegend(ScottPlot.Alignment.UpperRight);
+            png = plt.GetImage(Width, Height).GetImageBytes(ScottPlot.ImageFormat.Png);
+        }
+        catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException or BadImageFormatException)
+        {
+            png = series.Count switch
+            {
+                0 => RenderPlain([], []),
+                1 => RenderPlain([], series[0].Points),
+                _ => RenderPlain(series[0].Points, series[1].Points),
+            };
+        }
+        AtomicFile.Write(path, (Stream s) => s.Write(png, 0, png.Length));
+    }
+
     static (double[] Xs, double[] Ys) Finite(IReadOnlyList<(long Step, double Bpd)> points)
     {
         var kept = points.Where(p => double.IsFinite(p.Bpd)).ToArray();
