@@ -80,9 +80,28 @@ module internal NativeGlue =
             if loader.Contains("version `", StringComparison.Ordinal) && loader.Contains("not found", StringComparison.Ordinal) then
                 raise (NativeLoadException(explain path loader, path, loader))
 
+    [<DllImport("libc", EntryPoint = "setenv")>]
+    extern int private setenv(string name, string value, int overwrite)
+
+    /// LibTorch's OpenMP (libgomp) lets idle worker threads spin; with two threads on two busy
+    /// cores most of a step went to spinning (a fashion-mnist step: 993 and 6,875 ms against 404
+    /// and 224 ms with OMP_WAIT_POLICY=PASSIVE, measured here under load). libgomp reads the
+    /// variable once, when it loads with LibTorch, so it is set in the C environment first, unless
+    /// the user set it (OMP_WAIT_POLICY=ACTIVE keeps spinning). Returns what was done.
+    let preferPassiveWaiting () : string =
+        match Environment.GetEnvironmentVariable "OMP_WAIT_POLICY" with
+        | null | "" ->
+            if OperatingSystem.IsLinux() && (try setenv ("OMP_WAIT_POLICY", "PASSIVE", 0) = 0 with _ -> false) then
+                "PASSIVE (set by MixerFlow)"
+            else "LibTorch's default (could not set OMP_WAIT_POLICY)"
+        | given -> given + " (given)"
+
+    let mutable waitPolicy = "not yet set"
+
     let ensured =
         lazy
-            (if OperatingSystem.IsLinux() then
+            (waitPolicy <- preferPassiveWaiting ()
+             if OperatingSystem.IsLinux() then
                  match candidates () with
                  | first :: _ -> verify first
                  | [] -> ())
@@ -95,6 +114,13 @@ module internal NativeGlue =
 type NativeRuntime =
     /// Throws NativeLoadException when the glue this process would use cannot load (Linux only).
     static member EnsureLoaded() = NativeGlue.ensured.Force()
+
+    /// The OpenMP wait policy LibTorch's threads use: PASSIVE unless the environment said
+    /// otherwise before the first MixerFlow object was made (idle threads then sleep instead of
+    /// spinning on cores that other work needs).
+    static member OpenMpWaitPolicy =
+        NativeRuntime.EnsureLoaded()
+        NativeGlue.waitPolicy
 
     /// Loads the glue at `libraryPath` and throws NativeLoadException when the loader refuses it for a
     /// symbol version (GLIBCXX_3.4.32 and the like). For diagnosing a deployment.

@@ -71,7 +71,7 @@ public class NativeRuntimeTests
 /// </summary>
 public class MklDispatchTests
 {
-    static (int Exit, string Log) Mixerflow(IDictionary<string, string> env, params string[] args)
+    static (int Exit, string Log) Mixerflow(IDictionary<string, string?> env, params string[] args)
     {
         var psi = new System.Diagnostics.ProcessStartInfo("dotnet")
         {
@@ -80,7 +80,8 @@ public class MklDispatchTests
         };
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "mixerflow.dll"));
         foreach (var a in args) psi.ArgumentList.Add(a);
-        foreach (var (k, v) in env) psi.Environment[k] = v;
+        foreach (var (k, v) in env)
+            if (v is null) psi.Environment.Remove(k); else psi.Environment[k] = v;
         using var child = System.Diagnostics.Process.Start(psi)!;
         string log = child.StandardOutput.ReadToEnd() + child.StandardError.ReadToEnd();
         child.WaitForExit();
@@ -90,13 +91,17 @@ public class MklDispatchTests
     [Fact]
     public void Info_reports_the_choice_and_the_opt_out_switch_keeps_MKLs_own()
     {
-        var (exit, log) = Mixerflow(new Dictionary<string, string>(), "info", "--preset", "tiny");
+        var (exit, log) = Mixerflow(new Dictionary<string, string?> { ["OMP_WAIT_POLICY"] = null }, "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
         // Either MKL trusts the CPU now, or there is no MKL / an unknown shape, said plainly.
         Assert.Matches("MKL: (MKL (set to trust|already trusts)|no mkl_serv|mkl_serv_intel_cpu_true has)", log);
-        (exit, log) = Mixerflow(new Dictionary<string, string> { ["MIXERFLOW_MKL_GENERIC"] = "1" }, "info", "--preset", "tiny");
+        // OpenMP threads sleep instead of spinning, unless the environment says otherwise.
+        Assert.Contains("OpenMP wait policy PASSIVE (set by MixerFlow)", log);
+        (exit, log) = Mixerflow(new Dictionary<string, string?> { ["MIXERFLOW_MKL_GENERIC"] = "1", ["OMP_WAIT_POLICY"] = "ACTIVE" },
+                                "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
         Assert.Contains("MKL: left on MKL's own CPU check (MIXERFLOW_MKL_GENERIC=1)", log);
+        Assert.Contains("OpenMP wait policy ACTIVE (given)", log);
     }
 
     [Fact]
@@ -108,7 +113,7 @@ public class MklDispatchTests
             var dir = Path.Combine(Path.GetTempPath(), "mixerflow-mkl-" + Guid.NewGuid().ToString("N"));
             try
             {
-                var (exit, log) = Mixerflow(new Dictionary<string, string> { ["MIXERFLOW_MKL_GENERIC"] = generic },
+                var (exit, log) = Mixerflow(new Dictionary<string, string?> { ["MIXERFLOW_MKL_GENERIC"] = generic },
                     "train", "--preset", "tiny", "--steps", "8", "--batch-size", "32", "--checkpoint-every", "8", "--out", dir);
                 Assert.True(exit == 0, log);
                 using var summary = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "summary.json")));

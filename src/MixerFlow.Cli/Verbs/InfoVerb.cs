@@ -14,7 +14,7 @@ public static class InfoVerb
         var model = new ImageFlow(options.Model);
         Describe(model, output);
         output.WriteLine();
-        output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads; MKL: {NativeBackend.MklOutcome}; " +
+        output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {NativeRuntime.OpenMpWaitPolicy}; MKL: {NativeBackend.MklOutcome}; " +
                          $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
         if (options.TimeStep) TimeSteps(model, output);
         return 0;
