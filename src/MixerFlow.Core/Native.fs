@@ -169,10 +169,12 @@ module internal MklDispatch =
                     let cached = f + 6n + nativeint (Marshal.ReadInt32(f, 2))
                     match Marshal.ReadInt32 cached with
                     | 1 -> "MKL already trusts this CPU"
-                    | before ->
+                    // A GEMM ran before MixerFlow set LibTorch up: switching now would mix kernels
+                    // (and rounding) within the process, so MKL's choice stays.
+                    | 0 -> "MKL had already chosen its generic path before MixerFlow's first use; left alone"
+                    | _ ->
                         Marshal.WriteInt32(cached, 1)
-                        if before = 0 then "MKL had already chosen its generic path; set to trust the CPU for later calls"
-                        else "MKL set to trust the CPU's feature flags"
+                        "MKL set to trust the CPU's feature flags"
 
 /// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
 /// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
@@ -213,10 +215,12 @@ type NativeBackend =
     /// (AMD here: about 49 against 112 GFLOP/s for a 1024^3 float32 matmul on one core), Core makes
     /// it trust the CPU's feature flags at first use, as a preloaded override of
     /// `mkl_serv_intel_cpu_true` would. Set the environment variable MIXERFLOW_MKL_GENERIC=1 to
-    /// keep MKL's own choice. True where MKL now trusts the CPU.
+    /// keep MKL's own choice. True where MKL now trusts the CPU. Only effective when no GEMM ran
+    /// before MixerFlow's first object (or `NativeBackend.Ensure()`); otherwise MKL's earlier
+    /// choice stays, so that one process never mixes the two kernels' rounding.
     static member MklFastKernels =
         NativeBackend.Ensure()
-        NativeBackend.MklOutcome.StartsWith "MKL"
+        NativeBackend.MklOutcome.StartsWith "MKL set" || NativeBackend.MklOutcome.StartsWith "MKL already"
 
     /// Turns oneDNN convolutions off (once per process; later calls are free). Called by every
     /// bijector's constructor and by the convolutional conditioners.
