@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -25,6 +26,8 @@ public readonly record struct Gemm(string Kind, long M, long K, long N, long Cou
 public sealed class FlopCounter : IDisposable
 {
     readonly List<Gemm> seen = new();
+    readonly List<double> seenSeconds = new();
+    long started;
     readonly List<Action> hooks = new();
     readonly List<(long C, long Pixels)> luLinears = new();
     public bool Recording { get; set; }
@@ -36,18 +39,23 @@ public sealed class FlopCounter : IDisposable
             switch (m)
             {
                 case Linear linear:
+                    var lp = linear.register_forward_pre_hook((mod, x) => { started = Stopwatch.GetTimestamp(); return x; });
+                    hooks.Add(() => lp.remove());
                     var lh = linear.register_forward_hook((mod, x, y) =>
                     {
                         if (Recording)
                         {
                             long k = x.shape[^1], n = y.shape[^1];
                             seen.Add(new Gemm("linear", x.numel() / k, k, n, 1));
+                            seenSeconds.Add(Stopwatch.GetElapsedTime(started).TotalSeconds);
                         }
                         return y;
                     });
                     hooks.Add(() => lh.remove());
                     break;
                 case Conv2d conv:
+                    var cp = conv.register_forward_pre_hook((mod, x) => { started = Stopwatch.GetTimestamp(); return x; });
+                    hooks.Add(() => cp.remove());
                     var ch = conv.register_forward_hook((mod, x, y) =>
                     {
                         if (Recording)
@@ -55,6 +63,7 @@ public sealed class FlopCounter : IDisposable
                             var w = ((Conv2d)mod).weight!.shape; // [C_out, C_in / groups, kh, kw]
                             long groups = x.shape[1] / w[1];
                             seen.Add(new Gemm("conv", w[0] / groups, w[1] * w[2] * w[3], y.shape[2] * y.shape[3], x.shape[0] * groups));
+                            seenSeconds.Add(Stopwatch.GetElapsedTime(started).TotalSeconds);
                         }
                         return y;
                     });
@@ -72,6 +81,7 @@ public sealed class FlopCounter : IDisposable
     public IReadOnlyList<Gemm> Count(long batch, Action forward)
     {
         seen.Clear();
+        seenSeconds.Clear();
         Recording = true;
         try { forward(); }
         finally { Recording = false; }
@@ -83,6 +93,15 @@ public sealed class FlopCounter : IDisposable
         }
         return all;
     }
+
+    /// <summary>
+    /// Seconds spent inside the hooked modules' forward calls (Linear with its bias, Conv2d with
+    /// im2col) during the last <see cref="Count"/>, per merged shape (the 1x1 convolutions'
+    /// analytic shapes are not timed and are absent).
+    /// </summary>
+    public IReadOnlyDictionary<(string Kind, long M, long K, long N), double> SecondsByShape() =>
+        seen.Zip(seenSeconds).GroupBy(p => (p.First.Kind, p.First.M, p.First.K, p.First.N))
+            .ToDictionary(g => g.Key, g => g.Sum(p => p.Second));
 
     /// <summary>The same shapes merged (their counts added), largest FLOP total first.</summary>
     public static IReadOnlyList<Gemm> Merge(IEnumerable<Gemm> gemms) =>

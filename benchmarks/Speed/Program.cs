@@ -69,7 +69,7 @@ foreach (var b in benches) Console.WriteLine(b.Row());
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
 Console.WriteLine();
-Console.WriteLine("Dominant GEMM shapes (forward pass, share of its FLOPs, measured matmul GFLOP/s median):");
+Console.WriteLine("Dominant GEMM shapes (forward pass: share of its FLOPs; torch.matmul at that shape, median GFLOP/s; the same shape inside the model, timed once by module hooks during the counting pass):");
 foreach (var b in benches) b.PrintShapes(Console.Out);
 foreach (var b in benches) b.Dispose();
 return 0;
@@ -104,6 +104,8 @@ sealed class Bench : IDisposable
     public int StepsPerRound { get; private set; } = 1;
     public double ForwardGflop { get; private set; }
     IReadOnlyList<Gemm> shapes = Array.Empty<Gemm>();
+    IReadOnlyDictionary<(string, long, long, long), double> inModelSeconds = new Dictionary<(string, long, long, long), double>();
+    double countedForwardSeconds;
     readonly List<Gemm> timedShapes = new();
     readonly List<List<double>> shapeRates = new();
     readonly List<double> stepMs = new(), cpuMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
@@ -139,11 +141,14 @@ sealed class Bench : IDisposable
         using (var counter = new FlopCounter(model))
         {
             var x = Batch(batch);
+            var sw = Stopwatch.StartNew();
             shapes = FlopCounter.Merge(counter.Count(batch, () =>
             {
                 using var _ = no_grad();
-                model.BitsPerDim(x);
+                model.BitsPerDim(x).mean().item<float>();
             }));
+            countedForwardSeconds = sw.Elapsed.TotalSeconds;
+            inModelSeconds = counter.SecondsByShape();
         }
         ForwardGflop = shapes.Sum(g => g.Flops) / 1e9;
         // The shapes that hold 95% of the forward FLOPs (at most 8) are timed as plain matmuls.
@@ -255,8 +260,15 @@ sealed class Bench : IDisposable
     public void PrintShapes(TextWriter output)
     {
         double total = shapes.Sum(g => g.Flops);
-        output.WriteLine($"- `{Config.Name}`: {shapes.Count} shapes, {ForwardGflop:0.000} GFLOP forward; " +
-                         string.Join("; ", timedShapes.Select((g, i) => $"{g.Shape} {g.Flops / total:0%} {Machine.Median(shapeRates[i]):0} GFLOP/s")));
+        double inModules = inModelSeconds.Values.Sum();
+        output.WriteLine($"- `{Config.Name}`: {shapes.Count} shapes, {ForwardGflop:0.000} GFLOP forward; one forward pass (no gradient, " +
+                         $"batch {batch}) took {countedForwardSeconds * 1000:N0} ms, {inModules * 1000:N0} ms of it inside Linear/Conv2d modules; " +
+                         string.Join("; ", timedShapes.Select((g, i) =>
+                         {
+                             string inModel = inModelSeconds.TryGetValue((g.Kind, g.M, g.K, g.N), out var s) && s > 0
+                                 ? $", {g.Flops / s / 1e9:0} inside the model" : "";
+                             return $"{g.Shape} {g.Flops / total:0%} of FLOPs, matmul {Machine.Median(shapeRates[i]):0} GFLOP/s{inModel}";
+                         })));
     }
 
     public void Dispose()
