@@ -16,6 +16,7 @@ CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
 string[] presets = { "fashion-mnist", "cifar10", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
 int repeats = 5, threads = 1, batch = 64, sampleBatch = 16;
+bool convProbe = false;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
 for (int i = 0; i < args.Length; i++)
 {
@@ -26,8 +27,9 @@ for (int i = 0; i < args.Length; i++)
         case "--threads": threads = int.Parse(args[++i]); break;
         case "--batch": batch = int.Parse(args[++i]); break;
         case "--quick": repeats = 2; chunkSeconds = 1.0; break;
+        case "--conv-probe": convProbe = true; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--conv-probe]");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
     }
@@ -38,6 +40,8 @@ NativeRuntime.EnsureLoaded();
 NativeBackend.Ensure();
 set_num_threads(threads);
 manual_seed(1);
+
+if (convProbe) { ConvProbe.Run(batch); return 0; }
 
 var loadStart = Machine.LoadAverage();
 var clock = Stopwatch.StartNew();
@@ -63,7 +67,7 @@ for (int r = 0; r < repeats; r++)
 }
 var loadEnd = Machine.LoadAverage();
 
-Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | CPU ms per step | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
+Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | CPU ms per step (of it kernel) | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
 Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
 foreach (var b in benches) Console.WriteLine(b.Row());
 Console.WriteLine();
@@ -73,6 +77,55 @@ Console.WriteLine("Dominant GEMM shapes (forward pass: share of its FLOPs; torch
 foreach (var b in benches) b.PrintShapes(Console.Out);
 foreach (var b in benches) b.Dispose();
 return 0;
+
+/// <summary>
+/// glow-cifar10's slowest layer alone: the 3x3 convolution from 392 hidden channels to 12 at
+/// 16x16, by nn.Conv2d and by its own im2col (unfold) plus one batched matmul.
+/// </summary>
+static class ConvProbe
+{
+    public static void Run(int batch)
+    {
+        Console.WriteLine($"load average {Machine.LoadAverage()}; LibTorch threads {get_num_threads()}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+        manual_seed(1);
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        var x = nn.functional.relu(randn(batch, 392, 16, 16));
+        foreach (int cout in new[] { 12, 392 })
+        {
+            var conv = nn.Conv2d(392, cout, 3, padding: 1);
+            double gflop = 2.0 * batch * cout * 392 * 9 * 256 / 1e9;
+            double convMs = Time(() => conv.forward(x));
+            double convSys = KernelMs;
+            double unfoldMs = Time(() => nn.functional.unfold(x, 3, padding: 1));
+            double unfoldSys = KernelMs;
+            var cols = nn.functional.unfold(x, 3, padding: 1); // [B, 392 * 9, 256]
+            var w = conv.weight!.reshape(cout, -1);
+            double matmulMs = Time(() => w.matmul(cols));
+            double matmulSys = KernelMs;
+            Console.WriteLine($"Conv2d(392 -> {cout}, 3x3) on [{batch}, 392, 16, 16], {gflop:0.00} GFLOP: nn.Conv2d {convMs:N0} ms ({gflop / convMs * 1000:0.0} GFLOP/s, kernel CPU {convSys:N0} ms); " +
+                              $"unfold {unfoldMs:N0} ms (kernel {unfoldSys:N0}) + batched matmul {matmulMs:N0} ms ({gflop / matmulMs * 1000:0} GFLOP/s, kernel {matmulSys:N0})");
+        }
+    }
+
+    static double Time(Func<Tensor> f, int n = 3)
+    {
+        f().Dispose();
+        var times = new List<double>();
+        var sys = Process.GetCurrentProcess().PrivilegedProcessorTime;
+        for (int i = 0; i < n; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            f().Dispose();
+            times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        KernelMs = (Process.GetCurrentProcess().PrivilegedProcessorTime - sys).TotalMilliseconds / n;
+        return Machine.Median(times);
+    }
+
+    /// <summary>Kernel (system) CPU milliseconds per call of the last <see cref="Time"/>.</summary>
+    static double KernelMs;
+}
 
 static class Machine
 {
@@ -108,7 +161,7 @@ sealed class Bench : IDisposable
     double countedForwardSeconds;
     readonly List<Gemm> timedShapes = new();
     readonly List<List<double>> shapeRates = new();
-    readonly List<double> stepMs = new(), cpuMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
+    readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
     long steps, created, gc0, gc1, gc2;
     const double Lr = 1e-4;
 
@@ -174,11 +227,14 @@ sealed class Bench : IDisposable
             var stats = DisposeScopeManager.Statistics;
             long created0 = stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount;
             int g0 = GC.CollectionCount(0), g1 = GC.CollectionCount(1), g2 = GC.CollectionCount(2);
-            var cpu = Process.GetCurrentProcess().TotalProcessorTime;
+            var before = Process.GetCurrentProcess();
+            var (cpu, sys) = (before.TotalProcessorTime, before.PrivilegedProcessorTime);
             var sw = Stopwatch.StartNew();
             step.Take(x, Lr);
             stepMs.Add(sw.Elapsed.TotalMilliseconds);
-            cpuMs.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalMilliseconds);
+            var after = Process.GetCurrentProcess();
+            cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
+            sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
             created += stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount - created0;
             gc0 += GC.CollectionCount(0) - g0; gc1 += GC.CollectionCount(1) - g1; gc2 += GC.CollectionCount(2) - g2;
             steps++;
@@ -252,7 +308,7 @@ sealed class Bench : IDisposable
         double gflop = 3 * ForwardGflop;
         double achieved = gflop / (median / 1000);
         double ceil = Machine.Median(ceiling);
-        return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {Machine.Median(cpuMs):N0} | " +
+        return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
                $"{Machine.Median(evalMs):0.00} | {Machine.Median(sampleMs):0.00} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
     }
