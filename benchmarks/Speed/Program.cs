@@ -1,0 +1,335 @@
+// Training-speed benchmark of the presets: one Markdown table.
+//   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64]
+// Method and the measured table: docs/benchmarks.md. Follows the codebase's Scalar rule (no
+// temporary TorchSharp Scalars), although benchmarks/ is not scanned by the unit test.
+using System.Diagnostics;
+using System.Globalization;
+using MixerFlow.Core;
+using MixerFlow.Host.Models;
+using MixerFlow.Host.Training;
+using MixerFlow.Speed;
+using TorchSharp;
+using static TorchSharp.torch;
+
+CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
+CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
+
+string[] presets = { "fashion-mnist", "cifar10", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
+int repeats = 5, threads = 1, batch = 64, sampleBatch = 16;
+bool convProbe = false;
+double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
+for (int i = 0; i < args.Length; i++)
+{
+    switch (args[i])
+    {
+        case "--presets": presets = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries); break;
+        case "--repeats": repeats = int.Parse(args[++i]); break;
+        case "--threads": threads = int.Parse(args[++i]); break;
+        case "--batch": batch = int.Parse(args[++i]); break;
+        case "--quick": repeats = 2; chunkSeconds = 1.0; break;
+        case "--conv-probe": convProbe = true; break;
+        case "--help" or "-h":
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--conv-probe]");
+            return 0;
+        default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
+    }
+}
+if (repeats < 1 || threads < 1 || batch < 1) { Console.Error.WriteLine("--repeats, --threads and --batch must be >= 1"); return 2; }
+
+NativeRuntime.EnsureLoaded();
+NativeBackend.Ensure();
+set_num_threads(threads);
+manual_seed(1);
+
+if (convProbe) { ConvProbe.Run(batch); return 0; }
+
+var loadStart = Machine.LoadAverage();
+var clock = Stopwatch.StartNew();
+Console.WriteLine($"# MixerFlow.NET speed, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
+Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {loadStart} (about {Machine.FreeCores(loadStart):0.0} cores free); " +
+                  $"LibTorch threads: {get_num_threads()}; MKL: {NativeBackend.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
+Console.WriteLine();
+
+var benches = presets.Select(p => new Bench(Presets.Get(p), batch, sampleBatch)).ToList();
+// Warm-up (ActNorm's data initialisation, allocator, MKL's first calls), FLOP count, chunk sizes.
+foreach (var b in benches)
+{
+    b.Warm(chunkSeconds);
+    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] {b.Config.Name}: warm, {b.StepsPerRound} step(s) per round, {b.ForwardGflop * 3:0.00} GFLOP per step");
+}
+for (int r = 0; r < repeats; r++)
+{
+    // A/B/A/B: every round visits every preset; odd rounds go in reverse order.
+    var order = r % 2 == 0 ? benches : Enumerable.Reverse(benches).ToList();
+    foreach (var b in order) b.Round();
+    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] round {r + 1}/{repeats} done");
+}
+var loadEnd = Machine.LoadAverage();
+
+Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | CPU ms per step (of it kernel) | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
+Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+foreach (var b in benches) Console.WriteLine(b.Row());
+Console.WriteLine();
+Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
+Console.WriteLine();
+Console.WriteLine("Dominant GEMM shapes (forward pass: share of its FLOPs; torch.matmul at that shape, median GFLOP/s; the same shape inside the model, timed once by module hooks during the counting pass):");
+foreach (var b in benches) b.PrintShapes(Console.Out);
+foreach (var b in benches) b.Dispose();
+return 0;
+
+/// <summary>
+/// glow-cifar10's slowest layer alone: the 3x3 convolution from 392 hidden channels to 12 at
+/// 16x16, by nn.Conv2d and by its own im2col (unfold) plus one batched matmul.
+/// </summary>
+static class ConvProbe
+{
+    public static void Run(int batch)
+    {
+        Console.WriteLine($"load average {Machine.LoadAverage()}; LibTorch threads {get_num_threads()}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+        manual_seed(1);
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        var x = nn.functional.relu(randn(batch, 392, 16, 16));
+        foreach (int cout in new[] { 12, 392 })
+        {
+            var conv = nn.Conv2d(392, cout, 3, padding: 1);
+            double gflop = 2.0 * batch * cout * 392 * 9 * 256 / 1e9;
+            double convMs = Time(() => conv.forward(x));
+            double convSys = KernelMs;
+            double unfoldMs = Time(() => nn.functional.unfold(x, 3, padding: 1));
+            double unfoldSys = KernelMs;
+            var cols = nn.functional.unfold(x, 3, padding: 1); // [B, 392 * 9, 256]
+            var w = conv.weight!.reshape(cout, -1);
+            double matmulMs = Time(() => w.matmul(cols));
+            double matmulSys = KernelMs;
+            Console.WriteLine($"Conv2d(392 -> {cout}, 3x3) on [{batch}, 392, 16, 16], {gflop:0.00} GFLOP: nn.Conv2d {convMs:N0} ms ({gflop / convMs * 1000:0.0} GFLOP/s, kernel CPU {convSys:N0} ms); " +
+                              $"unfold {unfoldMs:N0} ms (kernel {unfoldSys:N0}) + batched matmul {matmulMs:N0} ms ({gflop / matmulMs * 1000:0} GFLOP/s, kernel {matmulSys:N0})");
+        }
+    }
+
+    static double Time(Func<Tensor> f, int n = 3)
+    {
+        f().Dispose();
+        var times = new List<double>();
+        var sys = Process.GetCurrentProcess().PrivilegedProcessorTime;
+        for (int i = 0; i < n; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            f().Dispose();
+            times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        KernelMs = (Process.GetCurrentProcess().PrivilegedProcessorTime - sys).TotalMilliseconds / n;
+        return Machine.Median(times);
+    }
+
+    /// <summary>Kernel (system) CPU milliseconds per call of the last <see cref="Time"/>.</summary>
+    static double KernelMs;
+}
+
+static class Machine
+{
+    public static string LoadAverage()
+    {
+        try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
+        catch (IOException) { return "unknown"; }
+    }
+
+    public static double FreeCores(string load) =>
+        double.TryParse(load.Split(' ')[0], NumberStyles.Float, CultureInfo.InvariantCulture, out var l)
+            ? Math.Max(0, Environment.ProcessorCount - l) : double.NaN;
+
+    public static double Median(List<double> xs)
+    {
+        if (xs.Count == 0) return double.NaN;
+        var s = xs.OrderBy(x => x).ToList();
+        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[s.Count / 2 - 1] + s[s.Count / 2]) / 2;
+    }
+}
+
+sealed class Bench : IDisposable
+{
+    public ModelConfig Config { get; }
+    readonly ImageFlow model;
+    readonly Adam adam;
+    readonly TrainingStep step;
+    readonly int batch, sampleBatch;
+    public int StepsPerRound { get; private set; } = 1;
+    public double ForwardGflop { get; private set; }
+    IReadOnlyList<Gemm> shapes = Array.Empty<Gemm>();
+    IReadOnlyDictionary<(string, long, long, long), double> inModelSeconds = new Dictionary<(string, long, long, long), double>();
+    double countedForwardSeconds;
+    readonly List<Gemm> timedShapes = new();
+    readonly List<List<double>> shapeRates = new();
+    readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
+    long steps, created, gc0, gc1, gc2;
+    const double Lr = 1e-4;
+
+    public Bench(ModelConfig config, int batch, int sampleBatch)
+    {
+        Config = config;
+        this.batch = batch;
+        this.sampleBatch = sampleBatch;
+        model = new ImageFlow(config);
+        adam = new Adam(model.parameters(), Lr);
+        step = new TrainingStep(model, adam, clipNorm: new TrainingSettings().ClipNorm);
+    }
+
+    Tensor Batch(int n) => randint(0, 256, new long[] { n, Config.Channels, Config.Height, Config.Width }).to_type(float32);
+
+    public void Warm(double chunkSeconds)
+    {
+        model.train();
+        double last = 0;
+        for (int i = 0; i < 2; i++)
+        {
+            using var scope = NewDisposeScope();
+            var x = Batch(batch);
+            var sw = Stopwatch.StartNew();
+            step.Take(x, Lr);
+            last = sw.Elapsed.TotalSeconds;
+        }
+        StepsPerRound = Math.Clamp((int)Math.Round(chunkSeconds / last), 1, 20);
+        using (var scope = NewDisposeScope())
+        using (var counter = new FlopCounter(model))
+        {
+            var x = Batch(batch);
+            var sw = Stopwatch.StartNew();
+            shapes = FlopCounter.Merge(counter.Count(batch, () =>
+            {
+                using var _ = no_grad();
+                model.BitsPerDim(x).mean().item<float>();
+            }));
+            countedForwardSeconds = sw.Elapsed.TotalSeconds;
+            inModelSeconds = counter.SecondsByShape();
+        }
+        ForwardGflop = shapes.Sum(g => g.Flops) / 1e9;
+        // The shapes that hold 95% of the forward FLOPs (at most 8) are timed as plain matmuls.
+        double total = shapes.Sum(g => g.Flops), acc = 0;
+        foreach (var g in shapes)
+        {
+            if (acc >= 0.95 * total || timedShapes.Count >= 8) break;
+            timedShapes.Add(g);
+            shapeRates.Add(new List<double>());
+            acc += g.Flops;
+        }
+        Evaluate(); Sample(); // first calls
+    }
+
+    public void Round()
+    {
+        model.train();
+        // Training steps: wall and CPU time, tensors created, collections.
+        for (int i = 0; i < StepsPerRound; i++)
+        {
+            using var scope = NewDisposeScope();
+            var x = Batch(batch);
+            var stats = DisposeScopeManager.Statistics;
+            long created0 = stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount;
+            int g0 = GC.CollectionCount(0), g1 = GC.CollectionCount(1), g2 = GC.CollectionCount(2);
+            var before = Process.GetCurrentProcess();
+            var (cpu, sys) = (before.TotalProcessorTime, before.PrivilegedProcessorTime);
+            var sw = Stopwatch.StartNew();
+            step.Take(x, Lr);
+            stepMs.Add(sw.Elapsed.TotalMilliseconds);
+            var after = Process.GetCurrentProcess();
+            cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
+            sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
+            created += stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount - created0;
+            gc0 += GC.CollectionCount(0) - g0; gc1 += GC.CollectionCount(1) - g1; gc2 += GC.CollectionCount(2) - g2;
+            steps++;
+        }
+        evalMs.Add(Evaluate());
+        sampleMs.Add(Sample());
+        // The GEMM ceiling at this model's shapes, measured between its own steps.
+        double seconds = 0;
+        for (int i = 0; i < timedShapes.Count; i++)
+        {
+            double rate = TimeMatmul(timedShapes[i]);
+            shapeRates[i].Add(rate);
+            seconds += timedShapes[i].Flops / (rate * 1e9);
+        }
+        ceiling.Add(timedShapes.Sum(g => g.Flops) / seconds / 1e9);
+    }
+
+    /// <summary>Milliseconds per image of bits/dim on one batch, evaluation mode, no gradient.</summary>
+    double Evaluate()
+    {
+        using var scope = NewDisposeScope();
+        var x = Batch(batch);
+        model.eval();
+        try
+        {
+            using var _ = no_grad();
+            var sw = Stopwatch.StartNew();
+            model.BitsPerDim(x).mean().item<float>();
+            return sw.Elapsed.TotalMilliseconds / batch;
+        }
+        finally { model.train(); }
+    }
+
+    /// <summary>Milliseconds per image of sampling a batch (pixels), evaluation mode, no gradient.</summary>
+    double Sample()
+    {
+        using var scope = NewDisposeScope();
+        model.eval();
+        try
+        {
+            using var _ = no_grad();
+            var sw = Stopwatch.StartNew();
+            model.Sample(sampleBatch).sum().item<float>();
+            return sw.Elapsed.TotalMilliseconds / sampleBatch;
+        }
+        finally { model.train(); }
+    }
+
+    /// <summary>GFLOP/s of torch.matmul at one shape ([M, K] x [K, N]), repeated for about 0.2 s.</summary>
+    static double TimeMatmul(Gemm g)
+    {
+        using var scope = NewDisposeScope();
+        var a = randn(g.M, g.K);
+        var b = randn(g.K, g.N);
+        a.matmul(b); // first call
+        double one = 2.0 * g.M * g.K * g.N;
+        int n = 0;
+        var sw = Stopwatch.StartNew();
+        do
+        {
+            using var inner = NewDisposeScope();
+            a.matmul(b);
+            n++;
+        } while (sw.Elapsed.TotalSeconds < 0.2);
+        return one * n / sw.Elapsed.TotalSeconds / 1e9;
+    }
+
+    public string Row()
+    {
+        double median = Machine.Median(stepMs);
+        double gflop = 3 * ForwardGflop;
+        double achieved = gflop / (median / 1000);
+        double ceil = Machine.Median(ceiling);
+        return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
+               $"{Machine.Median(evalMs):0.00} | {Machine.Median(sampleMs):0.00} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
+               $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
+    }
+
+    public void PrintShapes(TextWriter output)
+    {
+        double total = shapes.Sum(g => g.Flops);
+        double inModules = inModelSeconds.Values.Sum();
+        output.WriteLine($"- `{Config.Name}`: {shapes.Count} shapes, {ForwardGflop:0.000} GFLOP forward; one forward pass (no gradient, " +
+                         $"batch {batch}) took {countedForwardSeconds * 1000:N0} ms, {inModules * 1000:N0} ms of it inside Linear/Conv2d modules; " +
+                         string.Join("; ", timedShapes.Select((g, i) =>
+                         {
+                             string inModel = inModelSeconds.TryGetValue((g.Kind, g.M, g.K, g.N), out var s) && s > 0
+                                 ? $", {g.Flops / s / 1e9:0} inside the model" : "";
+                             return $"{g.Shape} {g.Flops / total:0%} of FLOPs, matmul {Machine.Median(shapeRates[i]):0} GFLOP/s{inModel}";
+                         })));
+    }
+
+    public void Dispose()
+    {
+        ((IDisposable)adam).Dispose();
+        model.Dispose();
+    }
+}
