@@ -69,15 +69,7 @@ public class SamplingTests : IDisposable
 /// <summary>The `interpolate` verb end to end.</summary>
 public class InterpolateVerbTests
 {
-    static (int Code, string Out, string Err) Run(params string[] args)
-    {
-        var (err, @out) = (new StringWriter(), new StringWriter());
-        var (savedErr, savedOut) = (Console.Error, Console.Out);
-        Console.SetError(err);
-        Console.SetOut(@out);
-        try { return (MixerFlow.Cli.Program.Main(args), @out.ToString(), err.ToString()); }
-        finally { Console.SetError(savedErr); Console.SetOut(savedOut); }
-    }
+    static (int Code, string Out, string Err) Run(params string[] args) => CliInProcess.Run(args);
 
     [Fact]
     public void Writes_a_strip_between_two_pictures_and_refuses_a_missing_one_in_one_line()

@@ -386,12 +386,8 @@ public class SampleVerbTests
 {
     static (int Code, string Err) Run(params string[] args)
     {
-        var err = new StringWriter();
-        var (savedErr, savedOut) = (Console.Error, Console.Out);
-        Console.SetError(err);
-        Console.SetOut(TextWriter.Null);
-        try { return (MixerFlow.Cli.Program.Main(args), err.ToString()); }
-        finally { Console.SetError(savedErr); Console.SetOut(savedOut); }
+        var (code, _, err) = CliInProcess.Run(args);
+        return (code, err);
     }
 
     [Fact]
