@@ -56,8 +56,8 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
 
     /// Clears the gradients (sets them to none, as PyTorch's default `zero_grad` does).
     member _.ZeroGrad() =
-        for p in ps do
-            if not (isNull p.grad) then p.grad <- null
+        // Setting is enough: reading `grad` first would create a handle per parameter.
+        for p in ps do p.grad <- null
 
     /// One Adam update of every parameter that has a gradient.
     member this.Step() =
@@ -119,13 +119,13 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
         if states <> int64 ps.Length then fail (sprintf "%d parameters, the model has %d" states ps.Length)
         reader.ReadDouble() |> ignore // initial learning rate
         lr <- reader.ReadDouble()
-        let savedBetas = reader.ReadDouble(), reader.ReadDouble()
+        reader.ReadDouble() |> ignore // beta1
+        reader.ReadDouble() |> ignore // beta2
         reader.ReadDouble() |> ignore // eps
         let weightDecay = reader.ReadDouble()
         let amsgrad = reader.ReadBoolean()
         reader.ReadBoolean() |> ignore // maximize
         if weightDecay <> 0.0 || amsgrad then fail "weight decay or AMSGrad, which this Adam does not do"
-        ignore savedBetas
         for i in 0 .. ps.Length - 1 do
             steps.[i] <- reader.ReadInt64()
             TensorExtensionMethods.Load(expAvg.[i], reader)

@@ -152,29 +152,29 @@ module internal MklDispatch =
     ///   mov eax, [rip + cached]; test eax, eax; js compute; ret
     /// Setting that int to 1 before MKL's first GEMM makes MKL trust the CPU's feature flags, as
     /// a preloaded override of the function does. Nothing is written unless the function starts
-    /// with exactly that sequence. Returns what was done, for the record.
-    let trustCpuFeatures () : string =
+    /// with exactly that sequence. Returns whether MKL now trusts the CPU, and what was done.
+    let trustCpuFeatures () : bool * string =
         let mutable lib = 0n
         if not (NativeLibrary.TryLoad("libtorch_cpu", typeof<NativeRuntime>.Assembly, Nullable(), &lib)) then
-            "libtorch_cpu not found"
+            false, "libtorch_cpu not found"
         else
             let mutable f = 0n
             if not (NativeLibrary.TryGetExport(lib, "mkl_serv_intel_cpu_true", &f)) then
-                "no mkl_serv_intel_cpu_true in libtorch_cpu (no MKL)"
+                false, "no mkl_serv_intel_cpu_true in libtorch_cpu (no MKL)"
             else
                 let b i = Marshal.ReadByte(f, i)
                 if not (b 0 = 0x8buy && b 1 = 0x05uy && b 6 = 0x85uy && b 7 = 0xc0uy && b 8 = 0x78uy) then
-                    "mkl_serv_intel_cpu_true has an unknown shape; left alone"
+                    false, "mkl_serv_intel_cpu_true has an unknown shape; left alone"
                 else
                     let cached = f + 6n + nativeint (Marshal.ReadInt32(f, 2))
                     match Marshal.ReadInt32 cached with
-                    | 1 -> "MKL already trusts this CPU"
+                    | 1 -> true, "MKL already trusts this CPU"
                     // A GEMM ran before MixerFlow set LibTorch up: switching now would mix kernels
                     // (and rounding) within the process, so MKL's choice stays.
-                    | 0 -> "MKL had already chosen its generic path before MixerFlow's first use; left alone"
+                    | 0 -> false, "MKL had already chosen its generic path before MixerFlow's first use; left alone"
                     | _ ->
                         Marshal.WriteInt32(cached, 1)
-                        "MKL set to trust the CPU's feature flags"
+                        true, "MKL set to trust the CPU's feature flags"
 
 /// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
 /// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
@@ -200,9 +200,11 @@ type NativeBackend =
                 // Reason: Unsupported hardware" before falling back. Not trying it at all changes
                 // no result (the fallback is the same im2col + BLAS path).
                 (try LibTorchContext.setUserEnabledNNPACK (c, false) with :? EntryPointNotFoundException -> ())
-                NativeBackend.MklOutcome <-
-                    if Environment.GetEnvironmentVariable "MIXERFLOW_MKL_GENERIC" = "1" then "left on MKL's own CPU check (MIXERFLOW_MKL_GENERIC=1)"
+                let fast, outcome =
+                    if Environment.GetEnvironmentVariable "MIXERFLOW_MKL_GENERIC" = "1" then false, "left on MKL's own CPU check (MIXERFLOW_MKL_GENERIC=1)"
                     else MklDispatch.trustCpuFeatures ()
+                NativeBackend.MklOutcome <- outcome
+                NativeBackend.MklTrusted <- fast
                 Some c
              with
              | :? DllNotFoundException
@@ -210,6 +212,7 @@ type NativeBackend =
 
     /// What was done about MKL's CPU check at first use (see <see cref="MklFastKernels"/>).
     static member val MklOutcome = "not yet initialised" with get, set
+    static member val private MklTrusted = false with get, set
 
     /// Where LibTorch's MKL would take its generic kernels because the CPU is not an Intel one
     /// (AMD here: about 49 against 112 GFLOP/s for a 1024^3 float32 matmul on one core), Core makes
@@ -220,7 +223,7 @@ type NativeBackend =
     /// choice stays, so that one process never mixes the two kernels' rounding.
     static member MklFastKernels =
         NativeBackend.Ensure()
-        NativeBackend.MklOutcome.StartsWith "MKL set" || NativeBackend.MklOutcome.StartsWith "MKL already"
+        NativeBackend.MklTrusted
 
     /// Turns oneDNN convolutions off (once per process; later calls are free). Called by every
     /// bijector's constructor and by the convolutional conditioners.

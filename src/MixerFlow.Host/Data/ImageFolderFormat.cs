@@ -68,16 +68,7 @@ internal static class ImageFolderFormat
         if ((long)files.Count * size > Array.MaxLength)
             throw new UserError($"{files.Count} images of {channels}x{height}x{width} are more than one data set may hold here");
         var pixels = new byte[(long)files.Count * size];
-        for (int i = 0; i < files.Count; i++)
-        {
-            if (channels == 1) Decode<L8>(files[i], height, width, pixels, i * size, (row, plane, x, stride) => plane[x] = row.PackedValue);
-            else Decode<Rgb24>(files[i], height, width, pixels, i * size, (row, plane, x, stride) =>
-            {
-                plane[x] = row.R;
-                plane[stride + x] = row.G;
-                plane[2 * stride + x] = row.B;
-            });
-        }
+        for (int i = 0; i < files.Count; i++) DecodeInto(files[i], channels, height, width, pixels, i * size);
         var dataset = new ImageDataset(pixels, files.Count, channels, height, width, labels?.ToArray(), folder);
         return new Result(dataset, classes, skipped);
     }
@@ -90,14 +81,20 @@ internal static class ImageFolderFormat
         if (Directory.Exists(path)) throw new UserError($"'{path}' is a folder; expected a PNG or JPEG file");
         if (!File.Exists(path)) throw new UserError($"'{path}' does not exist");
         var pixels = new byte[channels * height * width];
-        if (channels == 1) Decode<L8>(path, height, width, pixels, 0, (row, plane, x, stride) => plane[x] = row.PackedValue);
-        else Decode<Rgb24>(path, height, width, pixels, 0, (row, plane, x, stride) =>
+        DecodeInto(path, channels, height, width, pixels, 0);
+        return new ImageDataset(pixels, 1, channels, height, width, null, path);
+    }
+
+    /// <summary>Decodes one file as grey (1 channel) or RGB (3) planes at <paramref name="offset"/>.</summary>
+    static void DecodeInto(string path, int channels, int height, int width, byte[] pixels, int offset)
+    {
+        if (channels == 1) Decode<L8>(path, height, width, pixels, offset, (row, plane, x, stride) => plane[x] = row.PackedValue);
+        else Decode<Rgb24>(path, height, width, pixels, offset, (row, plane, x, stride) =>
         {
             plane[x] = row.R;
             plane[stride + x] = row.G;
             plane[2 * stride + x] = row.B;
         });
-        return new ImageDataset(pixels, 1, channels, height, width, null, path);
     }
 
     delegate void Store<TPixel>(TPixel pixel, Span<byte> plane, int x, int planeStride);

@@ -86,6 +86,27 @@ public sealed class ImageFlow : Flow
         finally { Dequantize.Midpoint = saved; }
     }
 
+    /// <summary>Runs <paramref name="f"/> in evaluation mode without gradients, then restores the mode the model was in.</summary>
+    public T Evaluating<T>(Func<T> f)
+    {
+        ArgumentNullException.ThrowIfNull(f);
+        bool wasTraining = training;
+        eval();
+        try
+        {
+            using var _ = no_grad();
+            return f();
+        }
+        finally { train(wasTraining); }
+    }
+
+    /// <summary>Runs <paramref name="action"/> in evaluation mode without gradients, then restores the mode.</summary>
+    public void Evaluating(Action action)
+    {
+        ArgumentNullException.ThrowIfNull(action);
+        Evaluating(() => { action(); return 0; });
+    }
+
     /// <summary>Pixels 0..255 from a latent.</summary>
     public Tensor Decode(Tensor z) => Dequantize.Inverse(Body.Inverse(z).Value).Value;
 
@@ -105,12 +126,9 @@ public sealed class ImageFlow : Flow
         ArgumentNullException.ThrowIfNull(from);
         ArgumentNullException.ThrowIfNull(to);
         if (steps < 2) throw new ArgumentOutOfRangeException(nameof(steps), steps, "at least 2 (the two ends)");
-        using var scope = NewDisposeScope();
-        using var _ = no_grad();
-        bool training = this.training;
-        eval();
-        try
+        return Evaluating(() =>
         {
+            using var scope = NewDisposeScope();
             var shape = new long[] { 1, Config.Channels, Config.Height, Config.Width };
             var za = Encode(from.reshape(shape).to(DType).to(Device)).flatten();
             var zb = Encode(to.reshape(shape).to(DType).to(Device)).flatten();
@@ -129,8 +147,7 @@ public sealed class ImageFlow : Flow
             }
             var z = stack(rows).reshape(steps, Config.Channels, Config.Height, Config.Width);
             return Decode(z).MoveToOuterDisposeScope();
-        }
-        finally { train(training); }
+        });
     }
 
     /// <summary>

@@ -18,21 +18,17 @@ public static class Evaluation
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
         if (data.Count == 0) throw new UserError($"{data.Source}: no images to evaluate");
         device ??= model.Device;
-        bool training = model.training;
-        model.eval();
         var all = new List<double>(data.Count);
-        try
+        model.Evaluating(() =>
         {
             manual_seed(seed);
             for (int start = 0; start < data.Count; start += batchSize)
             {
                 var idx = Enumerable.Range(start, Math.Min(batchSize, data.Count - start)).ToArray();
                 using var scope = NewDisposeScope();
-                using var _ = no_grad();
                 all.AddRange(model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray());
             }
-        }
-        finally { model.train(training); }
+        });
         double mean = all.Average();
         double sd = Math.Sqrt(all.Sum(v => (v - mean) * (v - mean)) / Math.Max(1, all.Count - 1));
         return (mean, sd / Math.Sqrt(all.Count));

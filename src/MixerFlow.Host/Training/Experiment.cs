@@ -285,7 +285,8 @@ public sealed class Experiment
         var resultPath = Path.Combine(folder, SeedResultFile);
         var label = $"{run.Name}/seed-{seed}";
         CheckUnchanged(run, seed, folder, label);
-        if (RunFolder.ReadSummary(folder) is not null && File.Exists(resultPath))
+        var earlier = RunFolder.ReadSummary(folder);
+        if (earlier is not null && File.Exists(resultPath))
         {
             log.WriteLine($"{label}: finished earlier, not retrained");
             return JsonSerializer.Deserialize<ExperimentSeedResult>(File.ReadAllText(resultPath), Json)
@@ -295,7 +296,7 @@ public sealed class Experiment
         TrainSummary summary;
         ImageFlow? model = null;
         bool trainedHere = false;
-        if (RunFolder.ReadSummary(folder) is { } done)
+        if (earlier is { } done)
         {
             log.WriteLine($"{label}: trained earlier, evaluating");
             summary = done;

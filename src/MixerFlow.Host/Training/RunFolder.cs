@@ -196,19 +196,12 @@ public sealed class RunFolder
     /// that progress can be watched on the same samples; <paramref name="noise"/> is a standard
     /// normal draw of the model's latent shape, fixed for the run.
     /// </summary>
-    public void SaveEpochSamples(ImageFlow model, Tensor noise, int epoch)
+    public void SaveEpochSamples(ImageFlow model, Tensor noise, int epoch) => model.Evaluating(() =>
     {
-        bool training = model.training;
-        model.eval();
-        try
-        {
-            using var scope = NewDisposeScope();
-            using var _ = no_grad();
-            Directory.CreateDirectory(SamplesFolder);
-            ImageGrid.Save(model.Decode(noise.mul(Ops.Scalar(0.7))), System.IO.Path.Combine(SamplesFolder, $"epoch-{epoch:000}.png"));
-        }
-        finally { model.train(training); }
-    }
+        using var scope = NewDisposeScope();
+        Directory.CreateDirectory(SamplesFolder);
+        ImageGrid.Save(model.Decode(noise.mul(Ops.Scalar(0.7))), System.IO.Path.Combine(SamplesFolder, $"epoch-{epoch:000}.png"));
+    });
 
     public void SaveSummary(TrainSummary summary) =>
         AtomicFile.WriteAllText(SummaryFile(Path),
