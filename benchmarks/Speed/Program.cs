@@ -11,6 +11,9 @@ using MixerFlow.Speed;
 using TorchSharp;
 using static TorchSharp.torch;
 
+// As the mixerflow tool does: restart once with glibc malloc on transparent huge pages
+// (MIXERFLOW_HUGETLB=0 measures without them).
+HugePages.RestartWithHugePages();
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
@@ -47,7 +50,7 @@ var loadStart = Machine.LoadAverage();
 var clock = Stopwatch.StartNew();
 Console.WriteLine($"# MixerFlow.NET speed, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
 Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {loadStart} (about {Machine.FreeCores(loadStart):0.0} cores free); " +
-                  $"LibTorch threads: {get_num_threads()}; MKL: {NativeBackend.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+                  $"LibTorch threads: {get_num_threads()}; MKL: {NativeBackend.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
 Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
 Console.WriteLine();
 

@@ -12,6 +12,11 @@ public static class Program
     /// 1 anything unexpected (the stack trace only under <c>--verbose</c>).</summary>
     public static int Main(string[] args)
     {
+        // Only as the process's own entry point (not when a test host calls Main): restart once
+        // with glibc malloc on transparent huge pages (MixerFlow.Core.HugePages; opt out with
+        // MIXERFLOW_HUGETLB=0). Returns here when no restart is needed or possible.
+        if (System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly)
+            MixerFlow.Core.HugePages.RestartWithHugePages();
         var parsed = CommandLine.CommandLine.Parse(args);
         if (parsed.Command is null)
         {

@@ -15,7 +15,7 @@ public static class InfoVerb
         Describe(model, output);
         output.WriteLine();
         output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {NativeRuntime.OpenMpWaitPolicy}; MKL: {NativeBackend.MklOutcome}; " +
-                         $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+                         $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
         if (options.TimeStep) TimeSteps(model, output);
         return 0;
     }
