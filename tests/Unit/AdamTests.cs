@@ -133,3 +133,136 @@ public class AdamTests
         Assert.Throws<ArgumentException>(() => new Adam(a.parameters(), lr));
     }
 }
+
+/// <summary>
+/// Adam over flat buffers: parameters and gradients live in one buffer each, so a step is a few
+/// operations whatever the number of parameters, and the update stays torch.optim.Adam's when
+/// something outside replaces a parameter or a gradient.
+/// </summary>
+public class FlatAdamTests
+{
+    static nn.Module<Tensor, Tensor> Model(int seed, int layers = 3)
+    {
+        manual_seed(seed);
+        var mods = new List<nn.Module<Tensor, Tensor>>();
+        for (int i = 0; i < layers; i++) { mods.Add(nn.Linear(6, 6)); mods.Add(nn.Tanh()); }
+        var model = nn.Sequential(mods.ToArray());
+        model.to(float64);
+        using (no_grad())
+            foreach (var p in model.parameters()) p.add_(randn_like(p), Ops.Scalar(0.3));
+        return model;
+    }
+
+    static void Gradients(nn.Module<Tensor, Tensor> model, int seed)
+    {
+        using var scope = NewDisposeScope();
+        manual_seed(100 + seed);
+        var x = randn(16, 6, dtype: float64);
+        model.call(x).pow(Ops.Scalar(2)).mean().backward();
+    }
+
+    static double MaxDifference(nn.Module a, nn.Module b) =>
+        a.parameters().Zip(b.parameters(), (p, q) => p.detach().sub(q.detach()).abs().max().item<double>()).Max();
+
+    [Fact]
+    public void Parameters_become_views_of_one_buffer_and_keep_their_values_and_identity()
+    {
+        var model = Model(1);
+        var before = model.parameters().Select(p => p.detach().clone()).ToArray();
+        var objects = model.parameters().ToArray();
+        using var adam = new Adam(model.parameters(), 0.01);
+        Assert.Equal(objects, model.parameters().ToArray());
+        Assert.All(model.parameters().Zip(before), pair => Assert.Equal(0.0, pair.First.detach().sub(pair.Second).abs().max().item<double>()));
+        // One buffer: writing through it is seen by every parameter.
+        using (no_grad()) foreach (var p in model.parameters()) p.zero_();
+        Gradients(model, 0);
+        Assert.All(model.parameters(), p => Assert.NotNull(p.grad));
+    }
+
+    [Fact]
+    public void Replaced_gradients_and_parameters_are_taken_back_into_the_buffers()
+    {
+        var a = Model(2);
+        var b = Model(2);
+        using var ours = new Adam(a.parameters(), 0.05);
+        var theirs = optim.Adam(b.parameters(), 0.05);
+        for (int step = 0; step < 12; step++)
+        {
+            // TorchSharp's own zero_grad and a gradient set by hand replace our views.
+            if (step % 3 == 0) a.zero_grad(); else ours.ZeroGrad();
+            theirs.zero_grad();
+            Gradients(a, step); Gradients(b, step);
+            if (step == 4)
+            {
+                var p = a.parameters().First();
+                p.grad = p.grad!.clone();
+            }
+            if (step == 7)
+            {
+                // A parameter moved to new storage with its values.
+                var p = a.parameters().Last();
+                using (no_grad()) p.set_(p.detach().clone());
+            }
+            ours.Step(); theirs.step();
+        }
+        Assert.True(MaxDifference(a, b) < 1e-12, $"largest difference {MaxDifference(a, b):E2}");
+    }
+
+    [Theory]
+    [InlineData(0.05)]
+    [InlineData(1e6)]
+    public void Clipping_matches_torch_clip_grad_norm(double maxNorm)
+    {
+        var a = Model(3);
+        var b = Model(3);
+        using var ours = new Adam(a.parameters(), 0.01);
+        Gradients(a, 0); Gradients(b, 0);
+        double n1 = ours.ClipGradientNorm(maxNorm);
+        double n2 = nn.utils.clip_grad_norm_(b.parameters(), maxNorm);
+        Assert.Equal(n2, n1, 12);
+        Assert.True(n1 > 0.05, "the gradients are not tiny, so the small bound clips");
+        double worst = a.parameters().Zip(b.parameters(), (p, q) => p.grad!.sub(q.grad!).abs().max().item<double>()).Max();
+        Assert.True(worst < 1e-14, $"gradients differ by {worst:E2}");
+    }
+
+    [Fact]
+    public void A_non_finite_gradient_gives_a_non_finite_norm_and_changes_nothing()
+    {
+        var a = Model(4);
+        using var ours = new Adam(a.parameters(), 0.01);
+        Gradients(a, 0);
+        using (no_grad()) a.parameters().First().grad!.fill_(Ops.Scalar(double.NaN));
+        var before = a.parameters().Select(p => p.detach().clone()).ToArray();
+        Assert.True(double.IsNaN(ours.ClipGradientNorm(1.0)));
+        Assert.All(a.parameters().Zip(before), pair => Assert.Equal(0.0, pair.First.detach().sub(pair.Second).abs().max().item<double>()));
+    }
+
+    [Fact]
+    public void A_step_creates_a_few_tensors_whatever_the_number_of_parameters()
+    {
+        long Created(int layers)
+        {
+            var model = Model(5, layers);
+            using var adam = new Adam(model.parameters(), 0.01);
+            adam.ZeroGrad(); Gradients(model, 0); adam.ClipGradientNorm(1.0); adam.Step();
+            var stats = DisposeScopeManager.Statistics;
+            long before = stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount;
+            adam.ZeroGrad(); Gradients(model, 1);
+            long afterBackward = stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount;
+            adam.ClipGradientNorm(1.0); adam.Step();
+            return stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount - afterBackward;
+        }
+        long few = Created(2), many = Created(20);
+        Assert.True(many == few && many <= 8, $"Adam created {few} tensors for 4 parameters and {many} for 40");
+    }
+
+    [Fact]
+    public void Parameters_of_different_dtypes_are_refused_by_name()
+    {
+        var a = nn.Linear(3, 3);
+        var b = nn.Linear(3, 3);
+        b.to(float64);
+        var e = Assert.Throws<ArgumentException>(() => new Adam(a.parameters().Concat(b.parameters()), 0.01));
+        Assert.Contains("parameter 2 is Float64", e.Message);
+    }
+}

@@ -27,8 +27,11 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     {
         optimizer.LearningRate = lr;
         using var scope = NewDisposeScope();
-        var buffers = model.buffers().ToArray();
-        var saved = buffers.Select(b => b.detach().clone()).ToArray();
+        // Only buffers a forward pass may change: floating point ones (running statistics) and
+        // single values (ActNorm's initialised flag); integer index buffers never change.
+        var buffers = model.buffers().Where(b => b.is_floating_point() || b.numel() == 1).ToArray();
+        Tensor[] saved;
+        using (no_grad()) saved = buffers.Select(b => b.clone()).ToArray();
         StepOutcome Drop(double bpd, string why)
         {
             using (no_grad()) for (int i = 0; i < buffers.Length; i++) buffers[i].copy_(saved[i]);
@@ -41,7 +44,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         if (rejectLoss?.Invoke(bpd) is { } rejected) return Drop(bpd, rejected);
         optimizer.ZeroGrad();
         loss.backward();
-        var norm = nn.utils.clip_grad_norm_(model.parameters(), clipNorm);
+        var norm = optimizer.ClipGradientNorm(clipNorm);
         if (!double.IsFinite(norm))
         {
             optimizer.ZeroGrad();
