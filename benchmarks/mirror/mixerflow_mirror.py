@@ -24,7 +24,7 @@ Commands (all exit non-zero with a message on error):
                                  `logprob`, float64). --drop-logdet actnorm|coupling|logit leaves
                                  out that part's log-det: a deliberately broken mirror for the test
                                  that shows the comparison can fail.
-  time CONFIG [--batch 64] [--steps 30] [--threads 1] [--serve]
+  time CONFIG [--batch 64] [--steps 30] [--threads 1] [--serve] [--expect-parameters N]
                                  times the training step of MixerFlow.NET's TrainingStep: forward
                                  with uniform dequantisation, mean bits/dim, backward, global-norm
                                  clipping at 50, Adam at lr 1e-4. --serve reads lines `N` on stdin
@@ -527,6 +527,8 @@ def cmd_time(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     cfg, expected = read_config(args.config)
+    if args.expect_parameters is not None:
+        expected = args.expect_parameters
     model = build_checked(cfg, expected, args.config)
     shapes = {}
 
@@ -565,7 +567,7 @@ def cmd_time(args):
         step()   # warm-up
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "parameters": parameter_count(model),
             "forward_gflop": flops / 1e9,
-            "gemms": [f"{kind} [{m}x{k}]x[{k}x{n}] x{c}" for (kind, m, k, n), c in
+            "gemms": [f"{kind} [{m}x{k}]x[{k}x{n}]" + (f" x{c}" if c > 1 else "") for (kind, m, k, n), c in
                       sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2] * kv[0][3] * kv[1])]}
     if args.serve:
         print(json.dumps(info), flush=True)
@@ -594,6 +596,7 @@ def main(argv=None):
     p = sub.add_parser("time"); p.add_argument("config")
     p.add_argument("--batch", type=int, default=64); p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1); p.add_argument("--serve", action="store_true")
+    p.add_argument("--expect-parameters", type=int, help="MixerFlow.NET's parameter count: refuse to time a mirror that differs")
     p.set_defaults(run=cmd_time)
     args = ap.parse_args(argv)
     try:
