@@ -186,6 +186,31 @@ public class MirrorTests
     }
 
     [Fact]
+    public void Export_verb_writes_a_checkpoints_state_and_refuses_a_missing_checkpoint_in_one_line()
+    {
+        using var dir = new TempDir();
+        new MixerFlow.Host.Training.Trainer(new MixerFlow.Host.Training.TrainingSettings
+        {
+            Model = Presets.Get("tiny"), RunFolder = dir.File("run"), Steps = 2, BatchSize = 8, Pictures = false,
+        }).Run();
+        string ckpt = Path.Combine(dir.Path, "run", MixerFlow.Host.Training.Trainer.LastCheckpoint), path = dir.File("tiny.safetensors");
+        var (code, output, err) = CliInProcess.Run("export", "--checkpoint", ckpt, "--out", path);
+        Assert.True(code == 0, err);
+        Assert.Contains("12,900 parameters", output);
+        var (model, _) = Checkpoint.Load(ckpt);
+        var (read, meta) = SafeTensors.Read(path);
+        Assert.Equal(model.Config, ModelConfig.FromJson(meta["mixerflow.config"], path));
+        foreach (var (name, t) in model.state_dict())
+            Assert.True(t.eq(read[name]).all().item<bool>(), $"{name} differs in the export");
+        Assert.True(read.Keys.All(k => k.EndsWith("initialized") ? read[k].item<long>() == 1 : true), "ActNorm exported uninitialised after training");
+
+        (code, _, err) = CliInProcess.Run("export", "--checkpoint", dir.File("missing.ckpt"), "--out", dir.File("x.safetensors"));
+        Assert.Equal(2, code);
+        Assert.Single(err.Trim().Split('\n'));
+        Assert.Contains("missing.ckpt", err);
+    }
+
+    [Fact]
     public void Reading_a_file_that_is_not_safetensors_names_the_file()
     {
         using var dir = new TempDir();
