@@ -22,8 +22,10 @@ public class MirrorTests
     /// <summary>Relative tolerance on log p per image, float32 on both sides.</summary>
     const double Float32Tolerance = 1e-4;
 
-    static ModelConfig Config(string preset, bool shift) =>
-        shift ? Presets.Get(preset) : Presets.MixerFlow(preset) with { Shift = false, Name = preset + "-no-shift" };
+    /// <summary>A preset with `--set`-style changes ("key=value,key=value"; empty for none).</summary>
+    static ModelConfig Config(string preset, string set) =>
+        set.Length == 0 ? Presets.Get(preset)
+            : ConfigOverrides.Apply(Presets.Get(preset), set.Split(',')) with { Name = $"{preset} ({set})" };
 
     /// <summary>A model with every parameter random at a sensible scale: not the identity.</summary>
     static ImageFlow Randomised(ModelConfig c, int seed)
@@ -68,14 +70,15 @@ public class MirrorTests
         string.Join("; ", ours.Zip(mirror, (a, b) => $"{a:0.######} vs {b:0.######}"));
 
     [MirrorTheory]
-    [InlineData("tiny", true)]
-    [InlineData("tiny", false)]
-    [InlineData("glow-tiny", true)]
-    public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, bool shift)
+    [InlineData("tiny", "")]
+    [InlineData("tiny", "shift=false")]
+    [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
+    [InlineData("glow-tiny", "")]
+    public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, string set)
     {
         PythonMirror.Require();
         using var dir = new TempDir();
-        var c = Config(preset, shift);
+        var c = Config(preset, set);
         using var m = Randomised(c, 11);
         foreach (var (name, p) in m.named_parameters())
             Assert.True(p.abs().max().item<float>() > 0, $"{name} is still all zeros: the model is not randomised");
