@@ -8,9 +8,10 @@ MixerFlow.NET: the mapping from our names to the mirror's is the identity, by co
 weight export loads with `load_state_dict(strict=True)`. Each bijector runs the same tensor ops
 as its F# counterpart (src/MixerFlow.Core/*.fs), so the GEMM shapes are the same too.
 
-Supported: MixerFlow (square, band or stripe patches; affine or additive inner flows; ActNorm;
-shift on or off; unconditional) and Glow. Spline and MAF inner flows, batch normalisation and
-class-conditional models raise NotImplementedError naming the field.
+Supported: MixerFlow (square, band or stripe patches; affine, additive or rational-quadratic
+spline inner flows; ActNorm or batch normalisation; shift on or off; unconditional) and Glow. MAF
+inner flows and class-conditional models raise NotImplementedError naming the field. Only the
+forward (density) direction is mirrored, which is all that training and log p(x) need.
 
 Commands (all exit non-zero with a message on error):
 
@@ -22,7 +23,8 @@ Commands (all exit non-zero with a message on error):
                                  images X (safetensors tensor `inputs`, [B, C, H, W] in [0, 1)),
                                  with the weights of the export W, written to O (safetensors tensor
                                  `logprob`, float64). --drop-logdet actnorm|coupling|logit leaves
-                                 out that part's log-det: a deliberately broken mirror for the test
+                                 out that part's log-det (actnorm: batch normalisation's too):
+                                 a deliberately broken mirror for the test
                                  that shows the comparison can fail.
   time CONFIG [--batch 64] [--steps 30] [--threads 1] [--serve] [--expect-parameters N]
                                  times the training step of MixerFlow.NET's TrainingStep: forward
@@ -256,9 +258,51 @@ def sigmoid_bound(raw):
     return F.logsigmoid(raw + 2.0) + math.log(1.0 + math.exp(-2.0))
 
 
+def softplus(x):
+    """Core's Ops.softplus: max(x, 0) + log1p(exp(-|x|)) (torch's softplus has a threshold)."""
+    return x.relu() + x.abs().neg().exp().log1p()
+
+
+def _knots(unnormalised, bound, min_size):
+    k = unnormalised.shape[-1]
+    w = unnormalised.softmax(-1) * (1.0 - min_size * k) + min_size
+    cum = w.cumsum(-1) * (2.0 * bound) - bound
+    zero = torch.full_like(cum.narrow(-1, 0, 1), -bound)
+    cum = torch.cat([zero, cum.narrow(-1, 0, k - 1), torch.full_like(zero, bound)], -1)
+    return cum, cum.narrow(-1, 1, k) - cum.narrow(-1, 0, k)
+
+
+def spline_forward(x, h, bins, bound):
+    """Core's RationalQuadratic forward (Spline.apply): h [B, 3K-1, ...] -> y, log|dy/dx| elementwise."""
+    p = h.movedim(1, -1)
+    uw, uh, ud = p.narrow(-1, 0, bins), p.narrow(-1, bins, bins), p.narrow(-1, 2 * bins, bins - 1)
+    inside = x.ge(-bound).logical_and(x.le(bound))
+    xc = x.clamp(-bound, bound)
+    cumw, w = _knots(uw, bound, 1e-3)
+    cumh, hh = _knots(uh, bound, 1e-3)
+    inner = softplus(ud) + 1e-3
+    one = torch.ones_like(inner.narrow(-1, 0, 1))
+    d = torch.cat([one, inner, one], -1)
+    k = w.shape[-1]
+    idx = xc.unsqueeze(-1).ge(cumw).sum(-1, keepdim=True).sub(1).clamp(0, k - 1).to(torch.int64)
+    g = lambda t: t.gather(-1, idx).squeeze(-1)
+    xk, wk, yk, hk = g(cumw), g(w), g(cumh), g(hh)
+    delta = hk / wk
+    dk, dk1 = g(d), g(d.narrow(-1, 1, k))
+    theta = (xc - xk) / wk
+    t1t = theta * (1.0 - theta)
+    numerator = hk * (delta * theta.pow(2.0) + dk * t1t)
+    denominator = delta + (dk + dk1 - delta * 2.0) * t1t
+    y = yk + numerator / denominator
+    dnum = delta.pow(2.0) * (dk1 * theta.pow(2.0) + delta * t1t * 2.0 + dk * (1.0 - theta).pow(2.0))
+    log_deriv = dnum.log() - denominator.log() * 2.0
+    return torch.where(inside, y, x), torch.where(inside, log_deriv, torch.zeros_like(log_deriv))
+
+
 class Coupling(Bijector):
-    """Core's Coupling: halves (or swapped halves) of the first event axis; map 'affine' or 'additive'."""
-    def __init__(self, n, swapped, net, rest=(), map="affine", bound=None):
+    """Core's Coupling: halves (or swapped halves) of the first event axis; map 'affine', 'additive'
+    or 'spline' (bins, spline_bound)."""
+    def __init__(self, n, swapped, net, rest=(), map="affine", bound=None, bins=8, spline_bound=3.0):
         super().__init__()
         h = n // 2
         cond, trans = list(range(h)), list(range(h, n))
@@ -272,8 +316,9 @@ class Coupling(Bijector):
         self.register_buffer("mergeIndex", torch.tensor(merge, dtype=torch.int64))
         self.net = net
         self.n_b, self.rest, self.map = len(trans), tuple(rest), map
-        self.k = 2 if map == "affine" else 1
+        self.k = {"affine": 2, "additive": 1, "spline": 3 * bins - 1}[map]
         self.bound = bound or soft_clamp(2.0)
+        self.bins, self.spline_bound = bins, spline_bound
 
     def forward(self, x):
         xa = x.index_select(1, self.conditioningIndex)
@@ -282,6 +327,8 @@ class Coupling(Bijector):
         if self.map == "affine":
             log_scale = self.bound(h.select(1, 1))
             yb = xb * log_scale.exp() + h.select(1, 0)
+        elif self.map == "spline":
+            yb, log_scale = spline_forward(xb, h, self.bins, self.spline_bound)
         else:
             log_scale = torch.zeros_like(xb)
             yb = xb + h.select(1, 0)
@@ -312,6 +359,33 @@ class ActNorm(Bijector):
                 self.initialized.fill_(1)
         y = (x + self.bias) * self.logScale.exp()
         ld = constant_log_det(x, self.logScale.sum() * self.positions)
+        return y, (ld * 0 if "actnorm" in Bijector.drop else ld)
+
+
+class BatchNormFlow(Bijector):
+    """Core's BatchNormFlow over every event axis: batch statistics in training (running averages
+    updated with `momentum`), running averages in evaluation."""
+    def __init__(self, event_shape, momentum=0.1, eps=1e-5):
+        super().__init__()
+        pshape = [1] + list(event_shape)
+        self.momentum, self.eps = momentum, eps
+        self.logGamma = nn.Parameter(torch.zeros(pshape))
+        self.beta = nn.Parameter(torch.zeros(pshape))
+        self.register_buffer("runningMean", torch.zeros(pshape))
+        self.register_buffer("runningVar", torch.ones(pshape))
+
+    def forward(self, x):
+        if self.training:
+            mean = x.mean([0], keepdim=True)
+            var = (x - mean).pow(2.0).mean([0], keepdim=True)
+            with torch.no_grad():
+                self.runningMean.mul_(1.0 - self.momentum).add_(mean.detach(), alpha=self.momentum)
+                self.runningVar.mul_(1.0 - self.momentum).add_(var.detach(), alpha=self.momentum)
+        else:
+            mean, var = self.runningMean, self.runningVar
+        log_std = (var + self.eps).log() * 0.5
+        y = (x - mean) * (self.logGamma - log_std).exp() + self.beta
+        ld = constant_log_det(x, (self.logGamma - log_std).sum())
         return y, (ld * 0 if "actnorm" in Bijector.drop else ld)
 
 
@@ -390,31 +464,33 @@ def build_mixerflow(cfg):
         _unsupported("patches", strategy, "square, bands, stripes")
     if cfg.get("classes", 0):
         _unsupported("classes", cfg["classes"], "unconditional models, classes 0")
-    if cfg.get("norm", "actNorm") != "actNorm":
-        _unsupported("norm", cfg["norm"], "actNorm")
+    norm = cfg.get("norm", "actNorm")
+    if norm not in ("actNorm", "batchNorm"):
+        _unsupported("norm", norm, "actNorm, batchNorm")
     width, depth, steps = cfg.get("hiddenWidth", 128), cfg.get("hiddenDepth", 1), cfg.get("innerSteps", 2)
     p, d = (h // ph) * (w // pw), c * ph * pw
 
     def vector_flow(field, n):
         kind = cfg.get(field, "affine")
-        if kind not in ("affine", "additive"):
-            _unsupported(field, kind, "affine, additive")
-        k = 2 if kind == "affine" else 1
+        if kind not in ("affine", "additive", "spline"):
+            _unsupported(field, kind, "affine, additive, spline")
+        bins, spline_bound = cfg.get("splineBins", 8), cfg.get("splineBound", 3.0)
+        k = {"affine": 2, "additive": 1, "spline": 3 * bins - 1}[kind]
         parts = []
         for s in range(steps):
             swapped = s % 2 == 1
             n_b = n - n // 2 if not swapped else n // 2
             n_a = n - n_b
-            parts.append(Coupling(n, swapped, mlp(n_a, k * n_b, width, depth), map=kind))
+            parts.append(Coupling(n, swapped, mlp(n_a, k * n_b, width, depth), map=kind, bins=bins, spline_bound=spline_bound))
         return parts[0] if len(parts) == 1 else Chain(parts)
 
     parts = [Logit(cfg.get("alpha", 0.05))]
     for l in range(layers):
         parts += [Patchify(c, h, w, ph, pw),
                   Lifted(p, d, vector_flow("channelFlow", d), along_rows=True),
-                  ActNorm((p, d)),
+                  ActNorm((p, d)) if norm == "actNorm" else BatchNormFlow((p, d)),
                   Lifted(d, p, vector_flow("patchFlow", p), along_rows=False),
-                  ActNorm((p, d)),
+                  ActNorm((p, d)) if norm == "actNorm" else BatchNormFlow((p, d)),
                   Inverted(Patchify(c, h, w, ph, pw))]
         sign = 1 if l % 2 == 0 else -1
         dy = 0 if strategy == "stripes" else ph // 2

@@ -73,6 +73,7 @@ public class MirrorTests
     [InlineData("tiny", "")]
     [InlineData("tiny", "shift=false")]
     [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
+    [InlineData("tiny", "channelFlow=spline,patchFlow=spline,splineBins=5,norm=batchNorm")]
     [InlineData("glow-tiny", "")]
     public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, string set)
     {
