@@ -41,7 +41,7 @@ sealed class Mirror : IDisposable
 
     public Mirror(ModelConfig config, long parameters, int batch, int threads)
     {
-        configFile = Path.Combine(Path.GetTempPath(), $"mixerflow-mirror-{Environment.ProcessId}-{config.Name}.json");
+        configFile = Path.Combine(Path.GetTempPath(), $"mixerflow-mirror-{Environment.ProcessId}-{Guid.NewGuid():N}.json");
         File.WriteAllText(configFile, config.ToJson());
         var psi = new ProcessStartInfo(Python)
         {
@@ -54,7 +54,24 @@ sealed class Mirror : IDisposable
         psi.Environment.Remove("OPENBLAS_L2_SIZE");
         psi.Environment["OPENBLAS_NUM_THREADS"] = threads.ToString();
         psi.Environment["OMP_NUM_THREADS"] = threads.ToString();
-        process = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {Python}");
+        try { process = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {Python}"); }
+        catch (Exception e) when (e is InvalidOperationException or System.ComponentModel.Win32Exception)
+        {
+            File.Delete(configFile);
+            throw new InvalidOperationException($"cannot start {Python}: {e.Message}", e);
+        }
+        try { (Torch, ForwardGflop, Gemms) = Handshake(config, parameters); }
+        catch (Exception e)
+        {
+            Dispose();
+            if (e is InvalidOperationException) throw;
+            throw new InvalidOperationException($"the mirror of {config.Name} answered badly: {e.Message}", e);
+        }
+    }
+
+    /// <summary>The mirror's first line: its torch version, FLOPs and GEMMs, after its parameter count is checked.</summary>
+    (string Torch, double ForwardGflop, IReadOnlyList<string> Gemms) Handshake(ModelConfig config, long parameters)
+    {
         // stderr is read in the background so that a chatty process never blocks on a full pipe.
         var stderr = new System.Text.StringBuilder();
         process.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (stderr) stderr.AppendLine(e.Data); };
@@ -66,11 +83,11 @@ sealed class Mirror : IDisposable
             lock (stderr) throw new InvalidOperationException($"the mirror of {config.Name} exited (code {process.ExitCode}): {stderr.ToString().Trim()}");
         }
         using var info = JsonDocument.Parse(first);
-        Torch = info.RootElement.GetProperty("torch").GetString() ?? "?";
-        ForwardGflop = info.RootElement.GetProperty("forward_gflop").GetDouble();
-        Gemms = info.RootElement.GetProperty("gemms").EnumerateArray().Select(e => e.GetString() ?? "").ToList();
         long theirs = info.RootElement.GetProperty("parameters").GetInt64();
         if (theirs != parameters) throw new InvalidOperationException($"the mirror of {config.Name} has {theirs:N0} parameters, ours {parameters:N0}");
+        return (info.RootElement.GetProperty("torch").GetString() ?? "?",
+                info.RootElement.GetProperty("forward_gflop").GetDouble(),
+                info.RootElement.GetProperty("gemms").EnumerateArray().Select(e => e.GetString() ?? "").ToList());
     }
 
     /// <summary>Runs <paramref name="steps"/> training steps in the mirror and records their times.</summary>

@@ -150,6 +150,23 @@ public class MirrorTests
         Assert.Contains("parameters", e.Message);
     }
 
+    [MirrorFact]
+    public void The_speed_benchmarks_mirror_process_takes_steps_on_request_and_refuses_a_different_parameter_count()
+    {
+        PythonMirror.Require();
+        var c = Presets.Get("tiny");
+        using (var m = new MixerFlow.Speed.Mirror(c, 12_900, batch: 8, threads: 1))
+        {
+            m.Steps(2);
+            m.Steps(1);
+            Assert.Equal(3, m.StepMs.Count);
+            Assert.All(m.StepMs, ms => Assert.True(ms > 0));
+            Assert.Contains("linear [128x24]x[24x16] x2", m.Gemms); // channel mixing: 8 images x 16 patches as rows, 24 of 49 values conditioning, 16 hidden
+        }
+        var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1));
+        Assert.Contains("12,901", e.Message);
+    }
+
     [Fact]
     public void Safetensors_round_trip_keeps_names_dtypes_shapes_values_and_metadata()
     {
