@@ -8,9 +8,9 @@ MixerFlow.NET: the mapping from our names to the mirror's is the identity, by co
 weight export loads with `load_state_dict(strict=True)`. Each bijector runs the same tensor ops
 as its F# counterpart (src/MixerFlow.Core/*.fs), so the GEMM shapes are the same too.
 
-Supported: MixerFlow (square, band or stripe patches; affine, additive or rational-quadratic
-spline inner flows; ActNorm or batch normalisation; shift on or off; unconditional) and Glow. MAF
-inner flows and class-conditional models raise NotImplementedError naming the field. Only the
+Supported: MixerFlow (square, band or stripe patches; affine, additive, rational-quadratic spline
+or MAF inner flows; ActNorm or batch normalisation; shift on or off; unconditional) and Glow.
+Class-conditional models raise NotImplementedError naming the field. Only the
 forward (density) direction is mirrored, which is all that training and log p(x) need.
 
 Commands (all exit non-zero with a message on error):
@@ -362,6 +362,71 @@ class ActNorm(Bijector):
         return y, (ld * 0 if "actnorm" in Bijector.drop else ld)
 
 
+class MaskedLinear(nn.Module):
+    def __init__(self, in_f, out_f, mask):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_f, in_f) * (1.0 / math.sqrt(in_f)))
+        self.bias = nn.Parameter(torch.zeros(out_f))
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class Made(nn.Module):
+    """Core's MADE (unconditional): output i sees inputs 0..i-1; [B, D] -> [B, k, D]."""
+    def __init__(self, dim, width, depth, k):
+        super().__init__()
+        self.dim, self.k = dim, k
+        in_deg = [i + 1 for i in range(dim)]
+        hid_deg = [j % max(1, dim - 1) + 1 for j in range(width)]
+        mask = lambda out_deg, in_deg, strict: torch.tensor(
+            [[1.0 if (o > i if strict else o >= i) else 0.0 for i in in_deg] for o in out_deg], dtype=torch.float32)
+        layers, prev = [], in_deg
+        for _ in range(depth):
+            layers += [MaskedLinear(len(prev), width, mask(hid_deg, prev, False)), nn.ReLU()]
+            prev = hid_deg
+        out_deg = [j % dim + 1 for j in range(dim * k)]
+        last = MaskedLinear(len(prev), dim * k, mask(out_deg, prev, True))
+        with torch.no_grad():
+            last.weight.zero_()
+        self.layers = nn.ModuleList(layers + [last])
+
+    def forward(self, x):
+        h = x
+        for l in self.layers:
+            h = l(h)
+        return h.reshape(x.shape[0], self.k, self.dim)
+
+
+class MaskedAutoregressive(Bijector):
+    """Core's MAF layer with the affine map (log-scale soft-clamped at 2); forward direction only."""
+    def __init__(self, dim, width, depth):
+        super().__init__()
+        self.made = Made(dim, width, depth, 2)
+        self.bound = soft_clamp(2.0)
+
+    def forward(self, x):
+        h = self.made(x)
+        log_scale = self.bound(h.select(1, 1))
+        y = x * log_scale.exp() + h.select(1, 0)
+        ld = log_scale.sum(1)
+        return y, (ld * 0 if "coupling" in Bijector.drop else ld)
+
+
+class Permutation(Bijector):
+    def __init__(self, perm):
+        super().__init__()
+        inv = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inv[p] = i
+        self.register_buffer("forwardIndex", torch.tensor(perm, dtype=torch.int64))
+        self.register_buffer("inverseIndex", torch.tensor(inv, dtype=torch.int64))
+
+    def forward(self, x):
+        return x.index_select(1, self.forwardIndex), zero_log_det(x)
+
+
 class BatchNormFlow(Bijector):
     """Core's BatchNormFlow over every event axis: batch statistics in training (running averages
     updated with `momentum`), running averages in evaluation."""
@@ -472,12 +537,17 @@ def build_mixerflow(cfg):
 
     def vector_flow(field, n):
         kind = cfg.get(field, "affine")
-        if kind not in ("affine", "additive", "spline"):
-            _unsupported(field, kind, "affine, additive, spline")
+        if kind not in ("affine", "additive", "spline", "maf"):
+            _unsupported(field, kind, "affine, additive, spline, maf")
         bins, spline_bound = cfg.get("splineBins", 8), cfg.get("splineBound", 3.0)
-        k = {"affine": 2, "additive": 1, "spline": 3 * bins - 1}[kind]
+        k = {"affine": 2, "additive": 1, "spline": 3 * bins - 1, "maf": 2}[kind]
         parts = []
         for s in range(steps):
+            if kind == "maf":
+                parts.append(MaskedAutoregressive(n, width, depth))
+                if s < steps - 1:
+                    parts.append(Permutation(list(range(n - 1, -1, -1))))
+                continue
             swapped = s % 2 == 1
             n_b = n - n // 2 if not swapped else n // 2
             n_a = n - n_b

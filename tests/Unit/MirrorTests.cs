@@ -74,6 +74,7 @@ public class MirrorTests
     [InlineData("tiny", "shift=false")]
     [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
     [InlineData("tiny", "channelFlow=spline,patchFlow=spline,splineBins=5,norm=batchNorm")]
+    [InlineData("tiny", "channelFlow=maf,patchFlow=maf,innerSteps=3")]
     [InlineData("glow-tiny", "")]
     public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, string set)
     {
