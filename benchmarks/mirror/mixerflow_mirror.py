@@ -9,8 +9,8 @@ weight export loads with `load_state_dict(strict=True)`. Each bijector runs the 
 as its F# counterpart (src/MixerFlow.Core/*.fs), so the GEMM shapes are the same too.
 
 Supported: MixerFlow (square, band or stripe patches; affine, additive, rational-quadratic spline
-or MAF inner flows; ActNorm or batch normalisation; shift on or off; unconditional) and Glow.
-Class-conditional models raise NotImplementedError naming the field. Only the
+or MAF inner flows; ActNorm or batch normalisation; shift on or off; class-conditional or not) and
+Glow. `time` refuses class-conditional models (it has no labels to draw). Only the
 forward (density) direction is mirrored, which is all that training and log p(x) need.
 
 Commands (all exit non-zero with a message on error):
@@ -20,7 +20,8 @@ Commands (all exit non-zero with a message on error):
                                  checked against the mirror's count) or a .safetensors export.
   logprob --weights W --inputs X --out O [--dtype float32|float64] [--drop-logdet PART]
                                  log p(x) in nats per image of the continuous (already dequantised)
-                                 images X (safetensors tensor `inputs`, [B, C, H, W] in [0, 1)),
+                                 images X (safetensors tensor `inputs`, [B, C, H, W] in [0, 1);
+                                 a class-conditional model also needs `context`, [B, classes]),
                                  with the weights of the export W, written to O (safetensors tensor
                                  `logprob`, float64). --drop-logdet actnorm|coupling|logit leaves
                                  out that part's log-det (actnorm: batch normalisation's too):
@@ -144,10 +145,10 @@ class Chain(Bijector):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         ld = None
         for p in self.parts:
-            x, l = p(x)
+            x, l = p(x, context)
             ld = l if ld is None else ld + l
         return x, ld
 
@@ -157,7 +158,7 @@ class Inverted(Bijector):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         return self.inner.inverse(x)
 
 
@@ -167,7 +168,7 @@ class Dequantize(Bijector):
         self.levels = levels
         self.log_levels = math.log(levels) * math.prod(shape)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         y = (x + torch.rand_like(x)) / float(self.levels)
         return y, torch.full((x.shape[0],), -self.log_levels, dtype=x.dtype, device=x.device)
 
@@ -177,7 +178,7 @@ class Logit(Bijector):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         a = self.alpha
         p = x * (1.0 - 2.0 * a) + a
         y = p.log() - (1.0 - p).log()
@@ -192,7 +193,7 @@ class Patchify(Bijector):
         self.c, self.h, self.w, self.ph, self.pw = c, h, w, ph, pw
         self.patches, self.features = (h // ph) * (w // pw), c * ph * pw
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         b = x.shape[0]
         y = x.reshape(b, self.c, self.h // self.ph, self.ph, self.w // self.pw, self.pw).permute(0, 2, 4, 1, 3, 5)
         return y.reshape(b, self.patches, self.features), zero_log_det(x)
@@ -208,12 +209,12 @@ class Shift(Bijector):
         super().__init__()
         self.dy, self.dx = dy, dx
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         return x.roll((self.dy, self.dx), (2, 3)), zero_log_det(x)
 
 
 class Squeeze(Bijector):
-    def forward(self, x):
+    def forward(self, x, context=None):
         return F.pixel_unshuffle(x, 2), zero_log_det(x)
 
     def inverse(self, y):
@@ -227,10 +228,12 @@ class Lifted(Bijector):
         self.copies, self.size, self.along_rows = copies, size, along_rows
         self.inner = inner
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         b = x.shape[0]
         rows = x if self.along_rows else x.transpose(1, 2)
-        y, ld = self.inner(rows.reshape(b * self.copies, self.size))
+        # Each sample's context row serves all of its rows (columns).
+        c = None if context is None else context.repeat_interleave(self.copies, 0)
+        y, ld = self.inner(rows.reshape(b * self.copies, self.size), c)
         y = y.reshape(b, self.copies, self.size)
         if not self.along_rows:
             y = y.transpose(1, 2).contiguous()
@@ -243,10 +246,10 @@ class Partial(Bijector):
         self.channels, self.count = channels, count
         self.inner = inner
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         head = x.narrow(1, 0, self.count)
         tail = x.narrow(1, self.count, self.channels - self.count)
-        y, ld = self.inner(head)
+        y, ld = self.inner(head, context)
         return torch.cat([y, tail], 1), ld
 
 
@@ -320,10 +323,10 @@ class Coupling(Bijector):
         self.bound = bound or soft_clamp(2.0)
         self.bins, self.spline_bound = bins, spline_bound
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         xa = x.index_select(1, self.conditioningIndex)
         xb = x.index_select(1, self.transformedIndex)
-        h = self.net(xa).reshape((x.shape[0], self.k, self.n_b) + self.rest)
+        h = self.net(xa if context is None else torch.cat([xa, context], 1)).reshape((x.shape[0], self.k, self.n_b) + self.rest)
         if self.map == "affine":
             log_scale = self.bound(h.select(1, 1))
             yb = xb * log_scale.exp() + h.select(1, 0)
@@ -349,7 +352,7 @@ class ActNorm(Bijector):
         self.logScale = nn.Parameter(torch.zeros(pshape))
         self.register_buffer("initialized", torch.zeros(1, dtype=torch.int64))
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         if self.training and int(self.initialized.item()) == 0:
             with torch.no_grad():
                 mean = x.mean(self.dims, keepdim=True)
@@ -374,12 +377,13 @@ class MaskedLinear(nn.Module):
 
 
 class Made(nn.Module):
-    """Core's MADE (unconditional): output i sees inputs 0..i-1; [B, D] -> [B, k, D]."""
-    def __init__(self, dim, width, depth, k):
+    """Core's MADE: output i sees inputs 0..i-1 (and every context feature); [B, D (+ C)] -> [B, k, D]."""
+    def __init__(self, dim, width, depth, k, context_features=0):
         super().__init__()
         self.dim, self.k = dim, k
-        in_deg = [i + 1 for i in range(dim)]
-        hid_deg = [j % max(1, dim - 1) + 1 for j in range(width)]
+        in_deg = [i + 1 for i in range(dim)] + [0] * context_features
+        hid_deg = ([j % max(1, dim - 1) + 1 for j in range(width)] if context_features == 0
+                   else [j % dim for j in range(width)])
         mask = lambda out_deg, in_deg, strict: torch.tensor(
             [[1.0 if (o > i if strict else o >= i) else 0.0 for i in in_deg] for o in out_deg], dtype=torch.float32)
         layers, prev = [], in_deg
@@ -401,13 +405,13 @@ class Made(nn.Module):
 
 class MaskedAutoregressive(Bijector):
     """Core's MAF layer with the affine map (log-scale soft-clamped at 2); forward direction only."""
-    def __init__(self, dim, width, depth):
+    def __init__(self, dim, width, depth, context_features=0):
         super().__init__()
-        self.made = Made(dim, width, depth, 2)
+        self.made = Made(dim, width, depth, 2, context_features)
         self.bound = soft_clamp(2.0)
 
-    def forward(self, x):
-        h = self.made(x)
+    def forward(self, x, context=None):
+        h = self.made(x if context is None else torch.cat([x, context], 1))
         log_scale = self.bound(h.select(1, 1))
         y = x * log_scale.exp() + h.select(1, 0)
         ld = log_scale.sum(1)
@@ -423,7 +427,7 @@ class Permutation(Bijector):
         self.register_buffer("forwardIndex", torch.tensor(perm, dtype=torch.int64))
         self.register_buffer("inverseIndex", torch.tensor(inv, dtype=torch.int64))
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         return x.index_select(1, self.forwardIndex), zero_log_det(x)
 
 
@@ -439,7 +443,7 @@ class BatchNormFlow(Bijector):
         self.register_buffer("runningMean", torch.zeros(pshape))
         self.register_buffer("runningVar", torch.ones(pshape))
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         if self.training:
             mean = x.mean([0], keepdim=True)
             var = (x - mean).pow(2.0).mean([0], keepdim=True)
@@ -476,7 +480,7 @@ class LULinear(Bijector):
         U = self.upper * self.upperMask + torch.diag(self.signS * self.logS.exp())
         return self.permutationMatrix.matmul(L.matmul(U))
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         b = x.shape[0]
         y = self.weight().matmul(x.reshape(b, self.c, -1)).reshape(x.shape)
         return y, constant_log_det(x, self.logS.sum() * self.positions)
@@ -527,8 +531,7 @@ def build_mixerflow(cfg):
     ph, pw = {"square": (size, size), "bands": (size, w), "stripes": (h, size)}.get(strategy, (None, None))
     if ph is None:
         _unsupported("patches", strategy, "square, bands, stripes")
-    if cfg.get("classes", 0):
-        _unsupported("classes", cfg["classes"], "unconditional models, classes 0")
+    classes = cfg.get("classes", 0)
     norm = cfg.get("norm", "actNorm")
     if norm not in ("actNorm", "batchNorm"):
         _unsupported("norm", norm, "actNorm, batchNorm")
@@ -544,14 +547,14 @@ def build_mixerflow(cfg):
         parts = []
         for s in range(steps):
             if kind == "maf":
-                parts.append(MaskedAutoregressive(n, width, depth))
+                parts.append(MaskedAutoregressive(n, width, depth, classes))
                 if s < steps - 1:
                     parts.append(Permutation(list(range(n - 1, -1, -1))))
                 continue
             swapped = s % 2 == 1
             n_b = n - n // 2 if not swapped else n // 2
             n_a = n - n_b
-            parts.append(Coupling(n, swapped, mlp(n_a, k * n_b, width, depth), map=kind, bins=bins, spline_bound=spline_bound))
+            parts.append(Coupling(n, swapped, mlp(n_a + classes, k * n_b, width, depth), map=kind, bins=bins, spline_bound=spline_bound))
         return parts[0] if len(parts) == 1 else Chain(parts)
 
     parts = [Logit(cfg.get("alpha", 0.05))]
@@ -615,9 +618,10 @@ class ImageFlow(nn.Module):
         z, ld = self.transform(pixels)
         return self.baseDistribution.log_prob(z) + ld
 
-    def log_prob_continuous(self, y):
-        """log p(x) in nats for already dequantised images y = (x + u) / 256."""
-        z, ld = self.body(y)
+    def log_prob_continuous(self, y, context=None):
+        """log p(x) in nats for already dequantised images y = (x + u) / 256 (context: a
+        class-conditional model's one-hot classes [B, classes])."""
+        z, ld = self.body(y, context)
         return self.baseDistribution.log_prob(z) + ld - self.dims * math.log(256.0)
 
     def bits_per_dim(self, pixels):
@@ -663,8 +667,11 @@ def cmd_logprob(args):
     if "inputs" not in inputs:
         raise SystemExit(f"{args.inputs}: no tensor named 'inputs'")
     y = inputs["inputs"].to(dtype)
+    context = inputs["context"].to(dtype) if "context" in inputs else None
+    if cfg.get("classes", 0) and context is None:
+        raise SystemExit(f"{args.inputs}: the model is class-conditional ({cfg['classes']} classes): give a tensor 'context' [B, classes]")
     with torch.no_grad():
-        lp = model.log_prob_continuous(y)
+        lp = model.log_prob_continuous(y, context)
     write_safetensors(args.out, {"logprob": lp.to(torch.float64)}, {"parameters": str(parameter_count(model))})
     print(f"parameters {parameter_count(model)}; log p per image (nats): " + ", ".join(f"{v:.6f}" for v in lp.tolist()))
 
@@ -673,6 +680,8 @@ def cmd_time(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     cfg, expected = read_config(args.config)
+    if cfg.get("classes", 0):
+        _unsupported("classes", cfg["classes"], "unconditional models for timing (classes 0)")
     if args.expect_parameters is not None:
         expected = args.expect_parameters
     model = build_checked(cfg, expected, args.config)

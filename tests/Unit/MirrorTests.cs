@@ -35,7 +35,9 @@ public class MirrorTests
         m.train();
         using (no_grad())
         {
-            m.LogLikelihood(randint(0, 256, new long[] { 16, c.Channels, c.Height, c.Width }).to_type(float32)); // ActNorm's data init
+            var x = randint(0, 256, new long[] { 16, c.Channels, c.Height, c.Width }).to_type(float32);
+            if (m.ContextFeatures == 0) m.LogLikelihood(x); // ActNorm's data init
+            else m.LogProb(x, m.OneHot(Enumerable.Range(0, 16).Select(i => i % (int)m.ContextFeatures).ToList()));
             foreach (var p in m.parameters()) p.add_(randn_like(p).mul(Ops.Scalar(0.1)));
         }
         m.eval();
@@ -51,10 +53,10 @@ public class MirrorTests
     }
 
     /// <summary>Our log p(x) in nats per image of continuous inputs: body, standard normal, dequantisation's -D log 256.</summary>
-    static double[] OurLogProb(ImageFlow m, Tensor y)
+    static double[] OurLogProb(ImageFlow m, Tensor y, Tensor? context = null)
     {
         using var _ = no_grad();
-        var (z, logDet) = m.Body.Forward(y.to(m.DType));
+        var (z, logDet) = context is null ? m.Body.Forward(y.to(m.DType)) : m.Body.Forward(y.to(m.DType), context.to(m.DType));
         var lp = Ops.AddScalar(Ops.Add(Likelihood.StandardNormalLogProb(z), logDet), -m.Config.Dimensions * Math.Log(256.0));
         return lp.to_type(float64).data<double>().ToArray();
     }
@@ -75,6 +77,8 @@ public class MirrorTests
     [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
     [InlineData("tiny", "channelFlow=spline,patchFlow=spline,splineBins=5,norm=batchNorm")]
     [InlineData("tiny", "channelFlow=maf,patchFlow=maf,innerSteps=3")]
+    [InlineData("tiny", "classes=3")]
+    [InlineData("tiny", "classes=3,channelFlow=maf")]
     [InlineData("glow-tiny", "")]
     public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, string set)
     {
@@ -87,13 +91,15 @@ public class MirrorTests
         string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
         m.ExportSafetensors(weights);
         var y = Inputs(c, 6, 12);
-        SafeTensors.Write(inputs, new[] { ("inputs", y) });
+        // A class-conditional model gets one-hot classes, the same on both sides.
+        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, 6).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
+        SafeTensors.Write(inputs, context is null ? new[] { ("inputs", y) } : new[] { ("inputs", y), ("context", context) });
 
-        var ours32 = OurLogProb(m, y);
+        var ours32 = OurLogProb(m, y, context);
         var mirror32 = PythonMirror.LogProb(weights, inputs, dir.File("lp32.safetensors"), "float32");
         var mirror64 = PythonMirror.LogProb(weights, inputs, dir.File("lp64.safetensors"), "float64");
         m.MoveTo(CPU, float64);
-        var ours64 = OurLogProb(m, y);
+        var ours64 = OurLogProb(m, y, context);
 
         // Not a trivial model: the images' log-likelihoods differ.
         Assert.True(ours64.Max() - ours64.Min() > 1.0, $"log p hardly varies over the batch: {string.Join(", ", ours64)}");
