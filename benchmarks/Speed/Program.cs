@@ -1,5 +1,7 @@
 // Training-speed benchmark of the presets: one Markdown table.
-//   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64]
+//   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror]
+// Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
+// takes the same training steps, interleaved with ours, unless --no-mirror.
 // Method and the measured table: docs/benchmarks.md. Follows the codebase's Scalar rule (no
 // temporary TorchSharp Scalars), although benchmarks/ is not scanned by the unit test.
 using System.Diagnostics;
@@ -19,7 +21,7 @@ CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
 string[] presets = { "fashion-mnist", "cifar10", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
 int repeats = 5, threads = 1, batch = 64, sampleBatch = 16;
-bool convProbe = false;
+bool convProbe = false, mirrors = true;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
 for (int i = 0; i < args.Length; i++)
 {
@@ -31,8 +33,9 @@ for (int i = 0; i < args.Length; i++)
         case "--batch": batch = int.Parse(args[++i]); break;
         case "--quick": repeats = 2; chunkSeconds = 1.0; break;
         case "--conv-probe": convProbe = true; break;
+        case "--no-mirror": mirrors = false; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--conv-probe]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe]");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
     }
@@ -52,29 +55,40 @@ Console.WriteLine($"# MixerFlow.NET speed, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UT
 Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {loadStart} (about {Machine.FreeCores(loadStart):0.0} cores free); " +
                   $"LibTorch threads: {get_num_threads()}; MKL: {NativeBackend.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
 Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
+string? mirrorProblem = mirrors ? Mirror.Unavailable() : "off (--no-mirror)";
+Console.WriteLine(mirrorProblem is null
+    ? $"PyTorch mirror: {Mirror.Python} (Debian's python3-torch, OpenBLAS, {threads} thread(s)), one process per preset, the same steps interleaved with ours in every round"
+    : $"PyTorch mirror: {mirrorProblem}");
 Console.WriteLine();
 
-var benches = presets.Select(p => new Bench(Presets.Get(p), batch, sampleBatch)).ToList();
+var benches = presets.Select(p => new Bench(Presets.Get(p), batch, sampleBatch, mirrorProblem is null ? threads : 0)).ToList();
 // Warm-up (ActNorm's data initialisation, allocator, MKL's first calls), FLOP count, chunk sizes.
 foreach (var b in benches)
 {
     b.Warm(chunkSeconds);
-    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] {b.Config.Name}: warm, {b.StepsPerRound} step(s) per round, {b.ForwardGflop * 3:0.00} GFLOP per step");
+    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] {b.Config.Name}: warm, {b.StepsPerRound} step(s) per round, {b.ForwardGflop * 3:0.00} GFLOP per step" +
+                            (b.MirrorNote is { } note ? $"; mirror: {note}" : ""));
 }
 for (int r = 0; r < repeats; r++)
 {
     // A/B/A/B: every round visits every preset; odd rounds go in reverse order.
     var order = r % 2 == 0 ? benches : Enumerable.Reverse(benches).ToList();
-    foreach (var b in order) b.Round();
+    foreach (var b in order) b.Round(mirrorFirst: r % 2 == 1);
     Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] round {r + 1}/{repeats} done");
 }
 var loadEnd = Machine.LoadAverage();
 
-Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | CPU ms per step (of it kernel) | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
-Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | PyTorch mirror step, ms: median (min-max, n) | mirror / ours | CPU ms per step (of it kernel) | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
+Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
 foreach (var b in benches) Console.WriteLine(b.Row());
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
+if (mirrorProblem is null)
+{
+    Console.WriteLine();
+    Console.WriteLine("PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py; parameter counts checked equal at its start; GEMM shapes of one forward pass compared here):");
+    foreach (var b in benches) Console.WriteLine(b.MirrorLine());
+}
 Console.WriteLine();
 Console.WriteLine("Dominant GEMM shapes (forward pass: share of its FLOPs; torch.matmul at that shape, median GFLOP/s; the same shape inside the model, timed once by module hooks during the counting pass):");
 foreach (var b in benches) b.PrintShapes(Console.Out);
@@ -156,7 +170,10 @@ sealed class Bench : IDisposable
     readonly ImageFlow model;
     readonly Adam adam;
     readonly TrainingStep step;
-    readonly int batch, sampleBatch;
+    readonly int batch, sampleBatch, mirrorThreads;
+    Mirror? mirror;
+    /// <summary>Why this preset has no mirror timings (null when it has them).</summary>
+    public string? MirrorNote { get; private set; }
     public int StepsPerRound { get; private set; } = 1;
     public double ForwardGflop { get; private set; }
     IReadOnlyList<Gemm> shapes = Array.Empty<Gemm>();
@@ -168,11 +185,14 @@ sealed class Bench : IDisposable
     long steps, created, gc0, gc1, gc2;
     const double Lr = 1e-4;
 
-    public Bench(ModelConfig config, int batch, int sampleBatch)
+    /// <param name="mirrorThreads">Threads of the PyTorch mirror; 0 for none.</param>
+    public Bench(ModelConfig config, int batch, int sampleBatch, int mirrorThreads)
     {
         Config = config;
         this.batch = batch;
         this.sampleBatch = sampleBatch;
+        this.mirrorThreads = mirrorThreads;
+        if (mirrorThreads == 0) MirrorNote = "off";
         model = new ImageFlow(config);
         adam = new Adam(model.parameters(), Lr);
         step = new TrainingStep(model, adam, clipNorm: new TrainingSettings().ClipNorm);
@@ -217,9 +237,60 @@ sealed class Bench : IDisposable
             acc += g.Flops;
         }
         Evaluate(); Sample(); // first calls
+        if (mirrorThreads > 0)
+        {
+            // Started after our warm-up; it takes its own two warm-up steps before answering.
+            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads); }
+            catch (InvalidOperationException e) { MirrorNote = e.Message; }
+        }
     }
 
-    public void Round()
+    /// <param name="mirrorFirst">The mirror's steps before ours in this round (alternated by the caller).</param>
+    public void Round(bool mirrorFirst)
+    {
+        if (mirrorFirst) MirrorSteps();
+        OurSteps();
+        if (!mirrorFirst) MirrorSteps();
+        evalMs.Add(Evaluate());
+        sampleMs.Add(Sample());
+        // The GEMM ceiling at this model's shapes, measured between its own steps.
+        double seconds = 0;
+        for (int i = 0; i < timedShapes.Count; i++)
+        {
+            double rate = TimeMatmul(timedShapes[i]);
+            shapeRates[i].Add(rate);
+            seconds += timedShapes[i].Flops / (rate * 1e9);
+        }
+        ceiling.Add(timedShapes.Sum(g => g.Flops) / seconds / 1e9);
+    }
+
+    void MirrorSteps()
+    {
+        if (mirror is null) return;
+        try { mirror.Steps(StepsPerRound); }
+        catch (Exception e) when (e is InvalidOperationException or IOException or System.Text.Json.JsonException)
+        {
+            MirrorNote = $"stopped mid-run: {e.Message}";
+            mirror.Dispose();
+            mirror = null;
+        }
+    }
+
+    /// <summary>One line on the mirror under the table: its torch, its own FLOP count, or why it has no timings.</summary>
+    public string MirrorLine()
+    {
+        if (mirror is null) return $"- `{Config.Name}`: no mirror timings ({MirrorNote})";
+        // Linear and Conv2d GEMMs of one forward pass, ours (FlopCounter) against the mirror's hooks.
+        var ours = shapes.Where(g => g.Kind is "linear" or "conv").Select(g => g.Shape).ToHashSet();
+        var theirs = mirror.Gemms.ToHashSet();
+        string same = ours.SetEquals(theirs)
+            ? $"the same {ours.Count} Linear/Conv2d GEMM shapes and counts as ours"
+            : $"GEMM shapes DIFFER: only ours {string.Join("; ", ours.Except(theirs))}; only the mirror's {string.Join("; ", theirs.Except(ours))}";
+        return $"- `{Config.Name}`: torch {mirror.Torch}; {same}; forward {mirror.ForwardGflop:0.000} GFLOP in them (ours {ForwardGflop:0.000}" +
+               (Config is GlowConfig ? ", which also counts the 1x1 convolutions' products)" : ")");
+    }
+
+    void OurSteps()
     {
         model.train();
         // Training steps: wall and CPU time, tensors created, collections.
@@ -242,17 +313,6 @@ sealed class Bench : IDisposable
             gc0 += GC.CollectionCount(0) - g0; gc1 += GC.CollectionCount(1) - g1; gc2 += GC.CollectionCount(2) - g2;
             steps++;
         }
-        evalMs.Add(Evaluate());
-        sampleMs.Add(Sample());
-        // The GEMM ceiling at this model's shapes, measured between its own steps.
-        double seconds = 0;
-        for (int i = 0; i < timedShapes.Count; i++)
-        {
-            double rate = TimeMatmul(timedShapes[i]);
-            shapeRates[i].Add(rate);
-            seconds += timedShapes[i].Flops / (rate * 1e9);
-        }
-        ceiling.Add(timedShapes.Sum(g => g.Flops) / seconds / 1e9);
     }
 
     /// <summary>Milliseconds per image of bits/dim on one batch, evaluation mode, no gradient.</summary>
@@ -311,7 +371,13 @@ sealed class Bench : IDisposable
         double gflop = 3 * ForwardGflop;
         double achieved = gflop / (median / 1000);
         double ceil = Machine.Median(ceiling);
-        return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
+        string mirrorCells = "n/a | n/a";
+        if (mirror is { StepMs.Count: > 0 } m)
+        {
+            double theirs = Machine.Median(m.StepMs);
+            mirrorCells = $"{theirs:N0} ({m.StepMs.Min():N0}-{m.StepMs.Max():N0}, {m.StepMs.Count}) | {theirs / median:0.00}";
+        }
+        return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {mirrorCells} | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
                $"{Machine.Median(evalMs):0.00} | {Machine.Median(sampleMs):0.00} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
     }
@@ -332,6 +398,7 @@ sealed class Bench : IDisposable
 
     public void Dispose()
     {
+        mirror?.Dispose();
         ((IDisposable)adam).Dispose();
         model.Dispose();
     }

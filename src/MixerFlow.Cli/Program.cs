@@ -34,6 +34,7 @@ public static class Program
                 Command.Check c => CheckVerb.Run(c.Item, Console.Out),
                 Command.Info i => InfoVerb.Run(i.Item, Console.Out),
                 Command.Interpolate p => ModelVerbs.Interpolate(p.Item, Console.Out),
+                Command.Export x => ModelVerbs.Export(x.Item, Console.Out),
                 Command.Experiment e => ExperimentVerb.Run(e.Item, Console.Out),
                 _ => throw new InvalidOperationException($"command {parsed.Command} has no handler"),
             };

@@ -137,6 +137,15 @@ type EmbedArgs =
             | Data _ -> "data folder (default: the embedded Fashion-MNIST test split)."
             | Out _ -> "CSV file: one row per image, the label (if any) and the latent."
 
+type ExportArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | [<Mandatory>] Out of file: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "checkpoint file written by train."
+            | Out _ -> "the .safetensors file to write: every parameter and buffer under its state_dict name, the configuration JSON in its metadata (what benchmarks/mirror/mixerflow_mirror.py loads)."
+
 type InterpolateArgs =
     | [<Mandatory>] Checkpoint of file: string
     | [<Mandatory>] From of image: string
@@ -171,6 +180,7 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
     | [<CliPrefix(CliPrefix.None)>] Interpolate of ParseResults<InterpolateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Experiment of ParseResults<ExperimentArgs>
     | [<AltCommandLine("-v")>] Verbose
     interface IArgParserTemplate with
@@ -183,6 +193,7 @@ type MainArgs =
             | Embed _ -> "latents of a data set for downstream use, with a linear-probe accuracy where labels exist."
             | Info _ -> "print a model's configuration and parameter breakdown."
             | Interpolate _ -> "decode the path between two images in latent space as a PNG strip."
+            | Export _ -> "write a checkpoint's weights as a safetensors file (for PyTorch: the mirror in benchmarks/mirror)."
             | Experiment _ -> "train several models under one budget and compare them: results.csv/.md, held-out curves, samples side by side."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
@@ -197,6 +208,8 @@ type EmbedCommand = { Checkpoint: string; Data: string; Out: string }
 type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool; Model: ModelConfig }
 /// `interpolate`: the latent path between two images as a strip.
 type InterpolateCommand = { Checkpoint: string; From: string; To: string; Steps: int; Spherical: bool; Out: string }
+/// `export`: a checkpoint's state as a safetensors file.
+type ExportCommand = { Checkpoint: string; Out: string }
 /// `check`: the property checks of the built-in bijectors.
 type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
 
@@ -212,6 +225,7 @@ type Command =
     | Info of InfoCommand
     | Check of CheckCommand
     | Interpolate of InterpolateCommand
+    | Export of ExportCommand
     | Experiment of ExperimentCommand
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
@@ -327,6 +341,8 @@ type CommandLine =
             | None, None, Some f ->
                 Command.Info { Preset = null; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(null, f, sets) }
             | _ -> i.Raise("info needs exactly one of --preset NAME, --config FILE and --checkpoint FILE")
+        | MainArgs.Export x ->
+            Command.Export { Checkpoint = x.GetResult ExportArgs.Checkpoint; Out = x.GetResult ExportArgs.Out }
         | MainArgs.Interpolate p ->
             Command.Interpolate
                 { Checkpoint = p.GetResult InterpolateArgs.Checkpoint

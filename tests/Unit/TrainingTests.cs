@@ -376,7 +376,7 @@ public class CommandLineTests
     {
         var parsed = MixerFlow.CommandLine.CommandLine.Parse(new[] { "--help" });
         Assert.Equal(0, parsed.ExitCode);
-        foreach (var verb in new[] { "train", "eval", "sample", "embed", "info", "check" })
+        foreach (var verb in new[] { "train", "eval", "sample", "embed", "info", "check", "export" })
             Assert.Contains(verb, parsed.Message);
     }
 }

@@ -163,6 +163,21 @@ public static class ModelVerbs
     }
 
     /// <summary>`embed`: the output path is checked (not a folder, its folder writable) before any work.</summary>
+    /// <summary>
+    /// `export`: the checkpoint's model state (every parameter and buffer under its state_dict name,
+    /// float32) as a safetensors file with the configuration in its metadata; see
+    /// <see cref="ImageFlow.ExportSafetensors"/>.
+    /// </summary>
+    public static int Export(ExportCommand o, TextWriter output)
+    {
+        ArgumentNullException.ThrowIfNull(o);
+        OutputPath.CheckFile(o.Out, "--out");
+        var model = Load(o.Checkpoint, Device.Cpu);
+        model.ExportSafetensors(o.Out);
+        output.WriteLine($"wrote {model.state_dict().Count} tensors ({model.ParameterCount:N0} parameters of '{model.Config.Name}') to {o.Out}");
+        return 0;
+    }
+
     public static int Embed(EmbedCommand o, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(o);

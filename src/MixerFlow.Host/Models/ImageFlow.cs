@@ -165,6 +165,28 @@ public sealed class ImageFlow : Flow
         });
     }
 
+    /// <summary>
+    /// Writes the model's state (every parameter and buffer, under its <c>state_dict</c> name, in
+    /// its own dtype) to a safetensors file (<see cref="SafeTensors"/>), for use outside .NET: the
+    /// PyTorch mirror in <c>benchmarks/mirror/mixerflow_mirror.py</c> rebuilds the model from the
+    /// file alone and loads it by name. The header's metadata carries <c>mixerflow.config</c> (the
+    /// configuration JSON as <c>info</c> prints it), <c>mixerflow.parameters</c> (the parameter
+    /// count) and <c>format</c> = <c>pt</c>.
+    /// </summary>
+    /// <param name="path">The .safetensors file to write (replaced atomically).</param>
+    public void ExportSafetensors(string path)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        var metadata = new Dictionary<string, string>
+        {
+            ["format"] = "pt",
+            ["mixerflow.config"] = Config.ToJson(),
+            ["mixerflow.parameters"] = ParameterCount.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        };
+        var state = state_dict();
+        SafeTensors.Write(path, state.Select(kv => (kv.Key, kv.Value)), metadata);
+    }
+
     public long ParameterCount => parameters().Sum(p => p.numel());
 
     /// <summary>Parameters per part of the model, in build order.</summary>

@@ -1,0 +1,116 @@
+using System.Diagnostics;
+using System.Text.Json;
+using MixerFlow.Host.Models;
+
+namespace MixerFlow.Speed;
+
+/// <summary>
+/// The PyTorch mirror of one preset (benchmarks/mirror/mixerflow_mirror.py, copied beside the
+/// program) as a long-lived Debian python3 process in its <c>time --serve</c> mode: it builds the
+/// model from the configuration JSON (refusing to run if its parameter count differs from ours),
+/// takes two warm-up steps, then answers each request of N training steps with their times, so
+/// that its steps can be interleaved with ours round by round. One thread, OpenBLAS at its full
+/// speed (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed from its environment).
+/// </summary>
+sealed class Mirror : IDisposable
+{
+    public const string Python = "/usr/bin/python3";
+    static string Script => Path.Combine(AppContext.BaseDirectory, "mirror", "mixerflow_mirror.py");
+
+    readonly Process process;
+    readonly string configFile;
+    public List<double> StepMs { get; } = new();
+    public string Torch { get; }
+    public double ForwardGflop { get; }
+    /// <summary>The forward pass's Linear and Conv2d GEMMs as the mirror's hooks saw them, in <see cref="Gemm.Shape"/>'s format.</summary>
+    public IReadOnlyList<string> Gemms { get; }
+
+    /// <summary>Why no mirror can run on this machine, or null when one can.</summary>
+    public static string? Unavailable()
+    {
+        if (!File.Exists(Script)) return $"the mirror script is not beside the program ({Script})";
+        if (!File.Exists(Python)) return $"{Python} is absent (apt-get install python3-torch libopenblas0-pthread)";
+        var psi = new ProcessStartInfo(Python) { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
+        psi.ArgumentList.Add("-c"); psi.ArgumentList.Add("import torch");
+        using var p = Process.Start(psi)!;
+        p.StandardOutput.ReadToEnd();
+        string err = p.StandardError.ReadToEnd();
+        p.WaitForExit();
+        return p.ExitCode == 0 ? null : $"{Python} cannot import torch (apt-get install python3-torch libopenblas0-pthread): {err.Trim().Split('\n').LastOrDefault()}";
+    }
+
+    public Mirror(ModelConfig config, long parameters, int batch, int threads)
+    {
+        configFile = Path.Combine(Path.GetTempPath(), $"mixerflow-mirror-{Environment.ProcessId}-{Guid.NewGuid():N}.json");
+        File.WriteAllText(configFile, config.ToJson());
+        var psi = new ProcessStartInfo(Python)
+        {
+            RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+        };
+        foreach (var a in new[] { Script, "time", configFile, "--serve", "--batch", batch.ToString(), "--threads", threads.ToString(),
+                                  "--expect-parameters", parameters.ToString() })
+            psi.ArgumentList.Add(a);
+        psi.Environment.Remove("OPENBLAS_CORETYPE");
+        psi.Environment.Remove("OPENBLAS_L2_SIZE");
+        psi.Environment["OPENBLAS_NUM_THREADS"] = threads.ToString();
+        psi.Environment["OMP_NUM_THREADS"] = threads.ToString();
+        try { process = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {Python}"); }
+        catch (Exception e) when (e is InvalidOperationException or System.ComponentModel.Win32Exception)
+        {
+            File.Delete(configFile);
+            throw new InvalidOperationException($"cannot start {Python}: {e.Message}", e);
+        }
+        try { (Torch, ForwardGflop, Gemms) = Handshake(config, parameters); }
+        catch (Exception e)
+        {
+            Dispose();
+            if (e is InvalidOperationException) throw;
+            throw new InvalidOperationException($"the mirror of {config.Name} answered badly: {e.Message}", e);
+        }
+    }
+
+    /// <summary>The mirror's first line: its torch version, FLOPs and GEMMs, after its parameter count is checked.</summary>
+    (string Torch, double ForwardGflop, IReadOnlyList<string> Gemms) Handshake(ModelConfig config, long parameters)
+    {
+        // stderr is read in the background so that a chatty process never blocks on a full pipe.
+        var stderr = new System.Text.StringBuilder();
+        process.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (stderr) stderr.AppendLine(e.Data); };
+        process.BeginErrorReadLine();
+        string? first = process.StandardOutput.ReadLine();
+        if (first is null)
+        {
+            process.WaitForExit();
+            lock (stderr) throw new InvalidOperationException($"the mirror of {config.Name} exited (code {process.ExitCode}): {stderr.ToString().Trim()}");
+        }
+        using var info = JsonDocument.Parse(first);
+        long theirs = info.RootElement.GetProperty("parameters").GetInt64();
+        if (theirs != parameters) throw new InvalidOperationException($"the mirror of {config.Name} has {theirs:N0} parameters, ours {parameters:N0}");
+        return (info.RootElement.GetProperty("torch").GetString() ?? "?",
+                info.RootElement.GetProperty("forward_gflop").GetDouble(),
+                info.RootElement.GetProperty("gemms").EnumerateArray().Select(e => e.GetString() ?? "").ToList());
+    }
+
+    /// <summary>Runs <paramref name="steps"/> training steps in the mirror and records their times.</summary>
+    public void Steps(int steps)
+    {
+        process.StandardInput.WriteLine(steps);
+        process.StandardInput.Flush();
+        string line = process.StandardOutput.ReadLine() ?? throw new InvalidOperationException("the mirror exited mid-run");
+        using var doc = JsonDocument.Parse(line);
+        StepMs.AddRange(doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()));
+    }
+
+    public void Dispose()
+    {
+        try
+        {
+            process.StandardInput.WriteLine("quit");
+            process.StandardInput.Flush();
+            if (!process.WaitForExit(10_000)) process.Kill();
+        }
+        catch (IOException) { }
+        catch (InvalidOperationException) { }
+        process.Dispose();
+        try { File.Delete(configFile); } catch (IOException) { }
+    }
+}

@@ -1,0 +1,348 @@
+using System.Diagnostics;
+using MixerFlow.Core;
+using MixerFlow.Host.Models;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Unit;
+
+/// <summary>
+/// The PyTorch mirror of benchmarks/mirror/mixerflow_mirror.py against MixerFlow.NET on the same
+/// weights: every parameter randomised (ActNorm initialised on data, then every parameter,
+/// zero-initialised last layers included, perturbed), exported with
+/// <see cref="ImageFlow.ExportSafetensors"/>, and log p(x) of the same continuous (dequantised)
+/// images computed by both, per image, in float64 and in float32. A broken mirror (a log-det left
+/// out) and weights changed after the export must fail the same comparison. Needs Debian's
+/// /usr/bin/python3 with torch (apt-get install python3-torch); without it these tests fail,
+/// unless MIXERFLOW_SKIP_MIRROR=1, which skips them.
+/// </summary>
+public class MirrorTests
+{
+    /// <summary>Relative tolerance on log p per image, float64 on both sides (values are ~1e3 nats).</summary>
+    const double Float64Tolerance = 1e-9;
+    /// <summary>Relative tolerance on log p per image, float32 on both sides.</summary>
+    const double Float32Tolerance = 1e-4;
+
+    /// <summary>A preset with `--set`-style changes ("key=value,key=value"; empty for none).</summary>
+    static ModelConfig Config(string preset, string set) =>
+        set.Length == 0 ? Presets.Get(preset)
+            : ConfigOverrides.Apply(Presets.Get(preset), set.Split(',')) with { Name = $"{preset} ({set})" };
+
+    /// <summary>A model with every parameter random at a sensible scale: not the identity.</summary>
+    static ImageFlow Randomised(ModelConfig c, int seed)
+    {
+        manual_seed(seed);
+        var m = new ImageFlow(c);
+        m.train();
+        using (no_grad())
+        {
+            var x = randint(0, 256, new long[] { 16, c.Channels, c.Height, c.Width }).to_type(float32);
+            if (m.ContextFeatures == 0) m.LogLikelihood(x); // ActNorm's data init
+            else m.LogProb(x, m.OneHot(Enumerable.Range(0, 16).Select(i => i % (int)m.ContextFeatures).ToList()));
+            foreach (var p in m.parameters()) p.add_(randn_like(p).mul(Ops.Scalar(0.1)));
+        }
+        m.eval();
+        return m;
+    }
+
+    /// <summary>A fixed batch of continuous images y = (x + u) / 256: pixels and dequantisation noise drawn here, once.</summary>
+    static Tensor Inputs(ModelConfig c, int n, int seed)
+    {
+        manual_seed(seed);
+        var x = randint(0, 256, new long[] { n, c.Channels, c.Height, c.Width }).to_type(float32);
+        return Ops.Add(x, rand_like(x)).div(Ops.Scalar(256.0));
+    }
+
+    /// <summary>Our log p(x) in nats per image of continuous inputs: body, standard normal, dequantisation's -D log 256.</summary>
+    static double[] OurLogProb(ImageFlow m, Tensor y, Tensor? context = null)
+    {
+        using var _ = no_grad();
+        var (z, logDet) = context is null ? m.Body.Forward(y.to(m.DType)) : m.Body.Forward(y.to(m.DType), context.to(m.DType));
+        var lp = Ops.AddScalar(Ops.Add(Likelihood.StandardNormalLogProb(z), logDet), -m.Config.Dimensions * Math.Log(256.0));
+        return lp.to_type(float64).data<double>().ToArray();
+    }
+
+    /// <summary>The largest |ours - mirror| / max(1, |ours|) over the images.</summary>
+    static double WorstRelative(double[] ours, double[] mirror)
+    {
+        Assert.Equal(ours.Length, mirror.Length);
+        return ours.Zip(mirror, (a, b) => Math.Abs(a - b) / Math.Max(1.0, Math.Abs(a))).Max();
+    }
+
+    static string Show(double[] ours, double[] mirror) =>
+        string.Join("; ", ours.Zip(mirror, (a, b) => $"{a:0.######} vs {b:0.######}"));
+
+    [MirrorTheory]
+    [InlineData("tiny", "")]
+    [InlineData("tiny", "shift=false")]
+    [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
+    [InlineData("tiny", "channelFlow=spline,patchFlow=spline,splineBins=5,norm=batchNorm")]
+    [InlineData("tiny", "channelFlow=maf,patchFlow=maf,innerSteps=3")]
+    [InlineData("tiny", "classes=3")]
+    [InlineData("tiny", "classes=3,channelFlow=maf")]
+    [InlineData("glow-tiny", "")]
+    public void Mirror_log_likelihood_equals_ours_on_the_same_weights(string preset, string set)
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        var c = Config(preset, set);
+        using var m = Randomised(c, 11);
+        foreach (var (name, p) in m.named_parameters())
+            Assert.True(p.abs().max().item<float>() > 0, $"{name} is still all zeros: the model is not randomised");
+        string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
+        m.ExportSafetensors(weights);
+        var y = Inputs(c, 6, 12);
+        // A class-conditional model gets one-hot classes, the same on both sides.
+        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, 6).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
+        SafeTensors.Write(inputs, context is null ? new[] { ("inputs", y) } : new[] { ("inputs", y), ("context", context) });
+
+        var ours32 = OurLogProb(m, y, context);
+        var mirror32 = PythonMirror.LogProb(weights, inputs, dir.File("lp32.safetensors"), "float32");
+        var mirror64 = PythonMirror.LogProb(weights, inputs, dir.File("lp64.safetensors"), "float64");
+        m.MoveTo(CPU, float64);
+        var ours64 = OurLogProb(m, y, context);
+
+        // Not a trivial model: the images' log-likelihoods differ.
+        Assert.True(ours64.Max() - ours64.Min() > 1.0, $"log p hardly varies over the batch: {string.Join(", ", ours64)}");
+        double worst64 = WorstRelative(ours64, mirror64), worst32 = WorstRelative(ours32, mirror32);
+        Console.WriteLine($"{c.Name}: worst relative difference float64 {worst64:0.0e0}, float32 {worst32:0.0e0}; max |diff| float64 " +
+                          $"{ours64.Zip(mirror64, (a, b) => Math.Abs(a - b)).Max():0.0e0} nats, float32 {ours32.Zip(mirror32, (a, b) => Math.Abs(a - b)).Max():0.0e0} nats");
+        Assert.True(worst64 <= Float64Tolerance, $"float64: relative difference {worst64:0.0e0} > {Float64Tolerance:0e0}: {Show(ours64, mirror64)}");
+        Assert.True(worst32 <= Float32Tolerance, $"float32: relative difference {worst32:0.0e0} > {Float32Tolerance:0e0}: {Show(ours32, mirror32)}");
+    }
+
+    [MirrorTheory]
+    [InlineData("tiny")]
+    [InlineData("glow-tiny")]
+    public void The_comparison_fails_for_a_broken_mirror_and_for_weights_changed_after_the_export(string preset)
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        var c = Presets.Get(preset);
+        using var m = Randomised(c, 21);
+        m.MoveTo(CPU, float64);
+        string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
+        m.ExportSafetensors(weights);
+        var y = Inputs(c, 4, 22);
+        SafeTensors.Write(inputs, new[] { ("inputs", y) });
+        var ours = OurLogProb(m, y);
+        Assert.True(WorstRelative(ours, PythonMirror.LogProb(weights, inputs, dir.File("ok.safetensors"), "float64")) <= Float64Tolerance);
+
+        // A mirror that leaves out ActNorm's log-det.
+        var broken = PythonMirror.LogProb(weights, inputs, dir.File("broken.safetensors"), "float64", "actnorm");
+        Assert.True(WorstRelative(ours, broken) > 1e3 * Float64Tolerance, $"dropping ActNorm's log-det went unnoticed: {Show(ours, broken)}");
+
+        // One weight of ours changed after the export, by 1e-3.
+        var (name, p) = m.named_parameters().First(np => np.name.Contains("logScale") || np.name.Contains("logS"));
+        using (no_grad()) p.view(-1)[0].add_(Ops.Scalar(1e-3));
+        var changed = OurLogProb(m, y);
+        var mirror = PythonMirror.LogProb(weights, inputs, dir.File("unchanged.safetensors"), "float64");
+        Assert.True(WorstRelative(changed, mirror) > 1e3 * Float64Tolerance, $"changing {name} after the export went unnoticed: {Show(changed, mirror)}");
+    }
+
+    [MirrorFact]
+    public void The_mirror_refuses_an_export_whose_parameter_count_it_does_not_match()
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        using var m = new ImageFlow(Presets.Get("tiny"));
+        string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
+        var state = m.state_dict();
+        SafeTensors.Write(weights, state.Select(kv => (kv.Key, kv.Value)), new Dictionary<string, string>
+        {
+            ["mixerflow.config"] = m.Config.ToJson(),
+            ["mixerflow.parameters"] = (m.ParameterCount + 1).ToString(),
+        });
+        SafeTensors.Write(inputs, new[] { ("inputs", Inputs(m.Config, 2, 1)) });
+        var e = Assert.ThrowsAny<Xunit.Sdk.XunitException>(() => PythonMirror.LogProb(weights, inputs, dir.File("out.safetensors"), "float64"));
+        Assert.Contains("parameters", e.Message);
+    }
+
+    [MirrorFact]
+    public void The_speed_benchmarks_mirror_process_takes_steps_on_request_and_refuses_a_different_parameter_count()
+    {
+        PythonMirror.Require();
+        var c = Presets.Get("tiny");
+        using (var m = new MixerFlow.Speed.Mirror(c, 12_900, batch: 8, threads: 1))
+        {
+            m.Steps(2);
+            m.Steps(1);
+            Assert.Equal(3, m.StepMs.Count);
+            Assert.All(m.StepMs, ms => Assert.True(ms > 0));
+            Assert.Contains("linear [128x24]x[24x16] x2", m.Gemms); // channel mixing: 8 images x 16 patches as rows, 24 of 49 values conditioning, 16 hidden
+        }
+        var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1));
+        Assert.Contains("12,901", e.Message);
+    }
+
+    [Fact]
+    public void Safetensors_round_trip_keeps_names_dtypes_shapes_values_and_metadata()
+    {
+        using var dir = new TempDir();
+        manual_seed(3);
+        var tensors = new (string, Tensor)[]
+        {
+            ("a.weight", randn(3, 5)), ("b", randn(2, 1, 4, dtype: float64)), ("idx", tensor(new long[] { 4, 0, 7 })),
+            ("empty", zeros(0)), ("flag", zeros(new long[] { 1 }, dtype: int64)),
+        };
+        string path = dir.File("t.safetensors");
+        SafeTensors.Write(path, tensors, new Dictionary<string, string> { ["k"] = "v \"quoted\"" });
+        var bytes = File.ReadAllBytes(path);
+        long headerLength = BitConverter.ToInt64(bytes, 0);
+        Assert.Equal(0, (8 + headerLength) % 8);
+        var (read, meta) = SafeTensors.Read(path);
+        Assert.Equal("v \"quoted\"", meta["k"]);
+        Assert.Equal(tensors.Length, read.Count);
+        foreach (var (name, t) in tensors)
+        {
+            Assert.Equal(t.dtype, read[name].dtype);
+            Assert.Equal(t.shape, read[name].shape);
+            Assert.True(t.eq(read[name]).all().item<bool>(), name);
+        }
+    }
+
+    [Fact]
+    public void Export_carries_every_state_entry_the_configuration_and_the_parameter_count()
+    {
+        using var dir = new TempDir();
+        using var m = new ImageFlow(Presets.Get("glow-tiny"));
+        string path = dir.File("m.safetensors");
+        m.ExportSafetensors(path);
+        var (read, meta) = SafeTensors.Read(path);
+        Assert.Equal(m.state_dict().Keys.OrderBy(k => k), read.Keys.OrderBy(k => k));
+        Assert.Equal(m.ParameterCount.ToString(), meta["mixerflow.parameters"]);
+        Assert.Equal(m.Config, ModelConfig.FromJson(meta["mixerflow.config"], path));
+    }
+
+    [Fact]
+    public void Export_verb_writes_a_checkpoints_state_and_refuses_a_missing_checkpoint_in_one_line()
+    {
+        using var dir = new TempDir();
+        new MixerFlow.Host.Training.Trainer(new MixerFlow.Host.Training.TrainingSettings
+        {
+            Model = Presets.Get("tiny"), RunFolder = dir.File("run"), Steps = 2, BatchSize = 8, Pictures = false,
+        }).Run();
+        string ckpt = Path.Combine(dir.Path, "run", MixerFlow.Host.Training.Trainer.LastCheckpoint), path = dir.File("tiny.safetensors");
+        var (code, output, err) = CliInProcess.Run("export", "--checkpoint", ckpt, "--out", path);
+        Assert.True(code == 0, err);
+        Assert.Contains("12,900 parameters", output);
+        var (model, _) = Checkpoint.Load(ckpt);
+        var (read, meta) = SafeTensors.Read(path);
+        Assert.Equal(model.Config, ModelConfig.FromJson(meta["mixerflow.config"], path));
+        foreach (var (name, t) in model.state_dict())
+            Assert.True(t.eq(read[name]).all().item<bool>(), $"{name} differs in the export");
+        Assert.True(read.Keys.All(k => k.EndsWith("initialized") ? read[k].item<long>() == 1 : true), "ActNorm exported uninitialised after training");
+
+        (code, _, err) = CliInProcess.Run("export", "--checkpoint", dir.File("missing.ckpt"), "--out", dir.File("x.safetensors"));
+        Assert.Equal(2, code);
+        Assert.Single(err.Trim().Split('\n'));
+        Assert.Contains("missing.ckpt", err);
+    }
+
+    [Fact]
+    public void Reading_a_file_that_is_not_safetensors_names_the_file()
+    {
+        using var dir = new TempDir();
+        string path = dir.File("bad.safetensors");
+        File.WriteAllBytes(path, new byte[] { 200, 0, 0, 0, 0, 0, 0, 0, (byte)'{', (byte)'}' });
+        var e = Assert.Throws<MixerFlow.Host.UserError>(() => SafeTensors.Read(path));
+        Assert.Contains(path, e.Message);
+    }
+}
+
+/// <summary>Runs benchmarks/mirror/mixerflow_mirror.py (copied beside the test assembly) with Debian's python3.</summary>
+static class PythonMirror
+{
+    /// <summary>Debian's interpreter; MIXERFLOW_MIRROR_PYTHON names another (to try the tests' failure without torch, say).</summary>
+    public static string Python => Environment.GetEnvironmentVariable("MIXERFLOW_MIRROR_PYTHON") is { Length: > 0 } p ? p : "/usr/bin/python3";
+    public const string SkipVariable = "MIXERFLOW_SKIP_MIRROR";
+    public static string Script => Path.Combine(AppContext.BaseDirectory, "mirror", "mixerflow_mirror.py");
+
+    static readonly Lazy<string?> problem = new(() =>
+    {
+        if (!File.Exists(Python)) return $"{Python} is absent";
+        var (code, _, err) = Run(new[] { "-c", "import torch" }, TimeSpan.FromSeconds(120));
+        return code == 0 ? null : $"{Python} cannot import torch ({err.Trim().Split('\n').LastOrDefault()})";
+    });
+
+    /// <summary>Why the mirror cannot run here, or null when it can.</summary>
+    public static string? Problem => problem.Value;
+
+    /// <summary>Fails the test, saying how to install python3-torch, when the mirror cannot run here.</summary>
+    public static void Require()
+    {
+        if (Problem is { } why)
+            Assert.Fail($"the PyTorch mirror cannot run: {why}. Install it with `apt-get install python3-torch libopenblas0-pthread` " +
+                        $"(Debian), or set {SkipVariable}=1 to skip the mirror tests");
+    }
+
+    public static bool SkipRequested => Environment.GetEnvironmentVariable(SkipVariable) == "1";
+
+    /// <summary>Runs python with OpenBLAS at one thread and its full speed (see /work/shared/NOTES.md).</summary>
+    public static (int Code, string Out, string Err) Run(IEnumerable<string> args, TimeSpan timeout)
+    {
+        var psi = new ProcessStartInfo(Python) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.Environment.Remove("OPENBLAS_CORETYPE");
+        psi.Environment.Remove("OPENBLAS_L2_SIZE");
+        psi.Environment["OPENBLAS_NUM_THREADS"] = "1";
+        psi.Environment["OMP_NUM_THREADS"] = "1";
+        using var p = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {Python}");
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(timeout))
+        {
+            p.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{Python} {string.Join(" ", args)} ran longer than {timeout.TotalSeconds} s");
+        }
+        p.WaitForExit();
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>The mirror's log p per image (nats) of the inputs under the exported weights.</summary>
+    public static double[] LogProb(string weights, string inputs, string output, string dtype, string? dropLogDet = null)
+    {
+        Require();
+        Assert.True(File.Exists(Script), $"the mirror script is not beside the tests: {Script}");
+        var args = new List<string> { Script, "logprob", "--weights", weights, "--inputs", inputs, "--out", output, "--dtype", dtype };
+        if (dropLogDet is not null) { args.Add("--drop-logdet"); args.Add(dropLogDet); }
+        var (code, stdout, stderr) = Run(args, TimeSpan.FromSeconds(300));
+        Assert.True(code == 0, $"the mirror failed (exit {code}): {stderr}{stdout}");
+        var (tensors, _) = SafeTensors.Read(output);
+        return tensors["logprob"].data<double>().ToArray();
+    }
+
+    public static string SkipReason =>
+        $"{SkipVariable}=1 and the PyTorch mirror cannot run here: {Problem}; install it with `apt-get install python3-torch libopenblas0-pthread`";
+}
+
+/// <summary>A temporary folder, deleted on dispose.</summary>
+sealed class TempDir : IDisposable
+{
+    public string Path { get; } = Directory.CreateTempSubdirectory("mixerflow-mirror-").FullName;
+    public string File(string name) => System.IO.Path.Combine(Path, name);
+    public void Dispose()
+    {
+        try { Directory.Delete(Path, recursive: true); } catch (IOException) { }
+    }
+}
+
+/// <summary>
+/// A fact that needs the PyTorch mirror: it fails (with how to install python3-torch) when
+/// /usr/bin/python3 cannot import torch, and is skipped instead when MIXERFLOW_SKIP_MIRROR=1.
+/// </summary>
+sealed class MirrorFactAttribute : FactAttribute
+{
+    public MirrorFactAttribute()
+    {
+        if (PythonMirror.SkipRequested && PythonMirror.Problem is not null) Skip = PythonMirror.SkipReason;
+    }
+}
+
+/// <summary>The theory form of <see cref="MirrorFactAttribute"/>.</summary>
+sealed class MirrorTheoryAttribute : TheoryAttribute
+{
+    public MirrorTheoryAttribute()
+    {
+        if (PythonMirror.SkipRequested && PythonMirror.Problem is not null) Skip = PythonMirror.SkipReason;
+    }
+}
