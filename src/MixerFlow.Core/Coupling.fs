@@ -39,6 +39,13 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     let mergeIndex = torch.tensor(inversePermutation (Array.append partition.Conditioning partition.Transformed))
     // Vector events flatten the conditioning part; image events keep [C, H, W] for a conv net.
     let net = conditioner.Invoke(nA + contextFeatures, k * nB)
+    /// The first index of `idx` if it is a run of consecutive indices, else -1.
+    let runStart (idx: int64[]) =
+        if idx |> Array.mapi (fun i v -> v - int64 i) |> Array.forall (fun d -> d = idx.[0]) then idx.[0] else -1L
+    // Halves (the usual partition): slices and one cat instead of three index_select copies.
+    let conditioningStart = runStart partition.Conditioning
+    let transformedStart = runStart partition.Transformed
+    let contiguous = conditioningStart >= 0L && transformedStart >= 0L
     do
         this.register_buffer("conditioningIndex", conditioningIndex)
         this.register_buffer("transformedIndex", transformedIndex)
@@ -81,11 +88,19 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
 
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
-        let xa = x.index_select(1L, conditioningIndex)
-        let xb = x.index_select(1L, transformedIndex)
-        let h = this.Parameters(xa, context)
-        let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
-        Transformed(torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex), sumPerSample logDeriv)
+        if contiguous then
+            let xa = x.narrow(1L, conditioningStart, nA)
+            let xb = x.narrow(1L, transformedStart, nB)
+            let h = this.Parameters(xa, context)
+            let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
+            let y = if conditioningStart = 0L then torch.cat([| xa; yb |], 1L) else torch.cat([| yb; xa |], 1L)
+            Transformed(y, sumPerSample logDeriv)
+        else
+            let xa = x.index_select(1L, conditioningIndex)
+            let xb = x.index_select(1L, transformedIndex)
+            let h = this.Parameters(xa, context)
+            let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
+            Transformed(torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex), sumPerSample logDeriv)
 
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
