@@ -9,13 +9,28 @@ type Tensor = torch.Tensor
 
 /// The result of pushing a batch through a bijector: the transformed batch and log|det J|
 /// per sample (shape [batch]). Deconstructs in C# as `var (y, logDet) = b.Forward(x)`.
+/// A volume-preserving step (<see cref="VolumePreserving"/>) makes its zero log-det only when it
+/// is read, so that chains of permutations and reshapes add no tensors of zeros.
 [<Sealed; AllowNullLiteral>]
-type Transformed(value: Tensor, logDet: Tensor) =
+type Transformed private (value: Tensor, logDet: Tensor, zero: bool) =
+    let mutable logDet = logDet
+    /// The transformed batch and its log|det J| per sample.
+    new(value: Tensor, logDet: Tensor) =
+        if isNull logDet then nullArg "logDet"
+        Transformed(value, logDet, false)
+    /// A step whose log|det J| is 0 for every sample (a permutation, a reshape).
+    static member VolumePreserving(value: Tensor) = Transformed(value, null, true)
     member _.Value = value
-    member _.LogDet = logDet
-    member _.Deconstruct([<Out>] v: byref<Tensor>, [<Out>] l: byref<Tensor>) =
+    /// True for a <see cref="VolumePreserving"/> step: <see cref="LogDet"/> is zeros.
+    member _.IsVolumePreserving = zero
+    /// log|det J| per sample, [batch] (zeros of the value's dtype and device for a volume-preserving step).
+    member _.LogDet =
+        if isNull logDet then
+            logDet <- torch.zeros([| value.shape.[0] |], dtype = value.dtype, device = value.device)
+        logDet
+    member this.Deconstruct([<Out>] v: byref<Tensor>, [<Out>] l: byref<Tensor>) =
         v <- value
-        l <- logDet
+        l <- this.LogDet
 
 /// What the generic checks need to know about a bijector beyond forward and inverse.
 type BijectorTraits =
@@ -171,7 +186,7 @@ module Ops =
     /// A per-sample log-det that is the same constant for every sample of `like`'s batch.
     [<CompiledName("ConstantLogDet")>]
     let constantLogDet (like: Tensor) (value: Tensor) : Tensor =
-        value.reshape(1L).expand(like.shape.[0]).contiguous()
+        value.expand(like.shape.[0]).contiguous()
     [<CompiledName("ZeroLogDet")>]
     let zeroLogDet (like: Tensor) : Tensor =
         torch.zeros([| like.shape.[0] |], dtype = like.dtype, device = like.device)
@@ -228,8 +243,8 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         for p in parts do
             let r = if isNull context then p.Forward h else p.Forward(h, context)
             h <- r.Value
-            ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
-        Transformed(h, ld)
+            if not r.IsVolumePreserving then ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
+        if isNull ld then Transformed.VolumePreserving h else Transformed(h, ld)
 
     override _.Inverse(y: Tensor, context: Tensor) =
         let mutable h = y
@@ -237,8 +252,8 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         for i in parts.Count - 1 .. -1 .. 0 do
             let r = if isNull context then parts.[i].Inverse h else parts.[i].Inverse(h, context)
             h <- r.Value
-            ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
-        Transformed(h, ld)
+            if not r.IsVolumePreserving then ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
+        if isNull ld then Transformed.VolumePreserving h else Transformed(h, ld)
 
     override _.ContextFeatures = parts |> Seq.map (fun p -> p.ContextFeatures) |> Seq.fold max 0L
 

@@ -33,7 +33,7 @@ type Permutation(eventShape: int64[], permutation: int64[]) as this =
         new Permutation(eventShape, p)
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        Transformed(x.index_select(1L, forwardIndex), zeroLogDet x)
+        Transformed.VolumePreserving(x.index_select(1L, forwardIndex))
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
-        Transformed(y.index_select(1L, inverseIndex), zeroLogDet y)
+        Transformed.VolumePreserving(y.index_select(1L, inverseIndex))

@@ -20,10 +20,10 @@ type Squeeze(imageShape: int64[], factor: int64) =
     new(imageShape) = Squeeze(imageShape, 2L)
     override this.Forward(x) =
         this.CheckShape(x, imageShape, "input")
-        Transformed(torch.nn.functional.pixel_unshuffle(x, factor), zeroLogDet x)
+        Transformed.VolumePreserving(torch.nn.functional.pixel_unshuffle(x, factor))
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
-        Transformed(torch.nn.functional.pixel_shuffle(y, factor), zeroLogDet y)
+        Transformed.VolumePreserving(torch.nn.functional.pixel_shuffle(y, factor))
 
 /// How an image is cut into the rows of MixerFlow's patches x features matrix.
 type PatchStrategy =
@@ -90,12 +90,12 @@ type Patchify(geometry: PatchGeometry) =
         let b = x.shape.[0]
         // [B, C, H/ph, ph, W/pw, pw] -> [B, H/ph, W/pw, C, ph, pw] -> [B, P, D]
         let y = x.reshape(b, c, h / ph, ph, w / pw, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b, geometry.Patches, geometry.Features)
-        Transformed(y, zeroLogDet x)
+        Transformed.VolumePreserving(y)
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
         let b = y.shape.[0]
         let x = y.reshape(b, h / ph, w / pw, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, h, w)
-        Transformed(x, zeroLogDet y)
+        Transformed.VolumePreserving(x)
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
 /// MixerFlow layers. A permutation: log|det| = 0.
@@ -104,17 +104,17 @@ type Shift(imageShape: int64[], dy: int64, dx: int64) =
     member _.Offset = struct (dy, dx)
     override this.Forward(x) =
         this.CheckShape(x, imageShape, "input")
-        Transformed(x.roll([| dy; dx |], [| 2L; 3L |]), zeroLogDet x)
+        Transformed.VolumePreserving(x.roll([| dy; dx |], [| 2L; 3L |]))
     override this.Inverse(y) =
         this.CheckShape(y, imageShape, "input")
-        Transformed(y.roll([| -dy; -dx |], [| 2L; 3L |]), zeroLogDet y)
+        Transformed.VolumePreserving(y.roll([| -dy; -dx |], [| 2L; 3L |]))
 
 /// A reshape between two shapes with the same number of elements; log|det| = 0.
 type Reshape(inputShape: int64[], outputShape: int64[]) =
     inherit Bijector("Reshape", inputShape, outputShape)
     override this.Forward(x) =
         this.CheckShape(x, inputShape, "input")
-        Transformed(x.reshape(Array.append [| x.shape.[0] |] outputShape), zeroLogDet x)
+        Transformed.VolumePreserving(x.reshape(Array.append [| x.shape.[0] |] outputShape))
     override this.Inverse(y) =
         this.CheckShape(y, outputShape, "input")
-        Transformed(y.reshape(Array.append [| y.shape.[0] |] inputShape), zeroLogDet y)
+        Transformed.VolumePreserving(y.reshape(Array.append [| y.shape.[0] |] inputShape))
