@@ -182,7 +182,10 @@ module Ops =
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     [<CompiledName("SumPerSample")>]
     let sumPerSample (t: Tensor) : Tensor =
-        if t.dim() = 1L then t else t.flatten(1L).sum(1L)
+        match t.dim() with
+        | 1L -> t
+        | 2L -> t.sum(1L)
+        | _ -> t.flatten(1L).sum(1L)
     /// A per-sample log-det that is the same constant for every sample of `like`'s batch.
     [<CompiledName("ConstantLogDet")>]
     let constantLogDet (like: Tensor) (value: Tensor) : Tensor =
