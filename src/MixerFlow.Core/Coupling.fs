@@ -88,19 +88,16 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
 
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
-        if contiguous then
-            let xa = x.narrow(1L, conditioningStart, nA)
-            let xb = x.narrow(1L, transformedStart, nB)
-            let h = this.Parameters(xa, context)
-            let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
-            let y = if conditioningStart = 0L then torch.cat([| xa; yb |], 1L) else torch.cat([| yb; xa |], 1L)
-            Transformed(y, sumPerSample logDeriv)
-        else
-            let xa = x.index_select(1L, conditioningIndex)
-            let xb = x.index_select(1L, transformedIndex)
-            let h = this.Parameters(xa, context)
-            let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
-            Transformed(torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex), sumPerSample logDeriv)
+        let xa, xb =
+            if contiguous then x.narrow(1L, conditioningStart, nA), x.narrow(1L, transformedStart, nB)
+            else x.index_select(1L, conditioningIndex), x.index_select(1L, transformedIndex)
+        let h = this.Parameters(xa, context)
+        let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
+        let y =
+            if not contiguous then torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex)
+            elif conditioningStart = 0L then torch.cat([| xa; yb |], 1L)
+            else torch.cat([| yb; xa |], 1L)
+        Transformed(y, sumPerSample logDeriv)
 
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
