@@ -162,7 +162,7 @@ public class HugePagesTests
         var (exit, log) = Mixerflow(new Dictionary<string, string?>(), "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
         Assert.Contains(KernelOffersHugePages()
-            ? "malloc on transparent huge pages (glibc.malloc.hugetlb=1, set by MixerFlow)"
+            ? "malloc on transparent huge pages (glibc.malloc.hugetlb=1, set by MixerFlow), freed memory kept for reuse (mmap threshold 32 MB, no trimming)"
             : "malloc on 4 KB pages", log);
 
         (exit, log) = Mixerflow(new Dictionary<string, string?> { ["MIXERFLOW_HUGETLB"] = "0" }, "info", "--preset", "tiny");
@@ -175,7 +175,12 @@ public class HugePagesTests
 
         (exit, log) = Mixerflow(new Dictionary<string, string?> { ["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1" }, "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
-        if (KernelOffersHugePages()) Assert.Contains("(glibc.malloc.hugetlb=1, given)", log);
+        // Given tunables are kept as given: huge pages without the kept-memory pair.
+        if (KernelOffersHugePages())
+        {
+            Assert.Contains("(glibc.malloc.hugetlb=1, given)", log);
+            Assert.DoesNotContain("freed memory kept", log);
+        }
     }
 
     [Fact]
