@@ -183,6 +183,17 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
                 finally c.Dispose()
             norm
 
+    /// The gradients as one flat buffer, in parameter order (zeros for parameters without a
+    /// gradient), with every gradient linked into it first. Changing it in place changes the
+    /// gradients that <see cref="ClipGradientNorm"/> and <see cref="Step"/> use: data-parallel
+    /// training averages it over the ranks with one allreduce. Owned by the optimiser: do not dispose it.
+    member _.GradientBuffer() : torch.Tensor =
+        if disposed then raise (ObjectDisposedException "Adam")
+        if ps.Length = 0 then torch.zeros([| 0L |])
+        else
+            syncGradients ()
+            flatGrad
+
     /// One Adam update of every parameter that has a gradient.
     member this.Step() =
         if disposed then raise (ObjectDisposedException "Adam")

@@ -17,9 +17,19 @@ type Dequantize(eventShape: int64[], levels: int) =
     /// Use u = 1/2 instead of uniform noise: a deterministic map, for embeddings and for
     /// measuring reconstruction error.
     member val Midpoint = false with get, set
+    /// The noise u of the next forward passes instead of fresh uniform noise (null: draw it), of
+    /// the input's shape. Data-parallel training sets each rank's slice of the noise drawn for the
+    /// whole global batch, so N ranks see exactly the noise one process would at N times the batch.
+    member val Noise : torch.Tensor = null with get, set
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        let u = if this.Midpoint then torch.full_like(x, scalar 0.5) else torch.rand_like(x)
+        let u =
+            if this.Midpoint then torch.full_like(x, scalar 0.5)
+            elif not (isNull this.Noise) then
+                if this.Noise.shape <> x.shape then
+                    invalidArg "x" (sprintf "Dequantize: the given noise has shape %A, the input %A" this.Noise.shape x.shape)
+                this.Noise
+            else torch.rand_like(x)
         let y = (x +. u) / scalar (float levels)
         Transformed(y, torch.full([| x.shape.[0] |], scalar -logLevels, dtype = x.dtype, device = x.device))
     override this.Inverse(y) =

@@ -59,12 +59,14 @@ public static class ModelVerbs
         }
         catch (TrainingInterruptedException e)
         {
-            Console.Error.WriteLine($"interrupted at step {e.Step}: saved {e.Checkpoint}; continue with: mixerflow train --resume {e.RunFolder}");
+            // Under MPI every rank stops at the same step; rank 0, which saved the checkpoint, says so.
+            if (MixerFlow.Host.Distributed.Communicator.FromEnvironment().IsRoot)
+                Console.Error.WriteLine($"interrupted at step {e.Step}: saved {e.Checkpoint}; continue with: mixerflow train --resume {e.RunFolder}");
             return signal == 15 ? TerminatedExitCode : InterruptedExitCode;
         }
         catch (TrainingDivergedException e)
         {
-            Console.Error.WriteLine($"error: {e.Message}");
+            if (MixerFlow.Host.Distributed.Communicator.FromEnvironment().IsRoot) Console.Error.WriteLine($"error: {e.Message}");
             return 2;
         }
         finally

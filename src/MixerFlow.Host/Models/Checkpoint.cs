@@ -38,6 +38,22 @@ public static class Checkpoint
                             Adam? optimizer = null)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        AtomicFile.Write(path, Writer(model, step, epoch, bestHeldOutBpd, optimizer));
+    }
+
+    /// <summary>
+    /// A checkpoint in memory, the bytes <see cref="Save"/> would write: how data-parallel training
+    /// hands rank 0's model and optimiser state to the other ranks (<see cref="LoadInto(byte[], string, ImageFlow, Adam?)"/>).
+    /// </summary>
+    public static byte[] ToBytes(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer = null)
+    {
+        using var ms = new MemoryStream();
+        Writer(model, step, epoch, bestHeldOutBpd, optimizer)(ms);
+        return ms.ToArray();
+    }
+
+    static Action<Stream> Writer(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer)
+    {
         var header = new MemoryStream();
         using (var h = new BinaryWriter(header, Encoding.UTF8, leaveOpen: true))
         {
@@ -51,7 +67,7 @@ public static class Checkpoint
         }
         var tensors = Section(w => model.save(w));
         var optimiser = optimizer is null ? null : Section(w => optimizer.SaveState(w));
-        AtomicFile.Write(path, (Stream stream) =>
+        return stream =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
             var headerBytes = header.ToArray();
@@ -59,7 +75,7 @@ public static class Checkpoint
             w.Write(SHA256.HashData(headerBytes));
             WriteSection(w, tensors);
             if (optimiser is not null) WriteSection(w, optimiser);
-        });
+        };
     }
 
     static byte[] Section(Action<BinaryWriter> write)
@@ -183,7 +199,30 @@ public static class Checkpoint
     public static Header LoadInto(string path, ImageFlow model, Adam? optimizer)
     {
         using var fs = Open(path);
-        using var r = new BinaryReader(fs, Encoding.UTF8);
+        return LoadInto(fs, path, model, optimizer);
+    }
+
+    /// <summary>
+    /// <see cref="LoadInto(string, ImageFlow, Adam?)"/> from a checkpoint in memory (<see cref="ToBytes"/>);
+    /// <paramref name="name"/> names it in errors.
+    /// </summary>
+    public static Header LoadInto(byte[] bytes, string name, ImageFlow model, Adam? optimizer)
+    {
+        using var ms = new MemoryStream(bytes, writable: false);
+        return LoadInto(ms, name, model, optimizer);
+    }
+
+    /// <summary>The configuration in a checkpoint in memory (<see cref="ToBytes"/>).</summary>
+    public static ModelConfig ReadConfig(byte[] bytes, string name)
+    {
+        using var ms = new MemoryStream(bytes, writable: false);
+        using var r = new BinaryReader(ms, Encoding.UTF8);
+        return ReadHeader(r, name).Config;
+    }
+
+    static Header LoadInto(Stream fs, string path, ImageFlow model, Adam? optimizer)
+    {
+        using var r = new BinaryReader(fs, Encoding.UTF8, leaveOpen: true);
         var header = ReadHeader(r, path);
         if (header.Config != model.Config)
             throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");

@@ -1,5 +1,6 @@
 using MixerFlow.Core;
 using MixerFlow.Host.Data;
+using MixerFlow.Host.Distributed;
 using MixerFlow.Host.Models;
 using static TorchSharp.torch;
 
@@ -11,13 +12,17 @@ public static class Evaluation
     /// <summary>
     /// Mean bits/dim over <paramref name="data"/> with its standard error, in evaluation mode
     /// without gradients. The dequantisation noise is drawn from <paramref name="seed"/>, so the
-    /// score is reproducible.
+    /// score is reproducible. With a <paramref name="communicator"/> of several ranks (every rank
+    /// calls it) the batches are dealt out round-robin, each scored with the noise one process
+    /// would draw for it, and the sums are reduced: every rank gets the one-process score.
     /// </summary>
-    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = 256, Device? device = null, int seed = 1234)
+    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = 256, Device? device = null, int seed = 1234,
+                                                          ICommunicator? communicator = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
         if (data.Count == 0) throw new UserError($"{data.Source}: no images to evaluate");
         device ??= model.Device;
+        if (communicator is { Size: > 1 }) return Sharded(model, data, batchSize, device, seed, communicator);
         var all = new List<double>(data.Count);
         model.Evaluating(() =>
         {
@@ -32,6 +37,40 @@ public static class Evaluation
         double mean = all.Average();
         double sd = Math.Sqrt(all.Sum(v => (v - mean) * (v - mean)) / Math.Max(1, all.Count - 1));
         return (mean, sd / Math.Sqrt(all.Count));
+    }
+
+    static (double Mean, double StdErr) Sharded(ImageFlow model, ImageDataset data, int batchSize, Device device, int seed, ICommunicator ranks)
+    {
+        var sums = new double[3]; // count, sum, sum of squares
+        var m = model.Config;
+        model.Evaluating(() =>
+        {
+            manual_seed(seed);
+            for (int start = 0, k = 0; start < data.Count; start += batchSize, k++)
+            {
+                int n = Math.Min(batchSize, data.Count - start);
+                using var scope = NewDisposeScope();
+                // Every rank draws every batch's noise, so the generator is where one process's would be.
+                var noise = rand([n, m.Channels, m.Height, m.Width], dtype: model.DType, device: device);
+                if (k % ranks.Size != ranks.Rank) continue;
+                model.Dequantize.Noise = noise;
+                try
+                {
+                    var idx = Enumerable.Range(start, n).ToArray();
+                    foreach (var v in model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray())
+                    {
+                        sums[0] += 1;
+                        sums[1] += v;
+                        sums[2] += v * v;
+                    }
+                }
+                finally { model.Dequantize.Noise = null!; }
+            }
+        });
+        ranks.AllReduceSum(sums);
+        double count = sums[0], mean = sums[1] / count;
+        double variance = Math.Max(0, (sums[2] - count * mean * mean) / Math.Max(1, count - 1));
+        return (mean, Math.Sqrt(variance) / Math.Sqrt(count));
     }
 
     /// <summary>The latents of every image of <paramref name="data"/>, flattened: [N, C*H*W] on the CPU.</summary>

@@ -162,6 +162,28 @@ public sealed class RunFolder
 
     public void WriteConfig(ModelConfig config) => AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), config.ToJson());
 
+    /// <summary>
+    /// config.json: the model's configuration and a "training" object stating how it is trained:
+    /// ranks, batch per rank, global batch, steps and the learning-rate schedule, so that a run on
+    /// N ranks at batch B can be compared with one process at batch N x B.
+    /// </summary>
+    public void WriteConfig(ModelConfig config, TrainingSettings settings)
+    {
+        var json = System.Text.Json.Nodes.JsonNode.Parse(config.ToJson())!.AsObject();
+        json["training"] = new System.Text.Json.Nodes.JsonObject
+        {
+            ["ranks"] = settings.Ranks,
+            ["batchPerRank"] = settings.BatchSize,
+            ["globalBatch"] = settings.GlobalBatchSize,
+            ["steps"] = settings.Steps,
+            ["learningRate"] = settings.LearningRate,
+            ["warmupSteps"] = settings.WarmupSteps,
+            ["schedule"] = $"linear warmup over {settings.WarmupSteps} steps to {settings.LearningRate}, then cosine decay to 0.1 x that at step {settings.Steps}; per optimiser step of the global batch, whatever the number of ranks",
+            ["seed"] = settings.Seed,
+        };
+        AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+    }
+
     /// <summary>A row of metrics.csv; the training or held-out value may be missing.</summary>
     public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped)
     {

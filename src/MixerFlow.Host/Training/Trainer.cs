@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using MixerFlow.Core;
 using MixerFlow.Host.Data;
+using MixerFlow.Host.Distributed;
 using MixerFlow.Host.Models;
 using static TorchSharp.torch;
 
@@ -25,6 +26,21 @@ public sealed record TrainSummary(
 /// <see cref="TrainingDivergedException"/>. <see cref="Run(CancellationToken)"/> stops cleanly when
 /// cancelled, saving last.ckpt first (<see cref="TrainingInterruptedException"/>).
 /// </summary>
+/// <remarks>
+/// <b>Data-parallel.</b> Under MPI (<c>mpiexec -n N</c>; see <see cref="Communicator.FromEnvironment"/>)
+/// N processes train one model: rank 0 resolves the settings and the model (fresh or resumed) and
+/// hands its state to the others; every step takes a global batch of N x
+/// <see cref="TrainingSettings.BatchSize"/> images from the epoch's order, of which each rank reads
+/// its own slice with its slice of the dequantisation noise drawn for the whole global batch;
+/// gradients are averaged with one allreduce over the flat buffer and the guards decide on the
+/// averaged loss; ActNorm's data-dependent initialisation sees the whole first global batch;
+/// held-out evaluation is sharded by batch and reduced; only rank 0 writes the run folder, reports
+/// progress and saves checkpoints, and a rollback hands rank 0's restored state to the others. So
+/// N ranks at batch B train the same model as one process at batch N x B with the same seed
+/// (up to float32 rounding in the averaging), except for batch norm, whose statistics stay per rank.
+/// An exception on one rank other than an interruption or divergence (which all ranks agree on)
+/// ends every rank (MPI_Abort) after writing the error: otherwise the others would wait forever.
+/// </remarks>
 public sealed class Trainer
 {
     public const string LastCheckpoint = RunFolder.LastCheckpoint;
@@ -34,11 +50,18 @@ public sealed class Trainer
 
     readonly TrainingSettings settings;
     readonly ITrainingObserver observer;
+    readonly ICommunicator ranks;
 
     /// <summary>The model being trained (set once the run has been set up).</summary>
     public ImageFlow? Model { get; private set; }
 
-    public Trainer(TrainingSettings settings, ITrainingObserver? observer = null)
+    /// <param name="settings">What to train and how.</param>
+    /// <param name="observer">Progress and steering; on rank 0 only for the reports (start,
+    /// progress, evaluations, messages), on every rank for <see cref="ITrainingObserver.TransformLoss"/>
+    /// and <see cref="ITrainingObserver.ShouldStop"/> (a stop any rank asks for ends every rank at that step).</param>
+    /// <param name="communicator">The ranks training together; null for
+    /// <see cref="Communicator.FromEnvironment"/> (a single process unless started by mpiexec).</param>
+    public Trainer(TrainingSettings settings, ITrainingObserver? observer = null, ICommunicator? communicator = null)
     {
         ArgumentNullException.ThrowIfNull(settings);
         NativeRuntime.EnsureLoaded();
@@ -46,7 +69,11 @@ public sealed class Trainer
         if (problems.Count > 0) throw new UserError($"training settings: {string.Join("; ", problems)}");
         this.settings = settings;
         this.observer = observer ?? NullObserver.Instance;
+        ranks = communicator ?? Communicator.FromEnvironment();
     }
+
+    /// <summary>The ranks this trainer trains with.</summary>
+    public ICommunicator Ranks => ranks;
 
     /// <summary>The device named by <paramref name="name"/>; a clear error where CUDA is missing.</summary>
     public static Device ParseDevice(string name)
@@ -80,7 +107,24 @@ public sealed class Trainer
     /// </summary>
     public TrainSummary Run(CancellationToken cancellationToken)
     {
+        if (ranks.Size == 1) return RunRanks(cancellationToken);
+        try { return RunRanks(cancellationToken); }
+        catch (Exception e) when (e is not (TrainingInterruptedException or TrainingDivergedException))
+        {
+            // Only this rank failed: the others wait in a collective call and would wait forever.
+            Console.Error.WriteLine($"error on rank {ranks.Rank} of {ranks.Size}: {(e is UserError ? e.Message : e.ToString())}");
+            Console.Error.WriteLine("ending every rank (MPI_Abort); the run folder keeps its last checkpoint");
+            ranks.Abort(e is UserError ? 2 : 1);
+            throw;
+        }
+    }
+
+    TrainSummary RunRanks(CancellationToken cancellationToken)
+    {
         var s = settings;
+        bool root = ranks.IsRoot;
+        // Reports come from rank 0 only.
+        var report = root ? observer : NullObserver.Instance;
         var wall = Stopwatch.StartNew();
 
         // Model, optimiser and step: fresh, or from the run folder's last checkpoint.
@@ -88,70 +132,124 @@ public sealed class Trainer
         string? resumeFrom = s.Resume ? Path.Combine(runPath, LastCheckpoint) : null;
         // A resumed run continues under the settings it was started with (settings.json), which
         // given settings may not contradict; folders written before settings.json use the given ones.
-        if (s.Resume && File.Exists(RunFolder.SettingsFile(runPath)))
+        if (root && s.Resume && File.Exists(RunFolder.SettingsFile(runPath)))
         {
             TrainingSettings saved;
             try { saved = TrainingSettings.FromJson(File.ReadAllText(RunFolder.SettingsFile(runPath))); }
             catch (System.Text.Json.JsonException e) { throw new UserError($"'{RunFolder.SettingsFile(runPath)}' cannot be read: {e.Message}", e); }
             s = s.ForResume(saved);
+            if (s.Ranks != ranks.Size)
+                throw new UserError($"resume {runPath}: the run was trained on {s.Ranks} process(es) at batch {s.BatchSize} each " +
+                                    $"(global batch {s.GlobalBatchSize}), now started on {ranks.Size}; resume with mpiexec -n {s.Ranks} " +
+                                    "so that the global batch, the data order and the schedule stay the same");
+        }
+        s = s with { Ranks = ranks.Size };
+        if (ranks.Size > 1)
+        {
+            // Every rank continues under rank 0's resolved settings and run folder.
+            var shared = System.Text.Json.JsonSerializer.Deserialize<string[]>(ranks.Broadcast(root
+                ? System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(new[] { runPath, s.ToJson(), s.Resume ? "resume" : "" })
+                : null))!;
+            if (!root)
+            {
+                runPath = shared[0];
+                s = TrainingSettings.FromJson(shared[1]) with { Model = s.Model, RunFolder = runPath, Resume = shared[2] == "resume", Given = null, ExtendSteps = 0 };
+                resumeFrom = s.Resume ? Path.Combine(runPath, LastCheckpoint) : null;
+            }
+            if (s.Threads == 0 && s.Device == "cpu")
+            {
+                // N ranks on one machine share its cores: LibTorch's default (every core) would oversubscribe them.
+                int local = LocalRanks();
+                set_num_threads(Math.Max(1, Environment.ProcessorCount / Math.Max(1, local)));
+            }
         }
         // Device and threads may change on resume: read them from the resolved settings, once.
         if (s.Threads > 0) set_num_threads(s.Threads);
         var device = ParseDevice(s.Device);
+        if (ranks.Size > 1 && device.type == TorchSharp.DeviceType.CUDA) device = new Device(TorchSharp.DeviceType.CUDA, LocalRank() % Math.Max(1, cuda.device_count()));
         manual_seed(s.Seed);
-        var model = new ImageFlow(resumeFrom is null ? s.Model : Checkpoint.ReadConfig(resumeFrom));
+        // Rank 0 builds the model (fresh, or from the checkpoint) and hands it to the others as a
+        // checkpoint in memory: model tensors, optimiser state, step and best score.
+        byte[]? state = null;
+        if (!root) state = ranks.Broadcast(null);
+        var model = new ImageFlow(state is not null ? Checkpoint.ReadConfig(state, "rank 0's state")
+                                  : resumeFrom is null ? s.Model : Checkpoint.ReadConfig(resumeFrom));
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
         using var adam = new Adam(model.parameters(), s.LearningRate);
         Checkpoint.Header? resumed = null;
-        if (resumeFrom is not null)
+        TrainSummary? finished = null;
+        if (root && resumeFrom is not null)
         {
             resumed = Checkpoint.LoadInto(resumeFrom, model, adam);
             // A finished run (its saved total reached, its summary written) is not trained again.
-            if (s.Steps > 0 && resumed.Step >= s.Steps && RunFolder.ReadSummary(runPath) is { } done)
+            if (s.Steps > 0 && resumed.Step >= s.Steps && RunFolder.ReadSummary(runPath) is { } done) finished = done;
+        }
+        if (ranks.Size > 1)
+        {
+            if (root) ranks.Broadcast(Checkpoint.ToBytes(model, finished is not null ? -1 : resumed?.Step ?? 0, resumed?.Epoch ?? 0,
+                                                         resumed?.BestHeldOutBpd ?? double.PositiveInfinity, adam));
+            else
             {
-                observer.OnMessage($"run already finished at step {resumed.Step}; use --extend-steps N to train N more steps");
-                return done;
+                var header = Checkpoint.LoadInto(state!, "rank 0's state", model, adam);
+                if (header.Step < 0)
+                    return RunFolder.ReadSummary(runPath) ?? new TrainSummary(cfg.Name, model.ParameterCount, 0, 0, double.NaN, double.NaN,
+                        double.NaN, double.NaN, 0, 0, 0, 0, "", runPath, false);
+                if (s.Resume) resumed = header;
             }
+        }
+        if (finished is not null)
+        {
+            report.OnMessage($"run already finished at step {resumed!.Step}; use --extend-steps N to train N more steps");
+            return finished;
         }
         // The data is loaded before the run folder is made: a failed load leaves no folder behind.
         var data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed);
-        if (s.BatchSize > data.Train.Count)
-            throw new UserError($"batch size {s.BatchSize} is larger than the training set ({data.Train.Count} images: {data.Description}); " +
-                                $"use a batch size of at most {data.Train.Count}");
+        int globalBatch = s.GlobalBatchSize;
+        if (globalBatch > data.Train.Count)
+            throw new UserError(ranks.Size == 1
+                ? $"batch size {s.BatchSize} is larger than the training set ({data.Train.Count} images: {data.Description}); " +
+                  $"use a batch size of at most {data.Train.Count}"
+                : $"global batch {globalBatch} ({ranks.Size} ranks x batch {s.BatchSize}) is larger than the training set " +
+                  $"({data.Train.Count} images: {data.Description}); use a batch size of at most {data.Train.Count / ranks.Size} per rank");
         // One process per run folder: a second `train` on it is refused with the holder's PID.
-        using var runLock = RunFolder.Lock(runPath);
-        var folder = new RunFolder(runPath);
-        foreach (var name in folder.RemoveStaleTemps())
-            observer.OnMessage($"removed {name}, the temporary file of an interrupted write");
-        if (resumed is not null)
+        // Under MPI rank 0 holds the folder: the other ranks neither read nor write it.
+        using var runLock = root ? RunFolder.Lock(runPath) : null;
+        var folder = root ? new RunFolder(runPath) : null;
+        if (folder is not null)
         {
-            observer.OnMessage($"resuming {resumeFrom} at step {resumed.Step}");
-            int trimmed = folder.TrimMetrics(resumed.Step);
-            if (trimmed > 0) observer.OnMessage($"metrics.csv: dropped {trimmed} rows after step {resumed.Step}");
-            folder.ReadCurves(resumed.Step);
+            foreach (var name in folder.RemoveStaleTemps())
+                report.OnMessage($"removed {name}, the temporary file of an interrupted write");
+            if (resumed is not null)
+            {
+                report.OnMessage($"resuming {resumeFrom} at step {resumed.Step}");
+                int trimmed = folder.TrimMetrics(resumed.Step);
+                if (trimmed > 0) report.OnMessage($"metrics.csv: dropped {trimmed} rows after step {resumed.Step}");
+                folder.ReadCurves(resumed.Step);
+            }
         }
-        folder.WriteConfig(cfg);
+        if (ranks.Size > 1) report.OnMessage($"data-parallel on {ranks.Size} MPI ranks ({ranks.Description}): batch {s.BatchSize} per rank, global batch {globalBatch}");
 
-        int stepsPerEpoch = Math.Max(1, data.Train.Count / s.BatchSize);
+        int stepsPerEpoch = Math.Max(1, data.Train.Count / globalBatch);
         long totalSteps = s.Steps > 0 ? s.Steps : (long)stepsPerEpoch * s.Epochs;
-        folder.WriteSettings(s with { Steps = totalSteps, Resume = false, ExtendSteps = 0, Given = null });
+        folder?.WriteConfig(cfg, s with { Steps = totalSteps });
+        folder?.WriteSettings(s with { Steps = totalSteps, Resume = false, ExtendSteps = 0, Given = null });
         var schedule = new LearningRateSchedule(s.LearningRate, totalSteps, s.WarmupSteps);
-        var trainingStep = new TrainingStep(model, adam, s.ClipNorm);
+        var trainingStep = new TrainingStep(model, adam, s.ClipNorm, ranks);
         long step = resumed?.Step ?? 0;
         double best = resumed?.BestHeldOutBpd ?? double.PositiveInfinity;
-        observer.OnStart(folder.Path, cfg.Name, model.ParameterCount, data.Description, step, totalSteps);
+        report.OnStart(folder?.Path ?? runPath, cfg.Name, model.ParameterCount, data.Description, step, totalSteps);
 
         if (resumed is null)
         {
             // A rollback target from the start: a run that goes bad before its first checkpoint
             // rolls back to the untrained model.
-            folder.SaveCheckpoint(LastCheckpoint, model, 0, 0, best, adam);
+            folder?.SaveCheckpoint(LastCheckpoint, model, 0, 0, best, adam);
             // The untrained model's held-out score starts the curve.
-            var (held0, se0) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device);
-            folder.Record(0, 0, null, (held0, se0), null, null, 0);
-            observer.OnEvaluation(new EvaluationReport(0, 0, held0, se0, false));
+            var (held0, se0) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device, communicator: ranks);
+            folder?.Record(0, 0, null, (held0, se0), null, null, 0);
+            report.OnEvaluation(new EvaluationReport(0, 0, held0, se0, false));
         }
 
         var guard = new DivergenceGuard();
@@ -166,7 +264,7 @@ public sealed class Trainer
         // The same base noise is decoded after every epoch (samples/epoch-NNN.png): a generator of
         // its own, so the training's random stream is untouched.
         Tensor? epochNoise = null;
-        if (s.Pictures)
+        if (s.Pictures && root)
         {
             using var noiseGenerator = new Generator((ulong)s.Seed + 0x5A3D1E);
             epochNoise = randn(Ops.BatchShape(36, model.Transform.OutputShape), generator: noiseGenerator).to(device);
@@ -175,28 +273,50 @@ public sealed class Trainer
         model.train();
         while (step < totalSteps)
         {
-            if (cancellationToken.IsCancellationRequested)
+            // A signal may reach the ranks at different steps: they stop together at the first
+            // step any of them saw it.
+            if (AnyRank(cancellationToken.IsCancellationRequested))
             {
                 // Between steps: the last one finished, so the state is whole; save it and stop.
-                folder.SaveCheckpoint(LastCheckpoint, model, step, (int)(Math.Max(0, step - 1) / stepsPerEpoch), best, adam);
-                throw new TrainingInterruptedException(step, folder.Last, folder.Path, cancellationToken);
+                folder?.SaveCheckpoint(LastCheckpoint, model, step, (int)(Math.Max(0, step - 1) / stepsPerEpoch), best, adam);
+                throw new TrainingInterruptedException(step, Path.Combine(runPath, LastCheckpoint), folder?.Path ?? runPath,
+                                                       cancellationToken.IsCancellationRequested ? cancellationToken : new CancellationToken(true));
             }
             int epoch = (int)(step / stepsPerEpoch);
             int inEpoch = (int)(step % stepsPerEpoch);
             if (epoch != orderEpoch) (order, orderEpoch) = (EpochOrder(data.Train.Count, s.Seed, epoch), epoch);
-            var idx = order.AsSpan(inEpoch * s.BatchSize, Math.Min(s.BatchSize, order.Length)).ToArray();
+            // The step's global batch; each rank takes its slice of it.
+            var idx = order.AsSpan(inEpoch * globalBatch, Math.Min(globalBatch, order.Length)).ToArray();
             double lr = schedule.At(step) * lrScale;
             long stepNow = step;
             manual_seed(s.Seed * 1_000_003L + step);
             StepOutcome outcome;
             using (var scope = NewDisposeScope())
-                outcome = trainingStep.Take(data.Train.Batch(idx).to(device), lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
+            {
+                if (ranks.Size == 1)
+                    outcome = trainingStep.Take(data.Train.Batch(idx).to(device), lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
+                else
+                {
+                    // The noise one process would draw for the whole global batch (the same generator
+                    // state, shape and dtype as its rand_like of the batch); this rank reads only its slice.
+                    var noise = rand([idx.Length, cfg.Channels, cfg.Height, cfg.Width], dtype: float32, device: device);
+                    if (resumed is null && step == 0) InitialiseActNormOnGlobalBatch(model, data.Train.Batch(idx).to(device), noise);
+                    int per = s.BatchSize;
+                    model.Dequantize.Noise = noise.narrow(0, ranks.Rank * per, per);
+                    try
+                    {
+                        var mine = data.Train.Batch(idx.AsSpan(ranks.Rank * per, per)).to(device);
+                        outcome = trainingStep.Take(mine, lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
+                    }
+                    finally { model.Dequantize.Noise = null!; }
+                }
+            }
 
             if (!outcome.Kept)
             {
                 dropped++;
                 consecutiveBad++;
-                observer.OnMessage($"step {step}: {outcome.DroppedBecause}, step dropped ({dropped} so far)");
+                report.OnMessage($"step {step}: {outcome.DroppedBecause}, step dropped ({dropped} so far)");
                 if (consecutiveBad >= s.RollbackAfter)
                 {
                     if (rollbacks >= s.MaxRollbacks)
@@ -204,14 +324,14 @@ public sealed class Trainer
                             $"training diverged: {s.RollbackAfter} steps in a row dropped at step {step} (last: {outcome.DroppedBecause}) " +
                             $"after {rollbacks} rollbacks, each halving the learning rate; nothing after the last checkpoint was kept " +
                             $"and no summary was written; train again with a lower --lr than {s.LearningRate}", step, rollbacks);
-                    if (!File.Exists(folder.Last))
+                    if (folder is not null && !File.Exists(folder.Last))
                         throw new UserError($"{s.RollbackAfter} bad steps in a row and no checkpoint to roll back to ({folder.Last} is missing); lower the learning rate (now {s.LearningRate})");
-                    step = Checkpoint.LoadInto(folder.Last, model, adam).Step;
+                    step = RollBack(folder, model, adam);
                     guard.ForgetAfter(step);
                     lrScale *= 0.5;
                     rollbacks++;
                     consecutiveBad = 0;
-                    observer.OnMessage($"rolled back to step {step} ({folder.Last}); learning rate now x{lrScale}");
+                    report.OnMessage($"rolled back to step {step} ({Path.Combine(runPath, LastCheckpoint)}); learning rate now x{lrScale}");
                     continue;
                 }
                 step++;
@@ -220,7 +340,7 @@ public sealed class Trainer
             consecutiveBad = 0;
             guard.Keep(step, outcome.BitsPerDim);
             step++;
-            imagesSinceReport += idx.Length;
+            imagesSinceReport += idx.Length; // the global batch: images/s of all ranks together
             lastTrainBpd = outcome.BitsPerDim;
             runningBpd = double.IsNaN(runningBpd) ? outcome.BitsPerDim : 0.95 * runningBpd + 0.05 * outcome.BitsPerDim;
             if (step % ReportEvery == 0 || step == totalSteps)
@@ -229,42 +349,86 @@ public sealed class Trainer
                 imagesPerSecond = imagesSinceReport / Math.Max(1e-9, throughput.Elapsed.TotalSeconds);
                 imagesSinceReport = 0;
                 throughput.Restart();
-                folder.Record(step, epoch, runningBpd, null, lr, imagesPerSecond, dropped);
-                observer.OnProgress(new StepReport(step, totalSteps, epoch, runningBpd, lr, imagesPerSecond, dropped));
+                folder?.Record(step, epoch, runningBpd, null, lr, imagesPerSecond, dropped);
+                report.OnProgress(new StepReport(step, totalSteps, epoch, runningBpd, lr, imagesPerSecond, dropped));
             }
-            if (step % s.CheckpointEvery == 0) folder.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);
+            if (step % s.CheckpointEvery == 0) folder?.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);
 
             if (step % stepsPerEpoch == 0 || step == totalSteps)
             {
-                var (held, se) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device);
+                var (held, se) = Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device, communicator: ranks);
                 lastHeldOut = (held, se);
-                folder.Record(step, epoch, runningBpd, (held, se), lr, imagesPerSecond, dropped);
+                folder?.Record(step, epoch, runningBpd, (held, se), lr, imagesPerSecond, dropped);
                 bool isBest = double.IsFinite(held) && held < best;
-                observer.OnEvaluation(new EvaluationReport(step, epoch, held, se, isBest));
-                if (isBest) { best = held; folder.SaveCheckpoint(BestCheckpoint, model, step, epoch, best, adam); }
-                folder.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);
-                if (s.Pictures)
+                report.OnEvaluation(new EvaluationReport(step, epoch, held, se, isBest));
+                if (isBest) { best = held; folder?.SaveCheckpoint(BestCheckpoint, model, step, epoch, best, adam); }
+                folder?.SaveCheckpoint(LastCheckpoint, model, step, epoch, best, adam);
+                if (s.Pictures && folder is not null)
                 {
                     folder.SaveCurve($"{cfg.Name}: bits/dim");
                     folder.SaveEpochSamples(model, epochNoise!, (int)Math.Ceiling(step / (double)stepsPerEpoch));
                 }
                 throughput.Restart();
             }
-            if (observer.ShouldStop(step)) { stoppedEarly = true; break; }
+            if (AnyRank(observer.ShouldStop(step))) { stoppedEarly = true; break; }
         }
 
-        if (!stoppedEarly && s.Pictures) folder.SavePictures(model, data.HeldOut, s.Seed);
+        if (!stoppedEarly && s.Pictures) folder?.SavePictures(model, data.HeldOut, s.Seed);
         // The last step ends an epoch, so its evaluation is the final score; a run that was
         // already finished evaluates once; one stopped early reports its last evaluation, if any.
         var (finalHeld, finalSe) = lastHeldOut is { } lh ? lh
             : stoppedEarly ? (double.NaN, double.NaN)
-            : Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device);
+            : Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device, communicator: ranks);
         var summary = new TrainSummary(cfg.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
             lastTrainBpd, finalHeld, finalSe, Math.Min(best, finalHeld), imagesPerSecond, wall.Elapsed.TotalSeconds,
-            dropped, rollbacks, data.Description, folder.Path, stoppedEarly);
-        if (!stoppedEarly) folder.SaveSummary(summary);
-        observer.OnMessage($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
-                           $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {dropped} dropped steps; run folder {folder.Path}");
+            dropped, rollbacks, data.Description, folder?.Path ?? runPath, stoppedEarly);
+        if (!stoppedEarly) folder?.SaveSummary(summary);
+        report.OnMessage($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
+                           $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {dropped} dropped steps; run folder {summary.RunFolder}");
         return summary;
     }
+
+    /// <summary>Whether any rank says yes (one allreduce under MPI; the value itself for one process).</summary>
+    bool AnyRank(bool mine)
+    {
+        if (ranks.Size == 1) return mine;
+        Span<double> v = [mine ? 1 : 0];
+        ranks.AllReduceSum(v);
+        return v[0] > 0;
+    }
+
+    /// <summary>Rank 0 reloads last.ckpt and hands the restored state to the other ranks; the step it holds.</summary>
+    long RollBack(RunFolder? folder, ImageFlow model, Adam adam)
+    {
+        long step = folder is not null ? Checkpoint.LoadInto(folder.Last, model, adam).Step : 0;
+        if (ranks.Size == 1) return step;
+        var bytes = ranks.Broadcast(folder is not null ? Checkpoint.ToBytes(model, step, 0, 0, adam) : null);
+        return folder is not null ? step : Checkpoint.LoadInto(bytes, "rank 0's restored state", model, adam).Step;
+    }
+
+    /// <summary>
+    /// ActNorm's data-dependent initialisation on the whole global batch with its noise, as one
+    /// process at the global batch would do it in its first step: a forward pass without gradient.
+    /// The pass changes nothing else: other buffers (batch norm's running statistics) are put back.
+    /// </summary>
+    static void InitialiseActNormOnGlobalBatch(ImageFlow model, Tensor global, Tensor noise)
+    {
+        if (!model.modules().OfType<ActNorm>().Any(a => !a.IsInitialized)) return;
+        var others = model.named_buffers().Where(b => !b.name.EndsWith("initialized") && b.buffer.is_floating_point()).Select(b => b.buffer).ToArray();
+        using var _ = no_grad();
+        var saved = others.Select(b => b.clone()).ToArray();
+        model.Dequantize.Noise = noise;
+        try { model.BitsPerDim(global); }
+        finally { model.Dequantize.Noise = null!; }
+        for (int i = 0; i < others.Length; i++) others[i].copy_(saved[i]);
+    }
+
+    /// <summary>The processes of this job on this machine (MPICH's MPI_LOCALNRANKS, Open MPI's and Slurm's equivalents; 1 when unknown).</summary>
+    static int LocalRanks() =>
+        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALNRANKS") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_SIZE"), out int n) && n > 0 ? n : 1;
+
+    /// <summary>This process's index among the job's processes on this machine (for picking a GPU).</summary>
+    static int LocalRank() =>
+        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALRANKID") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_RANK")
+                     ?? Environment.GetEnvironmentVariable("SLURM_LOCALID"), out int r) && r >= 0 ? r : 0;
 }

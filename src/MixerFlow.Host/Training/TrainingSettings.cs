@@ -84,6 +84,16 @@ public sealed record TrainingSettings
     /// </summary>
     public int MaxRollbacks { get; init; } = 3;
 
+    /// <summary>
+    /// The processes that trained together (MPI ranks): <see cref="BatchSize"/> is per rank, so each
+    /// step sees <see cref="GlobalBatchSize"/> images. Set by the <see cref="Trainer"/> from its
+    /// communicator and saved in settings.json; a resume must use as many ranks.
+    /// </summary>
+    public int Ranks { get; init; } = 1;
+
+    /// <summary>Images per optimiser step over all ranks: <see cref="BatchSize"/> x <see cref="Ranks"/>.</summary>
+    public int GlobalBatchSize => BatchSize * Ranks;
+
     /// <summary>Write samples, reconstructions and the training curve into the run folder.</summary>
     public bool Pictures { get; init; } = true;
 
@@ -99,6 +109,7 @@ public sealed record TrainingSettings
         if (!(ClipNorm > 0)) p.Add($"clipNorm: must be > 0, got {ClipNorm}");
         if (Device is not ("cpu" or "cuda")) p.Add($"device: must be cpu or cuda, got '{Device}'");
         if (Threads < 0) p.Add($"threads: must be >= 0, got {Threads}");
+        if (Ranks < 1) p.Add($"ranks: must be >= 1, got {Ranks}");
         if (CheckpointEvery < 1) p.Add($"checkpointEvery: must be >= 1, got {CheckpointEvery}");
         if (RollbackAfter < 1) p.Add($"rollbackAfter: must be >= 1, got {RollbackAfter}");
         if (MaxRollbacks < 0) p.Add($"maxRollbacks: must be >= 0, got {MaxRollbacks}");

@@ -1,4 +1,5 @@
 using MixerFlow.Core;
+using MixerFlow.Host.Distributed;
 using MixerFlow.Host.Models;
 using static TorchSharp.torch;
 
@@ -14,9 +15,21 @@ public readonly record struct StepOutcome(bool Kept, double BitsPerDim, string? 
 /// not the optimiser state, and not the model's buffers (batch-norm running statistics, ActNorm's
 /// initialised flag), which the forward pass may have updated and which are put back.
 /// </summary>
-public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNorm)
+/// <remarks>
+/// With a <see cref="ICommunicator"/> of several ranks (data-parallel training), each rank passes
+/// its own shard of the global batch: the loss is averaged over the ranks (one allreduce of one
+/// value) before any guard sees it, so every rank keeps or drops the same steps, and after the
+/// backward pass the flat gradient buffer is averaged over the ranks with one allreduce, so every
+/// rank clips and updates identically.
+/// </remarks>
+public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNorm, ICommunicator? communicator = null)
 {
+    readonly ICommunicator ranks = communicator ?? SingleProcess.Instance;
+    readonly System.Diagnostics.Stopwatch communication = new();
     public Adam Optimizer => optimizer;
+
+    /// <summary>Wall time spent in the ranks' allreduce calls so far (loss and gradients; zero for one process).</summary>
+    public TimeSpan CommunicationTime => communication.Elapsed;
 
     /// <summary>
     /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
@@ -40,10 +53,27 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         var loss = model.BitsPerDim(batch).mean();
         if (transformLoss is not null) loss = transformLoss(loss);
         double bpd = loss.item<float>();
+        if (ranks.Size > 1)
+        {
+            // The mean over equal shards is the mean of the shards' means; a non-finite shard makes it non-finite.
+            Span<double> shared = [bpd];
+            communication.Start();
+            ranks.AllReduceSum(shared);
+            communication.Stop();
+            bpd = shared[0] / ranks.Size;
+        }
         if (!double.IsFinite(bpd)) return Drop(bpd, "non-finite loss");
         if (rejectLoss?.Invoke(bpd) is { } rejected) return Drop(bpd, rejected);
         optimizer.ZeroGrad();
         loss.backward();
+        if (ranks.Size > 1)
+        {
+            var gradients = optimizer.GradientBuffer();
+            communication.Start();
+            ranks.AllReduceSum(gradients);
+            communication.Stop();
+            using (no_grad()) gradients.div_(Ops.Scalar(ranks.Size));
+        }
         var norm = optimizer.ClipGradientNorm(clipNorm);
         if (!double.IsFinite(norm))
         {
