@@ -91,12 +91,15 @@ public class MklDispatchTests
     [Fact]
     public void Info_reports_the_choice_and_the_opt_out_switch_keeps_MKLs_own()
     {
-        var (exit, log) = Mixerflow(new Dictionary<string, string?> { ["OMP_WAIT_POLICY"] = null }, "info", "--preset", "tiny");
+        var (exit, log) = Mixerflow(new Dictionary<string, string?> { ["OMP_WAIT_POLICY"] = null, ["GOMP_SPINCOUNT"] = null }, "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
         // Either MKL trusts the CPU now, or there is no MKL / an unknown shape, said plainly.
         Assert.Matches("MKL: (MKL (set to trust|already trusts)|no mkl_serv|mkl_serv_intel_cpu_true has)", log);
         // OpenMP threads sleep instead of spinning, unless the environment says otherwise.
-        Assert.Contains("OpenMP wait policy PASSIVE (set by MixerFlow)", log);
+        Assert.Contains("OpenMP wait policy PASSIVE after a short spin (GOMP_SPINCOUNT=10000, set by MixerFlow)", log);
+        (exit, log) = Mixerflow(new Dictionary<string, string?> { ["OMP_WAIT_POLICY"] = null, ["GOMP_SPINCOUNT"] = "300000" }, "info", "--preset", "tiny");
+        Assert.True(exit == 0, log);
+        Assert.Contains("OpenMP wait policy PASSIVE (set by MixerFlow; GOMP_SPINCOUNT given)", log);
         (exit, log) = Mixerflow(new Dictionary<string, string?> { ["MIXERFLOW_MKL_GENERIC"] = "1", ["OMP_WAIT_POLICY"] = "ACTIVE" },
                                 "info", "--preset", "tiny");
         Assert.True(exit == 0, log);
