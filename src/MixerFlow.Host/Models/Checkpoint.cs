@@ -177,6 +177,20 @@ public static class Checkpoint
         }
     }
 
+    /// <summary>
+    /// The whole file, for reading it once: <see cref="ReadConfig(byte[], string)"/> and then
+    /// <see cref="LoadInto(byte[], string, ImageFlow, Adam?)"/> (a resume builds the model from the
+    /// configuration before it loads the tensors). Errors name the file.
+    /// </summary>
+    public static byte[] ReadBytes(string path)
+    {
+        using var fs = Open(path);
+        using var ms = new MemoryStream();
+        try { fs.CopyTo(ms); }
+        catch (IOException e) { throw new UserError($"{path}: cannot read the checkpoint ({OutputPath.Reason(e)})", e); }
+        return ms.ToArray();
+    }
+
     public static ModelConfig ReadConfig(string path)
     {
         using var fs = Open(path);

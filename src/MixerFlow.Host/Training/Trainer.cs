@@ -170,10 +170,11 @@ public sealed class Trainer
         manual_seed(s.Seed);
         // Rank 0 builds the model (fresh, or from the checkpoint) and hands it to the others as a
         // checkpoint in memory: model tensors, optimiser state, step and best score.
-        byte[]? state = null;
+        byte[]? state = null, fileBytes = null;
         if (!root) state = ranks.Broadcast(null);
+        else if (resumeFrom is not null) fileBytes = Checkpoint.ReadBytes(resumeFrom); // read once: configuration, then tensors
         var model = new ImageFlow(state is not null ? Checkpoint.ReadConfig(state, "rank 0's state")
-                                  : resumeFrom is null ? s.Model : Checkpoint.ReadConfig(resumeFrom));
+                                  : fileBytes is not null ? Checkpoint.ReadConfig(fileBytes, resumeFrom!) : s.Model);
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
@@ -182,7 +183,7 @@ public sealed class Trainer
         TrainSummary? finished = null;
         if (root && resumeFrom is not null)
         {
-            resumed = Checkpoint.LoadInto(resumeFrom, model, adam);
+            resumed = Checkpoint.LoadInto(fileBytes!, resumeFrom, model, adam);
             // A finished run (its saved total reached, its summary written) is not trained again.
             if (s.Steps > 0 && resumed.Step >= s.Steps && RunFolder.ReadSummary(runPath) is { } done) finished = done;
         }
