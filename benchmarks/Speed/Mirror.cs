@@ -8,9 +8,10 @@ namespace MixerFlow.Speed;
 /// The PyTorch mirror of one preset (benchmarks/mirror/mixerflow_mirror.py, copied beside the
 /// program) as a long-lived Debian python3 process in its <c>time --serve</c> mode: it builds the
 /// model from the configuration JSON (refusing to run if its parameter count differs from ours),
-/// takes two warm-up steps, then answers each request of N training steps with their times, so
-/// that its steps can be interleaved with ours round by round. One thread, OpenBLAS at its full
-/// speed (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed from its environment).
+/// takes two warm-up steps (and one evaluation and one sampling), then answers each request of N
+/// training steps, evaluations or samplings with their times, so that they can be interleaved with
+/// ours round by round. One thread, OpenBLAS at its full speed (OPENBLAS_CORETYPE and
+/// OPENBLAS_L2_SIZE removed from its environment).
 /// </summary>
 sealed class Mirror : IDisposable
 {
@@ -19,7 +20,12 @@ sealed class Mirror : IDisposable
 
     readonly Process process;
     readonly string configFile;
+    /// <summary>Training step times, ms.</summary>
     public List<double> StepMs { get; } = new();
+    /// <summary>Evaluation times (bits/dim of one batch, evaluation mode, no gradient), ms per image.</summary>
+    public List<double> EvaluationMs { get; } = new();
+    /// <summary>Sampling times (a batch of pixels from the base through the inverse, evaluation mode, no gradient), ms per image.</summary>
+    public List<double> SamplingMs { get; } = new();
     public string Torch { get; }
     public double ForwardGflop { get; }
     /// <summary>The forward pass's Linear and Conv2d GEMMs as the mirror's hooks saw them, in <see cref="Gemm.Shape"/>'s format.</summary>
@@ -39,7 +45,12 @@ sealed class Mirror : IDisposable
         return p.ExitCode == 0 ? null : $"{Python} cannot import torch (apt-get install python3-torch libopenblas0-pthread): {err.Trim().Split('\n').LastOrDefault()}";
     }
 
-    public Mirror(ModelConfig config, long parameters, int batch, int threads)
+    /// <param name="config">The model configuration (written to a temporary JSON file for the mirror).</param>
+    /// <param name="parameters">Our parameter count: the mirror refuses to run with another.</param>
+    /// <param name="batch">Images per training step and per evaluation.</param>
+    /// <param name="threads">Threads of the mirror's torch and OpenBLAS.</param>
+    /// <param name="sampleBatch">Images per sampling call.</param>
+    public Mirror(ModelConfig config, long parameters, int batch, int threads, int sampleBatch = 16)
     {
         configFile = Path.Combine(Path.GetTempPath(), $"mixerflow-mirror-{Environment.ProcessId}-{Guid.NewGuid():N}.json");
         File.WriteAllText(configFile, config.ToJson());
@@ -47,8 +58,8 @@ sealed class Mirror : IDisposable
         {
             RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
         };
-        foreach (var a in new[] { Script, "time", configFile, "--serve", "--batch", batch.ToString(), "--threads", threads.ToString(),
-                                  "--expect-parameters", parameters.ToString() })
+        foreach (var a in new[] { Script, "time", configFile, "--serve", "--batch", batch.ToString(), "--sample-batch", sampleBatch.ToString(),
+                                  "--threads", threads.ToString(), "--expect-parameters", parameters.ToString() })
             psi.ArgumentList.Add(a);
         psi.Environment.Remove("OPENBLAS_CORETYPE");
         psi.Environment.Remove("OPENBLAS_L2_SIZE");
@@ -91,13 +102,21 @@ sealed class Mirror : IDisposable
     }
 
     /// <summary>Runs <paramref name="steps"/> training steps in the mirror and records their times.</summary>
-    public void Steps(int steps)
+    public void Steps(int steps) => Request(steps.ToString(), StepMs);
+
+    /// <summary>Runs <paramref name="count"/> evaluations of one batch in the mirror and records their times per image.</summary>
+    public void Evaluations(int count) => Request($"eval {count}", EvaluationMs);
+
+    /// <summary>Runs <paramref name="count"/> samplings of one batch in the mirror and records their times per image.</summary>
+    public void Samplings(int count) => Request($"sample {count}", SamplingMs);
+
+    void Request(string line, List<double> into)
     {
-        process.StandardInput.WriteLine(steps);
+        process.StandardInput.WriteLine(line);
         process.StandardInput.Flush();
-        string line = process.StandardOutput.ReadLine() ?? throw new InvalidOperationException("the mirror exited mid-run");
-        using var doc = JsonDocument.Parse(line);
-        StepMs.AddRange(doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()));
+        string answer = process.StandardOutput.ReadLine() ?? throw new InvalidOperationException("the mirror exited mid-run");
+        using var doc = JsonDocument.Parse(answer);
+        into.AddRange(doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()));
     }
 
     public void Dispose()

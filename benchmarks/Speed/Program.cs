@@ -1,7 +1,7 @@
 // Training-speed benchmark of the presets: one Markdown table.
 //   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror]
 // Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
-// takes the same training steps, interleaved with ours, unless --no-mirror.
+// takes the same training steps, evaluations and samplings, interleaved with ours, unless --no-mirror.
 // Method and the measured table: docs/benchmarks.md. Follows the codebase's Scalar rule (no
 // temporary TorchSharp Scalars), although benchmarks/ is not scanned by the unit test.
 using System.Diagnostics;
@@ -57,7 +57,7 @@ Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {
 Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
 string? mirrorProblem = mirrors ? Mirror.Unavailable() : "off (--no-mirror)";
 Console.WriteLine(mirrorProblem is null
-    ? $"PyTorch mirror: {Mirror.Python} (Debian's python3-torch, OpenBLAS, {threads} thread(s)), one process per preset, the same steps interleaved with ours in every round"
+    ? $"PyTorch mirror: {Mirror.Python} (Debian's python3-torch, OpenBLAS, {threads} thread(s)), one process per preset, the same steps, evaluations and samplings interleaved with ours in every round"
     : $"PyTorch mirror: {mirrorProblem}");
 Console.WriteLine();
 
@@ -78,8 +78,10 @@ for (int r = 0; r < repeats; r++)
 }
 var loadEnd = Machine.LoadAverage();
 
-Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | PyTorch mirror step, ms: median (min-max, n) | mirror / ours | CPU ms per step (of it kernel) | evaluation ms per image | sampling ms per image | GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
-Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | PyTorch mirror step, ms: median (min-max, n) | mirror / ours | CPU ms per step (of it kernel) | " +
+                  "evaluation ms per image | mirror evaluation ms per image | evaluation: mirror / ours | sampling ms per image | mirror sampling ms per image | sampling: mirror / ours | " +
+                  "GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
+Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
 foreach (var b in benches) Console.WriteLine(b.Row());
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
@@ -240,7 +242,7 @@ sealed class Bench : IDisposable
         if (mirrorThreads > 0)
         {
             // Started after our warm-up; it takes its own two warm-up steps before answering.
-            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads); }
+            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads, sampleBatch); }
             catch (InvalidOperationException e) { MirrorNote = e.Message; }
         }
     }
@@ -248,11 +250,10 @@ sealed class Bench : IDisposable
     /// <param name="mirrorFirst">The mirror's steps before ours in this round (alternated by the caller).</param>
     public void Round(bool mirrorFirst)
     {
-        if (mirrorFirst) MirrorSteps();
-        OurSteps();
-        if (!mirrorFirst) MirrorSteps();
-        evalMs.Add(Evaluate());
-        sampleMs.Add(Sample());
+        // Each measurement right before or right after the mirror's of the same kind.
+        Interleaved(OurSteps, m => m.Steps(StepsPerRound), mirrorFirst);
+        Interleaved(() => evalMs.Add(Evaluate()), m => m.Evaluations(1), mirrorFirst);
+        Interleaved(() => sampleMs.Add(Sample()), m => m.Samplings(1), mirrorFirst);
         // The GEMM ceiling at this model's shapes, measured between its own steps.
         double seconds = 0;
         for (int i = 0; i < timedShapes.Count; i++)
@@ -264,10 +265,18 @@ sealed class Bench : IDisposable
         ceiling.Add(timedShapes.Sum(g => g.Flops) / seconds / 1e9);
     }
 
-    void MirrorSteps()
+    void Interleaved(Action ours, Action<Mirror> theirs, bool mirrorFirst)
+    {
+        if (mirrorFirst) InMirror(theirs);
+        ours();
+        if (!mirrorFirst) InMirror(theirs);
+    }
+
+    /// <summary>Runs a request in the mirror; a failure ends the mirror for this preset, with the reason kept.</summary>
+    void InMirror(Action<Mirror> request)
     {
         if (mirror is null) return;
-        try { mirror.Steps(StepsPerRound); }
+        try { request(mirror); }
         catch (Exception e) when (e is InvalidOperationException or IOException or System.Text.Json.JsonException)
         {
             MirrorNote = $"stopped mid-run: {e.Message}";
@@ -371,14 +380,19 @@ sealed class Bench : IDisposable
         double gflop = 3 * ForwardGflop;
         double achieved = gflop / (median / 1000);
         double ceil = Machine.Median(ceiling);
-        string mirrorCells = "n/a | n/a";
+        string mirrorCells = "n/a | n/a", evalCells = "n/a | n/a", sampleCells = "n/a | n/a";
+        double ourEval = Machine.Median(evalMs), ourSample = Machine.Median(sampleMs);
         if (mirror is { StepMs.Count: > 0 } m)
         {
             double theirs = Machine.Median(m.StepMs);
             mirrorCells = $"{theirs:N0} ({m.StepMs.Min():N0}-{m.StepMs.Max():N0}, {m.StepMs.Count}) | {theirs / median:0.00}";
         }
+        if (mirror is { EvaluationMs.Count: > 0 } e)
+            evalCells = $"{Machine.Median(e.EvaluationMs):0.00} | {Machine.Median(e.EvaluationMs) / ourEval:0.00}";
+        if (mirror is { SamplingMs.Count: > 0 } s)
+            sampleCells = $"{Machine.Median(s.SamplingMs):0.00} | {Machine.Median(s.SamplingMs) / ourSample:0.00}";
         return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {mirrorCells} | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
-               $"{Machine.Median(evalMs):0.00} | {Machine.Median(sampleMs):0.00} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
+               $"{ourEval:0.00} | {evalCells} | {ourSample:0.00} | {sampleCells} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
     }
 

@@ -10,8 +10,9 @@ as its F# counterpart (src/MixerFlow.Core/*.fs), so the GEMM shapes are the same
 
 Supported: MixerFlow (square, band or stripe patches; affine, additive, rational-quadratic spline
 or MAF inner flows; ActNorm or batch normalisation; shift on or off; class-conditional or not) and
-Glow. `time` refuses class-conditional models (it has no labels to draw). Only the
-forward (density) direction is mirrored, which is all that training and log p(x) need.
+Glow. `time` refuses class-conditional models (it has no labels to draw). Both directions are
+mirrored: every bijector has the inverse of its F# namesake (MAF's is sequential, D network
+evaluations, as ours), so the mirror samples and decodes latents as well as computing log p(x).
 
 Commands (all exit non-zero with a message on error):
 
@@ -27,12 +28,28 @@ Commands (all exit non-zero with a message on error):
                                  out that part's log-det (actnorm: batch normalisation's too):
                                  a deliberately broken mirror for the test
                                  that shows the comparison can fail.
-  time CONFIG [--batch 64] [--steps 30] [--threads 1] [--serve] [--expect-parameters N]
+  decode --weights W --latents Z --out O [--dtype float32|float64] [--skip-inverse PART]
+                                 the images of the latents Z (safetensors tensor `latents`,
+                                 [B, C, H, W]; a class-conditional model also needs `context`)
+                                 under the weights of the export W: the body's inverse gives the
+                                 continuous images y in [0, 1) (tensor `continuous`), dequantisation's
+                                 inverse the pixels floor(256 y) clamped to 0..255 (tensor `images`),
+                                 both written to O as float64. --skip-inverse
+                                 actnorm|coupling|logit|shift|lulinear leaves out that kind of step
+                                 (actnorm: batch normalisation too) from the inverse: a deliberately
+                                 broken mirror for the test that shows the comparison can fail.
+  time CONFIG [--batch 64] [--sample-batch 16] [--steps 30] [--threads 1] [--serve] [--expect-parameters N]
                                  times the training step of MixerFlow.NET's TrainingStep: forward
                                  with uniform dequantisation, mean bits/dim, backward, global-norm
-                                 clipping at 50, Adam at lr 1e-4. --serve reads lines `N` on stdin
-                                 and answers each with a JSON line of N step times (ms), so a
-                                 caller can interleave these steps with its own.
+                                 clipping at 50, Adam at lr 1e-4; and, as benchmarks/Speed does for
+                                 ours, evaluation (bits/dim of a batch of --batch images in
+                                 evaluation mode without gradient) and sampling (--sample-batch
+                                 images drawn from the base and inverted to pixels in evaluation
+                                 mode without gradient), each in ms per image. --serve reads lines
+                                 on stdin and answers each with a JSON line {"ms": [...]}: `N` with
+                                 N step times (ms), `eval N` with N evaluation times and `sample N`
+                                 with N sampling times (ms per image), so a caller can interleave
+                                 these with its own; `quit` or end of input stops it.
 
 Run with Debian's interpreter and OpenBLAS at its full speed, one thread:
 
@@ -121,7 +138,9 @@ def read_config(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bijectors, each after its F# namesake; forward returns (y, log|det| per sample).
+# Bijectors, each after its F# namesake: forward(x) returns (y, log|det dy/dx| per sample),
+# inverse(y) returns (x, log|det dx/dy| per sample). A volume-preserving step (a permutation, a
+# reshape) returns None as its log-det, which a chain skips, as Core's Transformed.VolumePreserving.
 
 def sum_per_sample(t):
     return t if t.dim() == 1 else t.flatten(1).sum(1)
@@ -131,13 +150,17 @@ def constant_log_det(like, value):
     return value.reshape(1).expand(like.shape[0]).contiguous()
 
 
-def zero_log_det(like):
-    return torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+def add_log_dets(a, b):
+    """a + b where None stands for a volume-preserving step's zero log-det."""
+    return b if a is None else a if b is None else a + b
 
 
 class Bijector(nn.Module):
-    """`drop` (a set of part kinds) leaves their log-dets out: only for the broken-mirror test."""
+    """`drop` (a set of part kinds) leaves their log-dets out of the forward pass, `skip` leaves
+    the parts of those kinds out of a chain's inverse: only for the broken-mirror tests."""
     drop = frozenset()
+    skip = frozenset()
+    kind = None
 
 
 class Chain(Bijector):
@@ -149,8 +172,17 @@ class Chain(Bijector):
         ld = None
         for p in self.parts:
             x, l = p(x, context)
-            ld = l if ld is None else ld + l
+            ld = add_log_dets(ld, l)
         return x, ld
+
+    def inverse(self, y, context=None):
+        ld = None
+        for p in reversed(self.parts):
+            if p.kind is not None and p.kind in Bijector.skip:
+                continue
+            y, l = p.inverse(y, context)
+            ld = add_log_dets(ld, l)
+        return y, ld
 
 
 class Inverted(Bijector):
@@ -159,7 +191,10 @@ class Inverted(Bijector):
         self.inner = inner
 
     def forward(self, x, context=None):
-        return self.inner.inverse(x)
+        return self.inner.inverse(x, context)
+
+    def inverse(self, y, context=None):
+        return self.inner(y, context)
 
 
 class Dequantize(Bijector):
@@ -172,8 +207,15 @@ class Dequantize(Bijector):
         y = (x + torch.rand_like(x)) / float(self.levels)
         return y, torch.full((x.shape[0],), -self.log_levels, dtype=x.dtype, device=x.device)
 
+    def inverse(self, y, context=None):
+        """Rounds down: a surjection's inverse, pixels 0..levels-1."""
+        x = (y * float(self.levels)).floor().clamp(0.0, float(self.levels - 1))
+        return x, torch.full((y.shape[0],), self.log_levels, dtype=y.dtype, device=y.device)
+
 
 class Logit(Bijector):
+    kind = "logit"
+
     def __init__(self, alpha):
         super().__init__()
         self.alpha = alpha
@@ -186,6 +228,14 @@ class Logit(Bijector):
         ld = sum_per_sample(ld)
         return y, (ld * 0 if "logit" in Bijector.drop else ld)
 
+    def inverse(self, y, context=None):
+        a = self.alpha
+        p = y.sigmoid()
+        x = (p - a) / (1.0 - 2.0 * a)
+        # log p + log(1 - p) = logsigmoid(y) + logsigmoid(-y), stable for large |y|.
+        ld = F.logsigmoid(y) + F.logsigmoid(y.neg()) - math.log(1.0 - 2.0 * a)
+        return x, sum_per_sample(ld)
+
 
 class Patchify(Bijector):
     def __init__(self, c, h, w, ph, pw):
@@ -196,29 +246,34 @@ class Patchify(Bijector):
     def forward(self, x, context=None):
         b = x.shape[0]
         y = x.reshape(b, self.c, self.h // self.ph, self.ph, self.w // self.pw, self.pw).permute(0, 2, 4, 1, 3, 5)
-        return y.reshape(b, self.patches, self.features), zero_log_det(x)
+        return y.reshape(b, self.patches, self.features), None
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         b = y.shape[0]
         x = y.reshape(b, self.h // self.ph, self.w // self.pw, self.c, self.ph, self.pw).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, self.c, self.h, self.w), zero_log_det(y)
+        return x.reshape(b, self.c, self.h, self.w), None
 
 
 class Shift(Bijector):
+    kind = "shift"
+
     def __init__(self, dy, dx):
         super().__init__()
         self.dy, self.dx = dy, dx
 
     def forward(self, x, context=None):
-        return x.roll((self.dy, self.dx), (2, 3)), zero_log_det(x)
+        return x.roll((self.dy, self.dx), (2, 3)), None
+
+    def inverse(self, y, context=None):
+        return y.roll((-self.dy, -self.dx), (2, 3)), None
 
 
 class Squeeze(Bijector):
     def forward(self, x, context=None):
-        return F.pixel_unshuffle(x, 2), zero_log_det(x)
+        return F.pixel_unshuffle(x, 2), None
 
-    def inverse(self, y):
-        return F.pixel_shuffle(y, 2), zero_log_det(y)
+    def inverse(self, y, context=None):
+        return F.pixel_shuffle(y, 2), None
 
 
 class Lifted(Bijector):
@@ -228,16 +283,23 @@ class Lifted(Bijector):
         self.copies, self.size, self.along_rows = copies, size, along_rows
         self.inner = inner
 
-    def forward(self, x, context=None):
+    def _run(self, x, context, inverse):
         b = x.shape[0]
         rows = x if self.along_rows else x.transpose(1, 2)
         # Each sample's context row serves all of its rows (columns).
         c = None if context is None else context.repeat_interleave(self.copies, 0)
-        y, ld = self.inner(rows.reshape(b * self.copies, self.size), c)
+        flat = rows.reshape(b * self.copies, self.size)
+        y, ld = self.inner.inverse(flat, c) if inverse else self.inner(flat, c)
         y = y.reshape(b, self.copies, self.size)
         if not self.along_rows:
             y = y.transpose(1, 2).contiguous()
-        return y, ld.reshape(b, self.copies).sum(1)
+        return y, None if ld is None else ld.reshape(b, self.copies).sum(1)
+
+    def forward(self, x, context=None):
+        return self._run(x, context, False)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
 
 
 class Partial(Bijector):
@@ -246,11 +308,17 @@ class Partial(Bijector):
         self.channels, self.count = channels, count
         self.inner = inner
 
-    def forward(self, x, context=None):
+    def _run(self, x, context, inverse):
         head = x.narrow(1, 0, self.count)
         tail = x.narrow(1, self.count, self.channels - self.count)
-        y, ld = self.inner(head, context)
+        y, ld = self.inner.inverse(head, context) if inverse else self.inner(head, context)
         return torch.cat([y, tail], 1), ld
+
+    def forward(self, x, context=None):
+        return self._run(x, context, False)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
 
 
 def soft_clamp(limit):
@@ -275,8 +343,9 @@ def _knots(unnormalised, bound, min_size):
     return cum, cum.narrow(-1, 1, k) - cum.narrow(-1, 0, k)
 
 
-def spline_forward(x, h, bins, bound):
-    """Core's RationalQuadratic forward (Spline.apply): h [B, 3K-1, ...] -> y, log|dy/dx| elementwise."""
+def spline_apply(x, h, bins, bound, inverse=False):
+    """Core's RationalQuadratic (Spline.apply): h [B, 3K-1, ...] -> the output and the log|derivative|
+    of the direction taken, elementwise; the inverse solves the same quadratic as Core's."""
     p = h.movedim(1, -1)
     uw, uh, ud = p.narrow(-1, 0, bins), p.narrow(-1, bins, bins), p.narrow(-1, 2 * bins, bins - 1)
     inside = x.ge(-bound).logical_and(x.le(bound))
@@ -287,24 +356,54 @@ def spline_forward(x, h, bins, bound):
     one = torch.ones_like(inner.narrow(-1, 0, 1))
     d = torch.cat([one, inner, one], -1)
     k = w.shape[-1]
-    idx = xc.unsqueeze(-1).ge(cumw).sum(-1, keepdim=True).sub(1).clamp(0, k - 1).to(torch.int64)
+    locations = cumh if inverse else cumw
+    idx = xc.unsqueeze(-1).ge(locations).sum(-1, keepdim=True).sub(1).clamp(0, k - 1).to(torch.int64)
     g = lambda t: t.gather(-1, idx).squeeze(-1)
     xk, wk, yk, hk = g(cumw), g(w), g(cumh), g(hh)
     delta = hk / wk
     dk, dk1 = g(d), g(d.narrow(-1, 1, k))
-    theta = (xc - xk) / wk
-    t1t = theta * (1.0 - theta)
-    numerator = hk * (delta * theta.pow(2.0) + dk * t1t)
-    denominator = delta + (dk + dk1 - delta * 2.0) * t1t
-    y = yk + numerator / denominator
-    dnum = delta.pow(2.0) * (dk1 * theta.pow(2.0) + delta * t1t * 2.0 + dk * (1.0 - theta).pow(2.0))
-    log_deriv = dnum.log() - denominator.log() * 2.0
+    if not inverse:
+        theta = (xc - xk) / wk
+        t1t = theta * (1.0 - theta)
+        numerator = hk * (delta * theta.pow(2.0) + dk * t1t)
+        denominator = delta + (dk + dk1 - delta * 2.0) * t1t
+        y = yk + numerator / denominator
+        dnum = delta.pow(2.0) * (dk1 * theta.pow(2.0) + delta * t1t * 2.0 + dk * (1.0 - theta).pow(2.0))
+        log_deriv = dnum.log() - denominator.log() * 2.0
+    else:
+        dy = xc - yk
+        a = dy * (dk + dk1 - delta * 2.0) + hk * (delta - dk)
+        b = hk * dk - dy * (dk + dk1 - delta * 2.0)
+        c = delta.neg() * dy
+        disc = (b.pow(2.0) - a * c * 4.0).clamp_min(0.0)
+        root = (c * 2.0) / (b.neg() - disc.sqrt())
+        y = root * wk + xk
+        t1t = root * (1.0 - root)
+        denominator = delta + (dk + dk1 - delta * 2.0) * t1t
+        dnum = delta.pow(2.0) * (dk1 * root.pow(2.0) + delta * t1t * 2.0 + dk * (1.0 - root).pow(2.0))
+        log_deriv = (dnum.log() - denominator.log() * 2.0).neg()
     return torch.where(inside, y, x), torch.where(inside, log_deriv, torch.zeros_like(log_deriv))
+
+
+def affine_apply(x, h, bound, inverse=False):
+    """Core's Affine map: y = x * exp(log s) + t with h = (t, unconstrained log s); its inverse
+    (y - t) * exp(-log s). Returns the output and the log|derivative| of the direction taken."""
+    log_scale = bound(h.select(1, 1))
+    if inverse:
+        return (x - h.select(1, 0)) * log_scale.neg().exp(), log_scale.neg()
+    return x * log_scale.exp() + h.select(1, 0), log_scale
+
+
+def _run_start(idx):
+    """The first index of `idx` if it is a run of consecutive indices, else -1 (Core's runStart)."""
+    return idx[0] if all(v - i == idx[0] for i, v in enumerate(idx)) else -1
 
 
 class Coupling(Bijector):
     """Core's Coupling: halves (or swapped halves) of the first event axis; map 'affine', 'additive'
     or 'spline' (bins, spline_bound)."""
+    kind = "coupling"
+
     def __init__(self, n, swapped, net, rest=(), map="affine", bound=None, bins=8, spline_bound=3.0):
         super().__init__()
         h = n // 2
@@ -318,30 +417,44 @@ class Coupling(Bijector):
             merge[p] = i
         self.register_buffer("mergeIndex", torch.tensor(merge, dtype=torch.int64))
         self.net = net
-        self.n_b, self.rest, self.map = len(trans), tuple(rest), map
+        self.n_a, self.n_b, self.rest, self.map = len(cond), len(trans), tuple(rest), map
         self.k = {"affine": 2, "additive": 1, "spline": 3 * bins - 1}[map]
         self.bound = bound or soft_clamp(2.0)
         self.bins, self.spline_bound = bins, spline_bound
+        # Halves (the usual partition): slices and one cat instead of index_select copies, as Core.
+        self.cond_start, self.trans_start = _run_start(cond), _run_start(trans)
+        self.contiguous = self.cond_start >= 0 and self.trans_start >= 0
 
-    def forward(self, x, context=None):
-        xa = x.index_select(1, self.conditioningIndex)
-        xb = x.index_select(1, self.transformedIndex)
+    def _run(self, x, context, inverse):
+        if self.contiguous:
+            xa, xb = x.narrow(1, self.cond_start, self.n_a), x.narrow(1, self.trans_start, self.n_b)
+        else:
+            xa, xb = x.index_select(1, self.conditioningIndex), x.index_select(1, self.transformedIndex)
         h = self.net(xa if context is None else torch.cat([xa, context], 1)).reshape((x.shape[0], self.k, self.n_b) + self.rest)
         if self.map == "affine":
-            log_scale = self.bound(h.select(1, 1))
-            yb = xb * log_scale.exp() + h.select(1, 0)
+            yb, log_deriv = affine_apply(xb, h, self.bound, inverse)
         elif self.map == "spline":
-            yb, log_scale = spline_forward(xb, h, self.bins, self.spline_bound)
+            yb, log_deriv = spline_apply(xb, h, self.bins, self.spline_bound, inverse)
         else:
-            log_scale = torch.zeros_like(xb)
-            yb = xb + h.select(1, 0)
-        y = torch.cat([xa, yb], 1).index_select(1, self.mergeIndex)
-        ld = sum_per_sample(log_scale)
+            yb, log_deriv = (xb - h.select(1, 0) if inverse else xb + h.select(1, 0)), torch.zeros_like(xb)
+        if not self.contiguous:
+            y = torch.cat([xa, yb], 1).index_select(1, self.mergeIndex)
+        else:
+            y = torch.cat([xa, yb] if self.cond_start == 0 else [yb, xa], 1)
+        return y, sum_per_sample(log_deriv)
+
+    def forward(self, x, context=None):
+        y, ld = self._run(x, context, False)
         return y, (ld * 0 if "coupling" in Bijector.drop else ld)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
 
 
 class ActNorm(Bijector):
     """y = (x + bias) * exp(logScale); `feature_axes` of the event carry a parameter each."""
+    kind = "actnorm"
+
     def __init__(self, event_shape, feature_axes=None):
         super().__init__()
         axes = list(range(len(event_shape))) if feature_axes is None else list(feature_axes)
@@ -363,6 +476,10 @@ class ActNorm(Bijector):
         y = (x + self.bias) * self.logScale.exp()
         ld = constant_log_det(x, self.logScale.sum() * self.positions)
         return y, (ld * 0 if "actnorm" in Bijector.drop else ld)
+
+    def inverse(self, y, context=None):
+        x = y * self.logScale.neg().exp() - self.bias
+        return x, constant_log_det(y, self.logScale.sum() * -self.positions)
 
 
 class MaskedLinear(nn.Module):
@@ -404,7 +521,10 @@ class Made(nn.Module):
 
 
 class MaskedAutoregressive(Bijector):
-    """Core's MAF layer with the affine map (log-scale soft-clamped at 2); forward direction only."""
+    """Core's MAF layer with the affine map (log-scale soft-clamped at 2). The inverse is
+    sequential, as Core's: D passes of the MADE, after pass i elements 0..i are exact."""
+    kind = "coupling"
+
     def __init__(self, dim, width, depth, context_features=0):
         super().__init__()
         self.made = Made(dim, width, depth, 2, context_features)
@@ -417,6 +537,13 @@ class MaskedAutoregressive(Bijector):
         ld = log_scale.sum(1)
         return y, (ld * 0 if "coupling" in Bijector.drop else ld)
 
+    def inverse(self, y, context=None):
+        x, log_deriv = torch.zeros_like(y), torch.zeros_like(y)
+        for _ in range(self.made.dim):
+            h = self.made(x if context is None else torch.cat([x, context], 1))
+            x, log_deriv = affine_apply(y, h, self.bound, inverse=True)
+        return x, log_deriv.sum(1)
+
 
 class Permutation(Bijector):
     def __init__(self, perm):
@@ -428,12 +555,17 @@ class Permutation(Bijector):
         self.register_buffer("inverseIndex", torch.tensor(inv, dtype=torch.int64))
 
     def forward(self, x, context=None):
-        return x.index_select(1, self.forwardIndex), zero_log_det(x)
+        return x.index_select(1, self.forwardIndex), None
+
+    def inverse(self, y, context=None):
+        return y.index_select(1, self.inverseIndex), None
 
 
 class BatchNormFlow(Bijector):
     """Core's BatchNormFlow over every event axis: batch statistics in training (running averages
-    updated with `momentum`), running averages in evaluation."""
+    updated with `momentum`), running averages in evaluation and in the inverse."""
+    kind = "actnorm"
+
     def __init__(self, event_shape, momentum=0.1, eps=1e-5):
         super().__init__()
         pshape = [1] + list(event_shape)
@@ -457,9 +589,16 @@ class BatchNormFlow(Bijector):
         ld = constant_log_det(x, (self.logGamma - log_std).sum())
         return y, (ld * 0 if "actnorm" in Bijector.drop else ld)
 
+    def inverse(self, y, context=None):
+        log_std = (self.runningVar + self.eps).log() * 0.5
+        x = (y - self.beta) * (log_std - self.logGamma).exp() + self.runningMean
+        return x, constant_log_det(y, (log_std - self.logGamma).sum())
+
 
 class LULinear(Bijector):
     """Glow's invertible 1x1 convolution with W = P L (U + diag(sign * exp(logS)))."""
+    kind = "lulinear"
+
     def __init__(self, event_shape):
         super().__init__()
         c = event_shape[0]
@@ -475,15 +614,27 @@ class LULinear(Bijector):
         self.upper = nn.Parameter(u * self.upperMask)
         self.logS = nn.Parameter(s.abs().log())
 
+    def lower_unit(self):
+        return self.lower * self.lowerMask + torch.eye(self.c, dtype=self.lower.dtype, device=self.lower.device)
+
+    def upper_diag(self):
+        return self.upper * self.upperMask + torch.diag(self.signS * self.logS.exp())
+
     def weight(self):
-        L = self.lower * self.lowerMask + torch.eye(self.c, dtype=self.lower.dtype, device=self.lower.device)
-        U = self.upper * self.upperMask + torch.diag(self.signS * self.logS.exp())
-        return self.permutationMatrix.matmul(L.matmul(U))
+        return self.permutationMatrix.matmul(self.lower_unit().matmul(self.upper_diag()))
 
     def forward(self, x, context=None):
         b = x.shape[0]
         y = self.weight().matmul(x.reshape(b, self.c, -1)).reshape(x.shape)
         return y, constant_log_det(x, self.logS.sum() * self.positions)
+
+    def inverse(self, y, context=None):
+        b = y.shape[0]
+        # x = U^-1 L^-1 P^T y by two triangular solves, as Core.
+        r = self.permutationMatrix.t().matmul(y.reshape(b, self.c, -1))
+        z = torch.linalg.solve_triangular(self.lower_unit(), r, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(self.upper_diag(), z, upper=True)
+        return x.reshape(y.shape), constant_log_det(y, self.logS.sum() * -self.positions)
 
 
 class StandardNormal(nn.Module):
@@ -493,6 +644,10 @@ class StandardNormal(nn.Module):
 
     def log_prob(self, z):
         return sum_per_sample((z * z + math.log(2.0 * math.pi)) * -0.5)
+
+    def sample(self, shape, temperature=1.0):
+        """Standard normal draws [shape...] in the module's dtype and device, times the temperature."""
+        return torch.randn(shape, dtype=self.reference.dtype, device=self.reference.device) * temperature
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +782,20 @@ class ImageFlow(nn.Module):
     def bits_per_dim(self, pixels):
         return -self.log_prob(pixels) / (self.dims * math.log(2.0))
 
+    def decode(self, z, context=None):
+        """(continuous images y in [0, 1), pixels 0..255) of latents z: the body's inverse, then
+        dequantisation's (floor(256 y) clamped), as ImageFlow.Decode."""
+        y, _ = self.body.inverse(z, context)
+        x, _ = self.transform.parts[0].inverse(y)
+        return y, x
+
+    def sample(self, n, temperature=1.0):
+        """n images (pixels), as Flow.Sample: base draws through the whole transform's inverse
+        (its log-dets summed too, as ours)."""
+        z = self.baseDistribution.sample((n,) + self.shape, temperature)
+        x, _ = self.transform.inverse(z)
+        return x
+
 
 def parameter_count(model):
     return sum(p.numel() for p in model.parameters())
@@ -649,19 +818,44 @@ def cmd_params(args):
     print(f"parameters {parameter_count(model)}" + (" (equal to MixerFlow.NET's)" if expected is not None else ""))
 
 
-def cmd_logprob(args):
-    tensors, meta = read_safetensors(args.weights)
+def load_export(path, dtype_name):
+    """(model in evaluation mode in that dtype, its configuration, dtype) from a weight export."""
+    tensors, meta = read_safetensors(path)
     if "mixerflow.config" not in meta:
-        raise SystemExit(f"{args.weights}: the export's metadata has no mixerflow.config")
+        raise SystemExit(f"{path}: the export's metadata has no mixerflow.config")
     cfg = json.loads(meta["mixerflow.config"])
     expected = int(meta["mixerflow.parameters"]) if "mixerflow.parameters" in meta else None
-    model = build_checked(cfg, expected, args.weights)
+    model = build_checked(cfg, expected, path)
     ours, theirs = set(model.state_dict()), set(tensors)
     if ours != theirs:
-        raise SystemExit(f"{args.weights}: names differ; only in the export: {sorted(theirs - ours)[:5]}, only in the mirror: {sorted(ours - theirs)[:5]}")
+        raise SystemExit(f"{path}: names differ; only in the export: {sorted(theirs - ours)[:5]}, only in the mirror: {sorted(ours - theirs)[:5]}")
     model.load_state_dict(tensors, strict=True)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    model = model.to(dtype).eval()
+    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    return model.to(dtype).eval(), cfg, dtype
+
+
+def cmd_decode(args):
+    model, cfg, dtype = load_export(args.weights, args.dtype)
+    Bijector.skip = frozenset(args.skip_inverse or [])
+    latents, _ = read_safetensors(args.latents)
+    if "latents" not in latents:
+        raise SystemExit(f"{args.latents}: no tensor named 'latents'")
+    z = latents["latents"].to(dtype)
+    if tuple(z.shape[1:]) != model.shape:
+        raise SystemExit(f"{args.latents}: latents of shape {list(z.shape)}; the model needs [B, {', '.join(map(str, model.shape))}]")
+    context = latents["context"].to(dtype) if "context" in latents else None
+    if cfg.get("classes", 0) and context is None:
+        raise SystemExit(f"{args.latents}: the model is class-conditional ({cfg['classes']} classes): give a tensor 'context' [B, classes]")
+    with torch.no_grad():
+        y, x = model.decode(z, context)
+    write_safetensors(args.out, {"continuous": y.to(torch.float64), "images": x.to(torch.float64)},
+                      {"parameters": str(parameter_count(model))})
+    print(f"parameters {parameter_count(model)}; decoded {z.shape[0]} latents; mean pixel value per image: " +
+          ", ".join(f"{v:.3f}" for v in x.flatten(1).mean(1).tolist()))
+
+
+def cmd_logprob(args):
+    model, cfg, dtype = load_export(args.weights, args.dtype)
     Bijector.drop = frozenset(args.drop_logdet or [])
     inputs, _ = read_safetensors(args.inputs)
     if "inputs" not in inputs:
@@ -718,25 +912,58 @@ def cmd_time(args):
             opt.step()
         return (time.perf_counter() - t0) * 1000
 
+    def evaluate():
+        """ms per image of bits/dim of one batch, evaluation mode, no gradient (benchmarks/Speed's Evaluate)."""
+        x = batch()
+        model.eval()
+        try:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model.bits_per_dim(x).mean().item()
+                return (time.perf_counter() - t0) * 1000 / args.batch
+        finally:
+            model.train()
+
+    def sample():
+        """ms per image of sampling a batch of pixels, evaluation mode, no gradient (benchmarks/Speed's Sample)."""
+        model.eval()
+        try:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model.sample(args.sample_batch).sum().item()
+                return (time.perf_counter() - t0) * 1000 / args.sample_batch
+        finally:
+            model.train()
+
     for _ in range(2):
         step()   # warm-up
+    evaluate(); sample()   # first calls
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "parameters": parameter_count(model),
             "forward_gflop": flops / 1e9,
             "gemms": [f"{kind} [{m}x{k}]x[{k}x{n}]" + (f" x{c}" if c > 1 else "") for (kind, m, k, n), c in
                       sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2] * kv[0][3] * kv[1])]}
     if args.serve:
         print(json.dumps(info), flush=True)
+        # `N`: N training steps (ms each); `eval N`, `sample N`: N evaluations or samplings (ms per image).
+        actions = {"eval": evaluate, "sample": sample}
         for line in sys.stdin:
-            line = line.strip()
-            if not line or line == "quit":
+            words = line.split()
+            if not words or words[0] == "quit":
                 break
-            print(json.dumps({"ms": [step() for _ in range(int(line))]}), flush=True)
+            action = actions.get(words[0]) if len(words) == 2 else step if len(words) == 1 else None
+            if action is None:
+                raise SystemExit(f"--serve: unknown request {line.strip()!r} (expected N, eval N, sample N or quit)")
+            print(json.dumps({"ms": [action() for _ in range(int(words[-1]))]}), flush=True)
         return
     times = [step() for _ in range(args.steps)]
+    evals = [evaluate() for _ in range(max(3, args.steps // 5))]
+    samples = [sample() for _ in range(max(3, args.steps // 5))]
     print(f"torch {info['torch']}, {info['threads']} thread(s); parameters {info['parameters']:,}; forward {flops / 1e9:.3f} GFLOP")
     print("forward GEMMs: " + "; ".join(info["gemms"]))
     print(f"training step at batch {args.batch}: median {statistics.median(times):.1f} ms (min {min(times):.1f}, max {max(times):.1f}, "
           f"{len(times)} steps); {3 * flops / 1e9 / (statistics.median(times) / 1000):.1f} GFLOP/s; load average {os.getloadavg()}")
+    print(f"evaluation at batch {args.batch}: median {statistics.median(evals):.3f} ms per image ({len(evals)} batches); "
+          f"sampling at batch {args.sample_batch}: median {statistics.median(samples):.3f} ms per image ({len(samples)} batches)")
 
 
 def main(argv=None):
@@ -748,8 +975,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--drop-logdet", action="append", choices=["actnorm", "coupling", "logit"])
     p.set_defaults(run=cmd_logprob)
+    p = sub.add_parser("decode")
+    p.add_argument("--weights", required=True); p.add_argument("--latents", required=True); p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--skip-inverse", action="append", choices=["actnorm", "coupling", "logit", "shift", "lulinear"])
+    p.set_defaults(run=cmd_decode)
     p = sub.add_parser("time"); p.add_argument("config")
     p.add_argument("--batch", type=int, default=64); p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--sample-batch", type=int, default=16, help="images per sampling call (benchmarks/Speed: 16)")
     p.add_argument("--threads", type=int, default=1); p.add_argument("--serve", action="store_true")
     p.add_argument("--expect-parameters", type=int, help="MixerFlow.NET's parameter count: refuse to time a mirror that differs")
     p.set_defaults(run=cmd_time)

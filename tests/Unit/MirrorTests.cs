@@ -10,8 +10,10 @@ namespace MixerFlow.Unit;
 /// weights: every parameter randomised (ActNorm initialised on data, then every parameter,
 /// zero-initialised last layers included, perturbed), exported with
 /// <see cref="ImageFlow.ExportSafetensors"/>, and log p(x) of the same continuous (dequantised)
-/// images computed by both, per image, in float64 and in float32. A broken mirror (a log-det left
-/// out) and weights changed after the export must fail the same comparison. Needs Debian's
+/// images computed by both, per image, in float64 and in float32; and the inverse direction: the
+/// same latents decoded by both to the same continuous images (before the final rounding to
+/// pixels) and the same pixels. A broken mirror (a log-det, or one inverse step, left out) and
+/// weights changed after the export must fail the same comparisons. Needs Debian's
 /// /usr/bin/python3 with torch (apt-get install python3-torch); without it these tests fail,
 /// unless MIXERFLOW_SKIP_MIRROR=1, which skips them.
 /// </summary>
@@ -21,6 +23,11 @@ public class MirrorTests
     const double Float64Tolerance = 1e-9;
     /// <summary>Relative tolerance on log p per image, float32 on both sides.</summary>
     const double Float32Tolerance = 1e-4;
+
+    /// <summary>Largest |ours - mirror| of decoded continuous images (values in about [-0.06, 1.06]), float64 on both sides.</summary>
+    const double DecodeFloat64Tolerance = 1e-12;
+    /// <summary>Largest |ours - mirror| of decoded continuous images, float32 on both sides.</summary>
+    const double DecodeFloat32Tolerance = 1e-4;
 
     /// <summary>A preset with `--set`-style changes ("key=value,key=value"; empty for none).</summary>
     static ModelConfig Config(string preset, string set) =>
@@ -66,6 +73,35 @@ public class MirrorTests
     {
         Assert.Equal(ours.Length, mirror.Length);
         return ours.Zip(mirror, (a, b) => Math.Abs(a - b) / Math.Max(1.0, Math.Abs(a))).Max();
+    }
+
+    /// <summary>Our decoding of latents z: the body's inverse (continuous images y) and the pixels (<see cref="ImageFlow.Decode"/>).</summary>
+    static (double[] Continuous, double[] Images) OurDecode(ImageFlow m, Tensor z, Tensor? context = null)
+    {
+        using var _ = no_grad();
+        var latents = z.to(m.DType);
+        var y = context is null ? m.Body.Inverse(latents).Value : m.Body.Inverse(latents, context.to(m.DType)).Value;
+        var x = context is null ? m.Decode(latents) : m.Dequantize.Inverse(y).Value;
+        return (y.to_type(float64).flatten().data<double>().ToArray(), x.to_type(float64).flatten().data<double>().ToArray());
+    }
+
+    /// <summary>The largest |ours - mirror| over all values.</summary>
+    static double WorstAbsolute(double[] ours, double[] mirror)
+    {
+        Assert.Equal(ours.Length, mirror.Length);
+        return ours.Zip(mirror, (a, b) => Math.Abs(a - b)).Max();
+    }
+
+    /// <summary>Exports the model's weights and writes six latents z ~ N(0, I) (with one-hot classes for a class-conditional model) for the mirror.</summary>
+    static (Tensor Z, Tensor? Context) WriteDecodeCase(ImageFlow m, string weights, string latents, int seed)
+    {
+        m.ExportSafetensors(weights);
+        manual_seed(seed);
+        var c = m.Config;
+        var z = randn(6, c.Channels, c.Height, c.Width);
+        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, 6).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
+        SafeTensors.Write(latents, context is null ? new[] { ("latents", z) } : new[] { ("latents", z), ("context", context) });
+        return (z, context);
     }
 
     static string Show(double[] ours, double[] mirror) =>
@@ -139,6 +175,66 @@ public class MirrorTests
         Assert.True(WorstRelative(changed, mirror) > 1e3 * Float64Tolerance, $"changing {name} after the export went unnoticed: {Show(changed, mirror)}");
     }
 
+    [MirrorTheory]
+    [InlineData("tiny", "")]
+    [InlineData("tiny", "patches=bands,channelFlow=additive,hiddenDepth=2")]
+    [InlineData("tiny", "channelFlow=spline,patchFlow=spline,splineBins=5,norm=batchNorm")]
+    [InlineData("tiny", "channelFlow=maf,patchFlow=maf,innerSteps=3")]
+    [InlineData("tiny", "classes=3")]
+    [InlineData("glow-tiny", "")]
+    public void Mirror_decodes_the_same_latents_to_the_same_images(string preset, string set)
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        var c = Config(preset, set);
+        string weights = dir.File("weights.safetensors"), latents = dir.File("latents.safetensors");
+        using var m = Randomised(c, 31);
+        var (z, context) = WriteDecodeCase(m, weights, latents, 32);
+
+        var (ours32, _) = OurDecode(m, z, context);
+        var mirror32 = PythonMirror.Decode(weights, latents, dir.File("d32.safetensors"), "float32");
+        var mirror64 = PythonMirror.Decode(weights, latents, dir.File("d64.safetensors"), "float64");
+        m.MoveTo(CPU, float64);
+        var (ours64, pixels64) = OurDecode(m, z, context);
+
+        // Not a trivial decoding: the continuous images spread over the unit interval.
+        Assert.True(ours64.Max() - ours64.Min() > 0.5, $"decoded values hardly vary: {ours64.Min()} .. {ours64.Max()}");
+        double worst64 = WorstAbsolute(ours64, mirror64.Continuous), worst32 = WorstAbsolute(ours32, mirror32.Continuous);
+        Console.WriteLine($"{c.Name}: decoded continuous images, worst |ours - mirror| float64 {worst64:0.0e0}, float32 {worst32:0.0e0}");
+        Assert.True(worst64 <= DecodeFloat64Tolerance, $"float64: decoded values differ by {worst64:0.0e0} > {DecodeFloat64Tolerance:0e0}");
+        Assert.True(worst32 <= DecodeFloat32Tolerance, $"float32: decoded values differ by {worst32:0.0e0} > {DecodeFloat32Tolerance:0e0}");
+
+        // The pixels agree wherever 256 y is not within rounding distance of a bin boundary (floor can flip there).
+        int compared = 0;
+        for (int i = 0; i < pixels64.Length; i++)
+        {
+            double v = 256 * ours64[i];
+            if (Math.Abs(v - Math.Round(v)) < 1e-9) continue;
+            compared++;
+            Assert.True(pixels64[i] == mirror64.Images[i], $"pixel {i}: ours {pixels64[i]}, the mirror's {mirror64.Images[i]} (256 y = {v})");
+        }
+        Assert.True(compared > pixels64.Length / 2, $"only {compared} of {pixels64.Length} pixels away from a bin boundary");
+    }
+
+    [MirrorTheory]
+    [InlineData("tiny", "actnorm")]
+    [InlineData("tiny", "shift")]
+    [InlineData("glow-tiny", "lulinear")]
+    public void The_decode_comparison_fails_for_a_mirror_that_skips_an_inverse_step(string preset, string skip)
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        string weights = dir.File("weights.safetensors"), latents = dir.File("latents.safetensors");
+        using var m = Randomised(Presets.Get(preset), 41);
+        var (z, context) = WriteDecodeCase(m, weights, latents, 42);
+        m.MoveTo(CPU, float64);
+        var (ours, _) = OurDecode(m, z, context);
+        Assert.True(WorstAbsolute(ours, PythonMirror.Decode(weights, latents, dir.File("ok.safetensors"), "float64").Continuous) <= DecodeFloat64Tolerance);
+        var broken = PythonMirror.Decode(weights, latents, dir.File("broken.safetensors"), "float64", skip).Continuous;
+        double worst = WorstAbsolute(ours, broken);
+        Assert.True(worst > 1e3 * DecodeFloat64Tolerance, $"a mirror without its {skip} inverse went unnoticed: worst difference {worst:0.0e0}");
+    }
+
     [MirrorFact]
     public void The_mirror_refuses_an_export_whose_parameter_count_it_does_not_match()
     {
@@ -165,9 +261,13 @@ public class MirrorTests
         using (var m = new MixerFlow.Speed.Mirror(c, 12_900, batch: 8, threads: 1))
         {
             m.Steps(2);
+            m.Evaluations(2);
             m.Steps(1);
+            m.Samplings(1);
             Assert.Equal(3, m.StepMs.Count);
-            Assert.All(m.StepMs, ms => Assert.True(ms > 0));
+            Assert.Equal(2, m.EvaluationMs.Count);
+            Assert.Single(m.SamplingMs);
+            Assert.All(m.StepMs.Concat(m.EvaluationMs).Concat(m.SamplingMs), ms => Assert.True(ms > 0));
             Assert.Contains("linear [128x24]x[24x16] x2", m.Gemms); // channel mixing: 8 images x 16 patches as rows, 24 of 49 values conditioning, 16 hidden
         }
         var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1));
@@ -309,6 +409,19 @@ static class PythonMirror
         Assert.True(code == 0, $"the mirror failed (exit {code}): {stderr}{stdout}");
         var (tensors, _) = SafeTensors.Read(output);
         return tensors["logprob"].data<double>().ToArray();
+    }
+
+    /// <summary>The mirror's decoding of the latents under the exported weights: continuous images and pixels, flattened.</summary>
+    public static (double[] Continuous, double[] Images) Decode(string weights, string latents, string output, string dtype, string? skipInverse = null)
+    {
+        Require();
+        Assert.True(File.Exists(Script), $"the mirror script is not beside the tests: {Script}");
+        var args = new List<string> { Script, "decode", "--weights", weights, "--latents", latents, "--out", output, "--dtype", dtype };
+        if (skipInverse is not null) { args.Add("--skip-inverse"); args.Add(skipInverse); }
+        var (code, stdout, stderr) = Run(args, TimeSpan.FromSeconds(300));
+        Assert.True(code == 0, $"the mirror failed (exit {code}): {stderr}{stdout}");
+        var (tensors, _) = SafeTensors.Read(output);
+        return (tensors["continuous"].flatten().data<double>().ToArray(), tensors["images"].flatten().data<double>().ToArray());
     }
 
     public static string SkipReason =>
