@@ -216,6 +216,20 @@ public class MpiTests
         Assert.Equal(Summary(whole).HeldOutBpd, Summary(killed).HeldOutBpd);
     }
 
+    [MpiFact]
+    public void Under_mpiexec_info_says_so_and_experiment_is_refused_by_name()
+    {
+        var (code, log) = MpiLauncher.Run(2, Limit, "info", "--preset", "tiny");
+        Assert.True(code == 0, log);
+        Assert.Contains("MPI: started by a launcher as 2 processes", log);
+        using var tmp = new TempDir();
+        File.WriteAllText(tmp.File("spec.json"), """{ "name": "x", "steps": 2, "runs": [ { "name": "tiny", "preset": "tiny" } ] }""");
+        (code, log) = MpiLauncher.Run(2, Limit, "experiment", tmp.File("spec.json"), "--out", tmp.File("out"));
+        Assert.True(code != 0, log);
+        Assert.Contains("experiment runs in one process", log);
+        Assert.False(Directory.Exists(tmp.File("out")), log);
+    }
+
     [Fact]
     public void The_launcher_decides_between_one_process_and_MPI()
     {

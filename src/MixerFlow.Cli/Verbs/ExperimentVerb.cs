@@ -8,6 +8,9 @@ public static class ExperimentVerb
 {
     public static int Run(ExperimentCommand options, TextWriter output)
     {
+        if (MixerFlow.Host.Distributed.Communicator.LaunchedSize() > 1)
+            throw new MixerFlow.Host.UserError("experiment runs in one process (its runs, results and pictures are written by it alone); " +
+                                               "start it without mpiexec, or train single runs data-parallel with mpiexec -n N mixerflow train ...");
         var spec = ExperimentSpec.Load(options.Spec);
         var rows = new Experiment(spec, options.Out, output).Run();
         foreach (var r in rows)

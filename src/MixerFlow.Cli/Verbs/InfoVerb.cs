@@ -16,6 +16,10 @@ public static class InfoVerb
         output.WriteLine();
         output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {NativeRuntime.OpenMpWaitPolicy}; MKL: {NativeBackend.MklOutcome}; " +
                          $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
+        int launched = MixerFlow.Host.Distributed.Communicator.LaunchedSize();
+        output.WriteLine(launched > 1
+            ? $"MPI: started by a launcher as {launched} processes; train runs data-parallel (docs/distributed.md)"
+            : "MPI: not started by mpiexec; train runs as one process");
         if (options.TimeStep) TimeSteps(model, output);
         return 0;
     }
