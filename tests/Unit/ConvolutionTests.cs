@@ -75,3 +75,46 @@ public class ConvolutionTests
         }
     }
 }
+/// <summary>
+/// Glow's coupling networks run large batches in chunks (ImageWiseSequential), so that no im2col
+/// buffer outgrows malloc's heap; the result must be that of the whole batch at once.
+/// </summary>
+public class ImageWiseSequentialTests
+{
+    static ImageWiseSequential Net(long bufferBytes)
+    {
+        manual_seed(5);
+        var layers = new nn.Module<Tensor, Tensor>[]
+        {
+            nn.Conv2d(6, 16, 3, padding: 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 3, padding: 1),
+        };
+        return new ImageWiseSequential(layers, bufferBytes);
+    }
+
+    [Fact]
+    public void Chunks_give_the_whole_batchs_outputs_and_gradients_and_a_Sequentials_names()
+    {
+        var x = randn(10, 6, 8, 8, dtype: float64);
+        var whole = Net(long.MaxValue);
+        // 16 x 9 x 8 x 8 x 4 bytes = 36,864 per image: a 100,000-byte buffer takes 2 images a chunk.
+        var chunked = Net(100_000);
+        whole.to(float64);
+        chunked.to(float64);
+        Tensor Loss(ImageWiseSequential net, Tensor input) => net.forward(input).pow(2).sum();
+        var (lw, lc) = (Loss(whole, x), Loss(chunked, x));
+        Assert.Equal(lw.item<double>(), lc.item<double>(), 10);
+        lw.backward();
+        lc.backward();
+        foreach (var (a, b) in whole.parameters().Zip(chunked.parameters()))
+            Assert.True((a.grad! - b.grad!).abs().max().item<double>() < 1e-9 * (1 + a.grad!.abs().max().item<double>()));
+        // The same names as torch.nn.Sequential of the same layers (checkpoints and the mirror rely on them).
+        manual_seed(5);
+        var sequential = nn.Sequential(nn.Conv2d(6, 16, 3, padding: 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 3, padding: 1));
+        Assert.Equal(sequential.state_dict().Keys, chunked.state_dict().Keys);
+        // The check can fail: a net with other weights gives another loss.
+        var other = Net(100_000);
+        using (no_grad()) other.parameters().First().add_(1.0);
+        other.to(float64);
+        Assert.NotEqual(lw.item<double>(), Loss(other, x).item<double>(), 6);
+    }
+}
