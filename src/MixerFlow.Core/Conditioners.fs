@@ -10,6 +10,23 @@ open TorchSharp.Modules
 /// `ConditionerFactory(fun inputs outputs -> ...)`.
 type ConditionerFactory = delegate of inputFeatures: int64 * outputFeatures: int64 -> torch.nn.Module<Tensor, Tensor>
 
+/// Layers applied in order, each ReLU in place on the fresh output of the layer before it
+/// (TorchSharp's Sequential disposes every intermediate result, so its ReLU cannot work in place
+/// without a second handle). The layers are registered as "0", "1", ... like a Sequential's, so
+/// the saved state has the same names.
+type internal ReluNetwork(layers: torch.nn.Module<Tensor, Tensor>[]) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ReluNetwork")
+    // Linear and convolution layers keep their input for the backward pass, not their output:
+    // the ReLU may overwrite that output (PyTorch's ReLU(inplace=True)), but never the input.
+    let inPlace = layers |> Array.mapi (fun i m -> i > 0 && (m :? ReLU))
+    do layers |> Array.iteri (fun i m -> this.register_module(string i, m))
+    member _.Layers : Collections.Generic.IReadOnlyList<torch.nn.Module<Tensor, Tensor>> = layers :> _
+    override _.forward(x) =
+        let mutable h = x
+        for i in 0 .. layers.Length - 1 do
+            h <- if inPlace.[i] then h.relu_() else layers.[i].call(h)
+        h
+
 /// Conditioner networks. The last layer is zero-initialised so a new coupling layer is the
 /// identity (Kingma & Dhariwal 2018, section 3.3).
 [<AbstractClass; Sealed>]
@@ -31,7 +48,7 @@ type Conditioners =
             let last = torch.nn.Linear(d, outF)
             Conditioners.ZeroLast last
             layers.Add last
-            torch.nn.Sequential(layers.ToArray()))
+            new ReluNetwork(layers.ToArray()))
 
     /// Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
     static member Conv(width: int64) : ConditionerFactory =
@@ -40,7 +57,7 @@ type Conditioners =
             NativeBackend.Ensure()
             let last = torch.nn.Conv2d(width, outC, 3L, padding = 1L)
             Conditioners.ZeroLast last
-            torch.nn.Sequential(
+            new ReluNetwork(
                 [| torch.nn.Conv2d(inC, width, 3L, padding = 1L) :> torch.nn.Module<Tensor, Tensor>
                    torch.nn.ReLU()
                    torch.nn.Conv2d(width, width, 1L)

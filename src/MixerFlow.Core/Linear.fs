@@ -46,7 +46,7 @@ type LULinear(eventShape: int64[]) as this =
         this.CheckShape(x, eventShape, "input")
         let b = x.shape.[0]
         let y = this.Weight.matmul(x.reshape(b, c, -1L)).reshape(x.shape)
-        Transformed(y, constantLogDet x (logS.sum() * scalar positions))
+        Transformed.Constant(y, logS.sum().mul_(scalar positions))
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
@@ -55,4 +55,4 @@ type LULinear(eventShape: int64[]) as this =
         let r = permutationMatrix.t().matmul(y.reshape(b, c, -1L))
         let z = torch.linalg.solve_triangular(this.L, r, upper = false, unitriangular = true)
         let x = torch.linalg.solve_triangular(this.U, z, upper = true)
-        Transformed(x.reshape(y.shape), constantLogDet y (logS.sum() * scalar -positions))
+        Transformed.Constant(x.reshape(y.shape), logS.sum().mul_(scalar -positions))
