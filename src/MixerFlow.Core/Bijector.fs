@@ -50,14 +50,14 @@ type Scalars private () =
 /// one reduction; a step with the same log-det for every sample (<see cref="Constant"/>) keeps
 /// one value. Chains, liftings and Partial pass the pieces on without reading them.
 [<Sealed; AllowNullLiteral>]
-type Transformed private (value: Tensor, perSample: Tensor, terms: Tensor list, constant: Tensor) =
+type Transformed private (value: Tensor, perSample: Tensor list, terms: Tensor list, constants: Tensor list) =
     let mutable logDet : Tensor = null
     /// The transformed batch and its log|det J| per sample.
     new(value: Tensor, logDet: Tensor) =
         if isNull logDet then nullArg "logDet"
-        Transformed(value, logDet, [], null)
+        Transformed(value, [ logDet ], [], [])
     /// A step whose log|det J| is 0 for every sample (a permutation, a reshape).
-    static member VolumePreserving(value: Tensor) = Transformed(value, null, [], null)
+    static member VolumePreserving(value: Tensor) = Transformed(value, [], [], [])
     /// A step whose log|det J| is the sum of elementwise log-derivatives: logDerivatives has the
     /// batch's first dimension and log|det J| of sample i is the sum of logDerivatives[i, ...].
     /// The sum is taken when the log-det is read, together with those of the other steps.
@@ -67,17 +67,17 @@ type Transformed private (value: Tensor, perSample: Tensor, terms: Tensor list, 
             invalidArg "logDerivatives"
                 (sprintf "Transformed.Elementwise: log-derivatives of shape %s for a batch of %d"
                     (Shapes.show logDerivatives.shape) value.shape.[0])
-        Transformed(value, null, [ logDerivatives ], null)
+        Transformed(value, [], [ logDerivatives ], [])
     /// A step whose log|det J| is the same for every sample: logDet is one value (a tensor of
     /// shape []), made a [batch] tensor only when read.
     static member Constant(value: Tensor, logDet: Tensor) =
         if isNull logDet then nullArg "logDet"
         if logDet.dim() <> 0L then
             invalidArg "logDet" (sprintf "Transformed.Constant: the log-det must be one value (shape []), got %s" (Shapes.show logDet.shape))
-        Transformed(value, null, [], logDet)
+        Transformed(value, [], [], [ logDet ])
     member _.Value = value
     /// True for a <see cref="VolumePreserving"/> step: <see cref="LogDet"/> is zeros.
-    member _.IsVolumePreserving = isNull perSample && terms.IsEmpty && isNull constant
+    member _.IsVolumePreserving = perSample.IsEmpty && terms.IsEmpty && constants.IsEmpty
     /// log|det J| per sample, [batch] (zeros of the value's dtype and device for a volume-preserving step).
     member this.LogDet =
         if isNull logDet then logDet <- this.Sum null
@@ -88,18 +88,18 @@ type Transformed private (value: Tensor, perSample: Tensor, terms: Tensor list, 
 
     /// The pieces, for Chain, Lifted and Partial: [batch] log-dets, unsummed log-derivatives whose
     /// first dimension is the batch or a whole multiple of it (each sample's rows consecutive, as
-    /// Lifted folds rows into the batch), and one value for every sample.
+    /// Lifted folds rows into the batch), and values that hold for every sample.
     member internal _.PerSample = perSample
     member internal _.Terms = terms
-    member internal _.ConstantPart = constant
+    member internal _.Constants = constants
     /// The same log-det pieces with another value (Partial: the batch is the same).
-    member internal _.WithValue(v: Tensor) = Transformed(v, perSample, terms, constant)
-    /// Pieces made by a chain (or a lifting) from its parts'.
-    static member internal OfPieces(value: Tensor, perSample: Tensor, terms: Tensor list, constant: Tensor) =
-        Transformed(value, perSample, terms, constant)
+    member internal _.WithValue(v: Tensor) = Transformed(v, perSample, terms, constants)
+    /// Pieces gathered by a chain (or a lifting) from its parts'.
+    static member internal OfPieces(value: Tensor, perSample: Tensor list, terms: Tensor list, constants: Tensor list) =
+        Transformed(value, perSample, terms, constants)
 
     /// extra + log|det J| per sample ([batch]; extra may be null): all the unsummed
-    /// log-derivatives in one reduction, then the [batch] pieces and the constant added to the
+    /// log-derivatives in one reduction, then the [batch] pieces and the constants added to the
     /// fresh result in place.
     member internal this.Total(extra: Tensor) : Tensor =
         if not (isNull logDet) then (if isNull extra then logDet else extra.add(logDet, Scalars.One))
@@ -119,24 +119,32 @@ type Transformed private (value: Tensor, perSample: Tensor, terms: Tensor list, 
             | _ when b = 0L -> struct (torch.zeros([| 0L |], dtype = value.dtype, device = value.device), true)
             | [ t ] when t.shape.[0] = b -> struct (Shapes.sumPerSample t, t.dim() > 1L)
             | _ ->
-                // Log-derivatives with the same first dimension side by side, each group as
-                // [batch, n], then one sum over all of them.
+                // Log-derivatives that differ only in their second dimension side by side (one
+                // cat), each group as [batch, n], then one sum over all of them.
                 let columns =
                     terms
-                    |> List.groupBy (fun t -> t.shape.[0])
-                    |> List.map (fun (n, ts) ->
-                        let rows = ts |> List.map (fun t -> if t.dim() = 2L then t else t.reshape(n, -1L))
-                        let joined = match rows with [ r ] -> r | _ -> torch.cat(List.toArray rows, 1L)
-                        if n = b then joined else joined.reshape(b, -1L))
+                    |> List.groupBy (fun t -> t.shape.[0], t.dim(), (if t.dim() > 2L then List.ofArray t.shape.[2..] else []))
+                    |> List.map (fun ((n, dims, _), ts) ->
+                        let joined =
+                            match ts with
+                            | [ t ] -> t
+                            | _ when dims = 1L -> torch.stack(List.toArray ts, 1L)
+                            | _ -> torch.cat(List.toArray ts, 1L)
+                        if n = b && joined.dim() = 2L then joined else joined.reshape(b, -1L))
                 let all = match columns with [ c ] -> c | _ -> torch.cat(List.toArray columns, 1L)
                 struct (all.sum(1L), true)
-        let acc = if isNull perSample then summed else add summed perSample
+        let acc = List.fold add summed perSample
         let acc = if isNull extra then acc else add acc extra
         let struct (total, _) =
-            if isNull constant then acc
-            else
+            match constants with
+            | [] -> acc
+            | first :: rest ->
                 let struct (t, _) = acc
-                if isNull t then struct (constant.expand(b), false) else add acc constant
+                if isNull t then
+                    // Only constants: their sum (one value) for every sample.
+                    let struct (c, _) = List.fold add (struct (first, false)) rest
+                    struct (c.expand(b), false)
+                else List.fold add acc constants
         if isNull total then torch.zeros([| b |], dtype = value.dtype, device = value.device)
         else total
 
@@ -318,33 +326,19 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     override this.Forward(x: Tensor) = this.Forward(x, null)
     override this.Inverse(y: Tensor) = this.Inverse(y, null)
 
-    /// The parts' log-det pieces gathered: [batch] log-dets added into one tensor that the chain
-    /// made (in place after the first addition), constants likewise, unsummed log-derivatives
-    /// collected for the one reduction of the result's log-det.
+    /// The parts' log-det pieces gathered, not added: Transformed adds them up when its log-det is read.
     static member private Run(parts: seq<Bijector>, x: Tensor, step: Bijector -> Tensor -> Transformed) =
         let mutable h = x
-        let mutable perSample : Tensor = null
-        let mutable perSampleOwned = false
-        let mutable constant : Tensor = null
-        let mutable constantOwned = false
+        let perSample = ResizeArray<Tensor list>()
         let terms = ResizeArray<Tensor list>()
-        let add (acc: Tensor) (owned: bool) (t: Tensor) =
-            if isNull acc then struct (t, false)
-            elif owned then struct (acc.add_(t, Scalars.One), true)
-            else struct (acc.add(t, Scalars.One), true)
+        let constants = ResizeArray<Tensor list>()
         for p in parts do
             let r = step p h
             h <- r.Value
-            if not (isNull r.PerSample) then
-                let struct (a, o) = add perSample perSampleOwned r.PerSample
-                perSample <- a
-                perSampleOwned <- o
-            if not r.Terms.IsEmpty then terms.Add r.Terms
-            if not (isNull r.ConstantPart) then
-                let struct (a, o) = add constant constantOwned r.ConstantPart
-                constant <- a
-                constantOwned <- o
-        Transformed.OfPieces(h, perSample, List.concat terms, constant)
+            perSample.Add r.PerSample
+            terms.Add r.Terms
+            constants.Add r.Constants
+        Transformed.OfPieces(h, List.concat perSample, List.concat terms, List.concat constants)
 
     override _.Forward(x: Tensor, context: Tensor) =
         Chain.Run(parts, x, (fun p h -> if isNull context then p.Forward h else p.Forward(h, context)))

@@ -36,9 +36,8 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
         // The inner log-dets are per row: a sample's rows are consecutive in the folded batch, so
         // [b * copies, ...] pieces stay unsummed (Transformed sums them per sample when read);
         // a per-row log-det [b * copies] becomes one of them; a constant one counts once per row.
-        let terms = if isNull r.PerSample then r.Terms else r.Terms @ [ r.PerSample ]
-        let constant = if isNull r.ConstantPart then null else r.ConstantPart.mul(scalar (float copies))
-        Transformed.OfPieces(y, null, terms, constant)
+        let constants = r.Constants |> List.map (fun c -> c.mul(scalar (float copies)))
+        Transformed.OfPieces(y, [], r.Terms @ r.PerSample, constants)
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)

@@ -37,8 +37,12 @@ type LULinear(eventShape: int64[]) as this =
     static member Vector(dim: int64) = new LULinear([| dim |])
     static member Conv1x1(channels: int64, height: int64, width: int64) = new LULinear([| channels; height; width |])
 
-    member _.L = lower * lowerMask +. torch.eye(c, dtype = lower.dtype, device = lower.device)
-    member _.U = upper * upperMask +. torch.diag(signS * logS.exp())
+    /// Unit lower triangular: the masked parameters with ones written on the fresh product's diagonal.
+    member _.L =
+        let l = lower * lowerMask
+        l.diagonal().fill_(Scalars.One) |> ignore
+        l
+    member _.U = (upper * upperMask).add_(torch.diag(signS * logS.exp()), Scalars.One)
     /// The weight matrix W = P L U.
     member this.Weight = permutationMatrix.matmul(this.L.matmul(this.U))
 
