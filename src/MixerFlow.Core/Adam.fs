@@ -173,8 +173,12 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
             // Parameters without a gradient have zeros in the buffer: they add nothing to the norm.
             let norm =
                 use n = flatGrad.norm()
-                use d = n.to_type(torch.ScalarType.Float64)
-                d.item<float>()
+                // Read in its own dtype where item can (float32 widens exactly), else as float64.
+                if n.dtype = torch.ScalarType.Float64 then n.item<float>()
+                elif n.dtype = torch.ScalarType.Float32 then float (n.item<float32>())
+                else
+                    use d = n.to_type(torch.ScalarType.Float64)
+                    d.item<float>()
             let coefficient = maxNorm / (norm + 1e-6)
             if Double.IsFinite norm && coefficient < 1.0 then
                 // Referenced until the native call has returned, then freed.

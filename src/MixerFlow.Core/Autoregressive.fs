@@ -92,7 +92,7 @@ type MaskedAutoregressive(dim: int64, width: int64, depth: int, map: Elementwise
     member private this.Run(x: Tensor, context: Tensor) =
         this.CheckShape(x, [| dim |], "input")
         let struct (y, logDeriv) = map.Forward(x, this.Params(x, context))
-        Transformed(y, logDeriv.sum(1L))
+        Transformed.Elementwise(y, logDeriv)
     member private this.RunInverse(y: Tensor, context: Tensor) =
         this.CheckShape(y, [| dim |], "input")
         // After pass i, elements 0..i are exact (they depend only on earlier ones).
@@ -102,7 +102,7 @@ type MaskedAutoregressive(dim: int64, width: int64, depth: int, map: Elementwise
             let struct (xi, ld) = map.Inverse(y, this.Params(x, context))
             x <- xi
             logDeriv <- ld
-        Transformed(x, logDeriv.sum(1L))
+        Transformed.Elementwise(x, logDeriv)
     override this.Forward(x: Tensor) = this.Run(x, null)
     override this.Inverse(y: Tensor) = this.RunInverse(y, null)
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context)

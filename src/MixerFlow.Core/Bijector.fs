@@ -7,30 +7,146 @@ open TorchSharp.Modules
 
 type Tensor = torch.Tensor
 
+module internal Shapes =
+    let show (s: int64 seq) = "[" + String.Join(", ", s) + "]"
+    let numel (s: int64[]) = Array.fold (*) 1L s
+    /// Sum over every dimension but the first, in one reduction: [B, ...] -> [B].
+    let sumPerSample (t: Tensor) : Tensor =
+        match t.dim() with
+        | 1L -> t
+        | 2L -> t.sum(1L)
+        | d -> t.sum(Array.init (int d - 1) (fun i -> int64 (i + 1)), false, Nullable())
+
+/// TorchSharp Scalars for constants, each created once and kept for the life of the process.
+///
+/// TorchSharp hands Scalars to native code as raw handles without keeping the managed object
+/// alive, and it creates temporary ones behind many overloads (the `alpha = 1` of `a + b` and of
+/// `t + scalar`, every implicit `double -> Scalar` conversion, `square()`, `softplus`, the
+/// coefficients inside `torch.optim.Adam.step`). A collection on any thread during the native
+/// call can finalize such a temporary and free its value while the op reads it ("Expected false
+/// to be true ... toFloat/toDouble, c10/core/Scalar.h"). MixerFlow's own code therefore never
+/// creates a temporary Scalar: constants come from this cache, values that change every call
+/// are created with `use`/`using` (which keeps them alive until the call returns), and an IL
+/// scan in the tests refuses any call into a TorchSharp overload that creates one.
+[<AbstractClass; Sealed>]
+type Scalars private () =
+    static let cache = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
+    /// The Scalar for `value` (a float64 Scalar; it does not change a float32 tensor's dtype).
+    /// Meant for constants: every distinct value stays in memory for the process's life.
+    static member Of(value: float) : Scalar =
+        match cache.TryGetValue value with
+        | true, s -> s
+        // Two threads may both create one; the loser is never handed out.
+        | _ -> cache.GetOrAdd(value, Scalar.op_Implicit value)
+    /// The Scalar 1, the `alpha` of a plain addition.
+    static member One : Scalar = Scalars.Of 1.0
+
 /// The result of pushing a batch through a bijector: the transformed batch and log|det J|
 /// per sample (shape [batch]). Deconstructs in C# as `var (y, logDet) = b.Forward(x)`.
-/// A volume-preserving step (<see cref="VolumePreserving"/>) makes its zero log-det only when it
-/// is read, so that chains of permutations and reshapes add no tensors of zeros.
+/// The log-det is kept in pieces and added up only when <see cref="LogDet"/> is read, so that a
+/// chain of many steps adds its log-dets with a few tensor operations instead of several per
+/// step: a volume-preserving step (<see cref="VolumePreserving"/>) has none; an elementwise map
+/// (<see cref="Elementwise"/>) keeps its unsummed log-derivatives, and all of them are summed in
+/// one reduction; a step with the same log-det for every sample (<see cref="Constant"/>) keeps
+/// one value. Chains, liftings and Partial pass the pieces on without reading them.
 [<Sealed; AllowNullLiteral>]
-type Transformed private (value: Tensor, logDet: Tensor, zero: bool) =
-    let mutable logDet = logDet
+type Transformed private (value: Tensor, perSample: Tensor list, terms: Tensor list, constants: Tensor list) =
+    let mutable logDet : Tensor = null
     /// The transformed batch and its log|det J| per sample.
     new(value: Tensor, logDet: Tensor) =
         if isNull logDet then nullArg "logDet"
-        Transformed(value, logDet, false)
+        Transformed(value, [ logDet ], [], [])
     /// A step whose log|det J| is 0 for every sample (a permutation, a reshape).
-    static member VolumePreserving(value: Tensor) = Transformed(value, null, true)
+    static member VolumePreserving(value: Tensor) = Transformed(value, [], [], [])
+    /// A step whose log|det J| is the sum of elementwise log-derivatives: logDerivatives has the
+    /// batch's first dimension and log|det J| of sample i is the sum of logDerivatives[i, ...].
+    /// The sum is taken when the log-det is read, together with those of the other steps.
+    static member Elementwise(value: Tensor, logDerivatives: Tensor) =
+        if isNull logDerivatives then nullArg "logDerivatives"
+        if logDerivatives.dim() < 1L || logDerivatives.shape.[0] <> value.shape.[0] then
+            invalidArg "logDerivatives"
+                (sprintf "Transformed.Elementwise: log-derivatives of shape %s for a batch of %d"
+                    (Shapes.show logDerivatives.shape) value.shape.[0])
+        Transformed(value, [], [ logDerivatives ], [])
+    /// A step whose log|det J| is the same for every sample: logDet is one value (a tensor of
+    /// shape []), made a [batch] tensor only when read.
+    static member Constant(value: Tensor, logDet: Tensor) =
+        if isNull logDet then nullArg "logDet"
+        if logDet.dim() <> 0L then
+            invalidArg "logDet" (sprintf "Transformed.Constant: the log-det must be one value (shape []), got %s" (Shapes.show logDet.shape))
+        Transformed(value, [], [], [ logDet ])
     member _.Value = value
     /// True for a <see cref="VolumePreserving"/> step: <see cref="LogDet"/> is zeros.
-    member _.IsVolumePreserving = zero
+    member _.IsVolumePreserving = perSample.IsEmpty && terms.IsEmpty && constants.IsEmpty
     /// log|det J| per sample, [batch] (zeros of the value's dtype and device for a volume-preserving step).
-    member _.LogDet =
-        if isNull logDet then
-            logDet <- torch.zeros([| value.shape.[0] |], dtype = value.dtype, device = value.device)
+    member this.LogDet =
+        if isNull logDet then logDet <- this.Sum null
         logDet
     member this.Deconstruct([<Out>] v: byref<Tensor>, [<Out>] l: byref<Tensor>) =
         v <- value
         l <- this.LogDet
+
+    /// The pieces, for Chain, Lifted and Partial: [batch] log-dets, unsummed log-derivatives whose
+    /// first dimension is the batch or a whole multiple of it (each sample's rows consecutive, as
+    /// Lifted folds rows into the batch), and values that hold for every sample.
+    member internal _.PerSample = perSample
+    member internal _.Terms = terms
+    member internal _.Constants = constants
+    /// The same log-det pieces with another value (Partial: the batch is the same).
+    member internal _.WithValue(v: Tensor) = Transformed(v, perSample, terms, constants)
+    /// Pieces gathered by a chain (or a lifting) from its parts'.
+    static member internal OfPieces(value: Tensor, perSample: Tensor list, terms: Tensor list, constants: Tensor list) =
+        Transformed(value, perSample, terms, constants)
+
+    /// extra + log|det J| per sample ([batch]; extra may be null): all the unsummed
+    /// log-derivatives in one reduction, then the [batch] pieces and the constants added to the
+    /// fresh result in place.
+    member internal this.Total(extra: Tensor) : Tensor =
+        if not (isNull logDet) then (if isNull extra then logDet else extra.add(logDet, Scalars.One))
+        else this.Sum extra
+
+    member private _.Sum(extra: Tensor) : Tensor =
+        let b = value.shape.[0]
+        // A running total and whether this method made it (then it is added to in place).
+        let add (struct (total: Tensor, fresh: bool)) (t: Tensor) =
+            if isNull total then struct (t, false)
+            elif fresh then struct (total.add_(t, Scalars.One), true)
+            else struct (total.add(t, Scalars.One), true)
+        let summed =
+            match terms with
+            | [] -> struct (null, false)
+            // An empty batch has nothing to add (and its pieces cannot be regrouped per sample).
+            | _ when b = 0L -> struct (torch.zeros([| 0L |], dtype = value.dtype, device = value.device), true)
+            | [ t ] when t.shape.[0] = b -> struct (Shapes.sumPerSample t, t.dim() > 1L)
+            | _ ->
+                // Log-derivatives that differ only in their second dimension side by side (one
+                // cat), each group as [batch, n], then one sum over all of them.
+                let columns =
+                    terms
+                    |> List.groupBy (fun t -> t.shape.[0], t.dim(), (if t.dim() > 2L then List.ofArray t.shape.[2..] else []))
+                    |> List.map (fun ((n, dims, _), ts) ->
+                        let joined =
+                            match ts with
+                            | [ t ] -> t
+                            | _ when dims = 1L -> torch.stack(List.toArray ts, 1L)
+                            | _ -> torch.cat(List.toArray ts, 1L)
+                        if n = b && joined.dim() = 2L then joined else joined.reshape(b, -1L))
+                let all = match columns with [ c ] -> c | _ -> torch.cat(List.toArray columns, 1L)
+                struct (all.sum(1L), true)
+        let acc = List.fold add summed perSample
+        let acc = if isNull extra then acc else add acc extra
+        let struct (total, _) =
+            match constants with
+            | [] -> acc
+            | first :: rest ->
+                let struct (t, _) = acc
+                if isNull t then
+                    // Only constants: their sum (one value) for every sample.
+                    let struct (c, _) = List.fold add (struct (first, false)) rest
+                    struct (c.expand(b), false)
+                else List.fold add acc constants
+        if isNull total then torch.zeros([| b |], dtype = value.dtype, device = value.device)
+        else total
 
 /// What the generic checks need to know about a bijector beyond forward and inverse.
 type BijectorTraits =
@@ -47,10 +163,6 @@ type BijectorTraits =
 type IJacobianStructure =
     abstract ExpectedJacobian: unit -> float[,]
     abstract StructureDescription: string
-
-module internal Shapes =
-    let show (s: int64 seq) = "[" + String.Join(", ", s) + "]"
-    let numel (s: int64[]) = Array.fold (*) 1L s
 
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
@@ -109,30 +221,6 @@ type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
     override this.ToString() =
         sprintf "%s %s -> %s" this.Name (Shapes.show inputShape) (Shapes.show outputShape)
 
-/// TorchSharp Scalars for constants, each created once and kept for the life of the process.
-///
-/// TorchSharp hands Scalars to native code as raw handles without keeping the managed object
-/// alive, and it creates temporary ones behind many overloads (the `alpha = 1` of `a + b` and of
-/// `t + scalar`, every implicit `double -> Scalar` conversion, `square()`, `softplus`, the
-/// coefficients inside `torch.optim.Adam.step`). A collection on any thread during the native
-/// call can finalize such a temporary and free its value while the op reads it ("Expected false
-/// to be true ... toFloat/toDouble, c10/core/Scalar.h"). MixerFlow's own code therefore never
-/// creates a temporary Scalar: constants come from this cache, values that change every call
-/// are created with `use`/`using` (which keeps them alive until the call returns), and an IL
-/// scan in the tests refuses any call into a TorchSharp overload that creates one.
-[<AbstractClass; Sealed>]
-type Scalars private () =
-    static let cache = System.Collections.Concurrent.ConcurrentDictionary<float, Scalar>()
-    /// The Scalar for `value` (a float64 Scalar; it does not change a float32 tensor's dtype).
-    /// Meant for constants: every distinct value stays in memory for the process's life.
-    static member Of(value: float) : Scalar =
-        match cache.TryGetValue value with
-        | true, s -> s
-        // Two threads may both create one; the loser is never handed out.
-        | _ -> cache.GetOrAdd(value, Scalar.op_Implicit value)
-    /// The Scalar 1, the `alpha` of a plain addition.
-    static member One : Scalar = Scalars.Of 1.0
-
 /// Opt-in: runs TorchSharp work with garbage collection held off (a no-GC region). MixerFlow's
 /// own code no longer needs it (it creates no temporary Scalars, see <see cref="Scalars"/>);
 /// it remains for code of one's own that calls TorchSharp overloads which do create them.
@@ -181,15 +269,12 @@ module Ops =
     let softplus (x: Tensor) : Tensor = x.relu().add(x.abs().neg().exp().log1p(), Scalars.One)
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     [<CompiledName("SumPerSample")>]
-    let sumPerSample (t: Tensor) : Tensor =
-        match t.dim() with
-        | 1L -> t
-        | 2L -> t.sum(1L)
-        | _ -> t.flatten(1L).sum(1L)
-    /// A per-sample log-det that is the same constant for every sample of `like`'s batch.
+    let sumPerSample (t: Tensor) : Tensor = Shapes.sumPerSample t
+    /// A per-sample log-det that is the same constant for every sample of `like`'s batch (a
+    /// broadcast view of `value`: read it, do not write into it).
     [<CompiledName("ConstantLogDet")>]
     let constantLogDet (like: Tensor) (value: Tensor) : Tensor =
-        value.expand(like.shape.[0]).contiguous()
+        value.expand(like.shape.[0])
     [<CompiledName("ZeroLogDet")>]
     let zeroLogDet (like: Tensor) : Tensor =
         torch.zeros([| like.shape.[0] |], dtype = like.dtype, device = like.device)
@@ -204,7 +289,8 @@ module Ops =
     /// Standard normal log density per sample (sum over event elements).
     [<CompiledName("StandardNormalLogProb")>]
     let standardNormalLogProb (z: Tensor) : Tensor =
-        sumPerSample ((addScalar (z * z) (Math.Log(2.0 * Math.PI))) * scalar -0.5)
+        // (z^2 + log 2 pi) * -1/2, the last two in place on the fresh square.
+        sumPerSample (z.mul(z).add_(scalar (Math.Log(2.0 * Math.PI)), Scalars.One).mul_(scalar -0.5))
     /// Moves a module's parameters and buffers to a dtype and a device.
     [<CompiledName("MoveTo")>]
     let moveTo (dtype: torch.ScalarType) (device: torch.Device) (m: 'M when 'M :> torch.nn.Module) : unit =
@@ -240,23 +326,25 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     override this.Forward(x: Tensor) = this.Forward(x, null)
     override this.Inverse(y: Tensor) = this.Inverse(y, null)
 
-    override _.Forward(x: Tensor, context: Tensor) =
+    /// The parts' log-det pieces gathered, not added: Transformed adds them up when its log-det is read.
+    static member private Run(parts: seq<Bijector>, x: Tensor, step: Bijector -> Tensor -> Transformed) =
         let mutable h = x
-        let mutable ld : Tensor = null
+        let perSample = ResizeArray<Tensor list>()
+        let terms = ResizeArray<Tensor list>()
+        let constants = ResizeArray<Tensor list>()
         for p in parts do
-            let r = if isNull context then p.Forward h else p.Forward(h, context)
+            let r = step p h
             h <- r.Value
-            if not r.IsVolumePreserving then ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
-        if isNull ld then Transformed.VolumePreserving h else Transformed(h, ld)
+            perSample.Add r.PerSample
+            terms.Add r.Terms
+            constants.Add r.Constants
+        Transformed.OfPieces(h, List.concat perSample, List.concat terms, List.concat constants)
+
+    override _.Forward(x: Tensor, context: Tensor) =
+        Chain.Run(parts, x, (fun p h -> if isNull context then p.Forward h else p.Forward(h, context)))
 
     override _.Inverse(y: Tensor, context: Tensor) =
-        let mutable h = y
-        let mutable ld : Tensor = null
-        for i in parts.Count - 1 .. -1 .. 0 do
-            let r = if isNull context then parts.[i].Inverse h else parts.[i].Inverse(h, context)
-            h <- r.Value
-            if not r.IsVolumePreserving then ld <- if isNull ld then r.LogDet else Ops.add ld r.LogDet
-        if isNull ld then Transformed.VolumePreserving h else Transformed(h, ld)
+        Chain.Run(Seq.rev parts, y, (fun p h -> if isNull context then p.Inverse h else p.Inverse(h, context)))
 
     override _.ContextFeatures = parts |> Seq.map (fun p -> p.ContextFeatures) |> Seq.fold max 0L
 

@@ -10,18 +10,24 @@ open TorchSharp.Modules
 /// `ConditionerFactory(fun inputs outputs -> ...)`.
 type ConditionerFactory = delegate of inputFeatures: int64 * outputFeatures: int64 -> torch.nn.Module<Tensor, Tensor>
 
-/// A stack of layers that act on each image alone (convolutions and pointwise activations), run
-/// on the batch in chunks when one convolution's im2col buffer for the whole batch would exceed
-/// `bufferBytes`. LibTorch's CPU convolution (oneDNN is off, see NativeBackend) builds the whole
-/// batch's im2col buffer per call: 231 MB for glow-cifar10's 3x3 convolutions from 392 channels at
-/// 16x16 and batch 64. Buffers above glibc's largest mmap threshold (32 MB) are mapped and unmapped
-/// on every call, their pages faulted in afresh; chunks of a few images keep each buffer in the heap
-/// for reuse. Every image is computed as without chunks; only the order in which the chunks' weight
-/// gradients are summed differs. The children are registered as "0", "1", ... as by
-/// `torch.nn.Sequential`, so parameter names are those of a Sequential of the same layers.
-type ImageWiseSequential(layers: torch.nn.Module<Tensor, Tensor>[], bufferBytes: int64) as this =
-    inherit torch.nn.Module<Tensor, Tensor>("Sequential")
-    do layers |> Array.iteri (fun i l -> this.register_module(string i, l))
+/// Layers applied in order, each ReLU in place on the fresh output of the layer before it
+/// (TorchSharp's Sequential disposes every intermediate result, so its ReLU cannot work in place
+/// without a second handle). The layers are registered as "0", "1", ... like a Sequential's, so
+/// the saved state has the same names.
+///
+/// Image batches run in chunks when one convolution's im2col buffer for the whole batch would
+/// exceed `bufferBytes`. LibTorch's CPU convolution (oneDNN is off, see NativeBackend) builds the
+/// whole batch's im2col buffer per call: 231 MB for glow-cifar10's 3x3 convolutions from 392
+/// channels at 16x16 and batch 64. Buffers above glibc's largest mmap threshold (32 MB) are mapped
+/// and unmapped on every call, their pages faulted in afresh; chunks of a few images keep each
+/// buffer in the heap for reuse. Every image is computed as without chunks (each layer acts on
+/// images one by one); only the order in which the chunks' weight gradients are summed differs.
+type ReluNetwork(layers: torch.nn.Module<Tensor, Tensor>[], bufferBytes: int64) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ReluNetwork")
+    // Linear and convolution layers keep their input for the backward pass, not their output:
+    // the ReLU may overwrite that output (PyTorch's ReLU(inplace=True)), but never the input.
+    let inPlace = layers |> Array.mapi (fun i m -> i > 0 && (m :? ReLU))
+    do layers |> Array.iteri (fun i m -> this.register_module(string i, m))
     /// im2col bytes per image of the widest convolution at an input of h x w.
     let perImage (h: int64) (w: int64) =
         layers
@@ -32,9 +38,17 @@ type ImageWiseSequential(layers: torch.nn.Module<Tensor, Tensor>[], bufferBytes:
                 Some(k.[1] * k.[2] * k.[3] * h * w * int64 (c.weight.element_size()))
             | _ -> None)
         |> Array.fold max 0L
+    let run (x: Tensor) =
+        let mutable h = x
+        for i in 0 .. layers.Length - 1 do
+            h <- if inPlace.[i] then h.relu_() else layers.[i].call(h)
+        h
+    /// Layers without a limit on the convolutions' buffers.
+    new(layers) = new ReluNetwork(layers, Int64.MaxValue)
+    member _.Layers : Collections.Generic.IReadOnlyList<torch.nn.Module<Tensor, Tensor>> = layers :> _
+    /// The largest im2col buffer one call builds; larger image batches run in chunks.
     member _.BufferBytes = bufferBytes
-    override _.forward(x: Tensor) =
-        let run (t: Tensor) = layers |> Array.fold (fun (h: Tensor) l -> l.call h) t
+    override _.forward(x) =
         let b = x.shape.[0]
         let per = if x.dim() = 4L then perImage x.shape.[2] x.shape.[3] else 0L
         let chunk = if per = 0L then b else max 1L (bufferBytes / per)
@@ -66,7 +80,7 @@ type Conditioners =
             let last = torch.nn.Linear(d, outF)
             Conditioners.ZeroLast last
             layers.Add last
-            torch.nn.Sequential(layers.ToArray()))
+            new ReluNetwork(layers.ToArray()))
 
     /// Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
     static member Conv(width: int64) : ConditionerFactory =
@@ -75,7 +89,7 @@ type Conditioners =
             NativeBackend.Ensure()
             let last = torch.nn.Conv2d(width, outC, 3L, padding = 1L)
             Conditioners.ZeroLast last
-            new ImageWiseSequential(
+            new ReluNetwork(
                 [| torch.nn.Conv2d(inC, width, 3L, padding = 1L) :> torch.nn.Module<Tensor, Tensor>
                    torch.nn.ReLU()
                    torch.nn.Conv2d(width, width, 1L)
@@ -83,7 +97,7 @@ type Conditioners =
                    last |], Conditioners.ConvBufferBytes) :> torch.nn.Module<Tensor, Tensor>)
 
     /// The largest im2col buffer a Glow coupling network builds per call (24 MB: under glibc's
-    /// 32 MB mmap threshold); larger batches run in chunks (<see cref="ImageWiseSequential"/>).
+    /// 32 MB mmap threshold); larger batches run in chunks (<see cref="ReluNetwork"/>).
     static member val ConvBufferBytes = 24L * 1024L * 1024L with get, set
 
     /// One zero-initialised 3x3 convolution: Glow's learned prior for the factored-out half

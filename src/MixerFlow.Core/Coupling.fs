@@ -46,6 +46,8 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     let conditioningStart = runStart partition.Conditioning
     let transformedStart = runStart partition.Transformed
     let contiguous = conditioningStart >= 0L && transformedStart >= 0L
+    // Affine itself (not a subclass, which may override Forward/Inverse) takes its parameters as slices.
+    let isAffine = map.GetType() = typeof<Affine>
     do
         this.register_buffer("conditioningIndex", conditioningIndex)
         this.register_buffer("transformedIndex", transformedIndex)
@@ -72,6 +74,13 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     /// <param name="xa">The conditioning part [B, nA, rest...].</param>
     /// <param name="context">[B, contextFeatures], or null for an unconditional layer.</param>
     member this.Parameters(xa: Tensor, context: Tensor) =
+        this.NetOutput(xa, context).reshape(Array.append [| xa.shape.[0]; k; nB |] rest)
+    /// Parameters of an unconditional layer.
+    member this.Parameters(xa: Tensor) = this.Parameters(xa, null)
+
+    /// The conditioner's output [B, ParamsPerElement * nB, rest...]: parameter j of the map is
+    /// the slice j * nB .. (j + 1) * nB - 1 along dimension 1.
+    member private this.NetOutput(xa: Tensor, context: Tensor) : Tensor =
         let input =
             if contextFeatures = 0L then xa
             elif isNull context then
@@ -81,23 +90,28 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
                     invalidArg "context"
                         (sprintf "%s expects a context of shape [%d, %d], got %s" this.Name xa.shape.[0] contextFeatures (Shapes.show context.shape))
                 torch.cat([| xa; context |], 1L)
-        let h = net.call(input)
-        h.reshape(Array.append [| xa.shape.[0]; k; nB |] rest)
-    /// Parameters of an unconditional layer.
-    member this.Parameters(xa: Tensor) = this.Parameters(xa, null)
+        net.call(input)
 
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
         let xa, xb =
             if contiguous then x.narrow(1L, conditioningStart, nA), x.narrow(1L, transformedStart, nB)
             else x.index_select(1L, conditioningIndex), x.index_select(1L, transformedIndex)
-        let h = this.Parameters(xa, context)
-        let struct (yb, logDeriv) = if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
+        let struct (yb, logDeriv) =
+            if isAffine then
+                // The affine map's two parameters as slices of the network's output (no reshape).
+                let out = this.NetOutput(xa, context)
+                let affine = map :?> Affine
+                let shift, rawLogScale = out.narrow(1L, 0L, nB), out.narrow(1L, nB, nB)
+                if inverse then affine.InverseParts(xb, shift, rawLogScale) else affine.ForwardParts(xb, shift, rawLogScale)
+            else
+                let h = this.Parameters(xa, context)
+                if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
         let y =
             if not contiguous then torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex)
             elif conditioningStart = 0L then torch.cat([| xa; yb |], 1L)
             else torch.cat([| yb; xa |], 1L)
-        Transformed(y, sumPerSample logDeriv)
+        Transformed.Elementwise(y, logDeriv)
 
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)

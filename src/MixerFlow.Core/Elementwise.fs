@@ -22,8 +22,12 @@ type ScaleBound private (limit: float) =
     /// <param name="raw">Unconstrained values h, any shape.</param>
     member _.LogScale(raw: Tensor) : Tensor =
         if Double.IsNaN limit then
-            addScalar (torch.nn.functional.logsigmoid(addScalar raw 2.0)) (Math.Log(1.0 + Math.Exp(-2.0)))
-        else (raw / scalar limit).tanh() * scalar limit
+            // The constant is added in place: logsigmoid's backward needs its input, not its output.
+            torch.nn.functional.logsigmoid(addScalar raw 2.0).add_(scalar (Math.Log(1.0 + Math.Exp(-2.0))), Scalars.One)
+        else
+            // tanh in place on the fresh quotient (division by a constant keeps nothing for its
+            // backward); the product is a new tensor, since tanh's backward reads its output.
+            raw.div(scalar limit).tanh_().mul(scalar limit)
     override _.Equals(o) =
         match o with
         | :? ScaleBound as b -> b.Limit.Equals(limit)
@@ -58,12 +62,24 @@ type Affine(scaleBound: ScaleBound) =
     do if isNull scaleBound then nullArg "scaleBound"
     new() = Affine(ScaleBound.SoftClamp 2.0)
     member _.ScaleBound = scaleBound
-    override _.Forward(x, h) =
-        let logScale = scaleBound.LogScale(h.select(1L, 1L))
-        struct (x * logScale.exp() +. h.select(1L, 0L), logScale)
-    override _.Inverse(y, h) =
-        let logScale = scaleBound.LogScale(h.select(1L, 1L))
-        struct ((y - h.select(1L, 0L)) * logScale.neg().exp(), logScale.neg())
+    /// y = x * s + t with the parameters given apart (each of x's shape): what Forward does with
+    /// h[:, 0] and h[:, 1]. Couplings call it with slices of their network's output.
+    /// <param name="x">Inputs [B, ...].</param>
+    /// <param name="shift">t [B, ...].</param>
+    /// <param name="rawLogScale">The unconstrained log-scale [B, ...].</param>
+    member _.ForwardParts(x: Tensor, shift: Tensor, rawLogScale: Tensor) =
+        let logScale = scaleBound.LogScale rawLogScale
+        // The shift is added in place: the product's backward needs its inputs, not its output.
+        struct (x.mul(logScale.exp()).add_(shift, Scalars.One), logScale)
+    /// x = (y - t) / s with the parameters given apart: what Inverse does with h[:, 0] and h[:, 1].
+    /// <param name="y">Outputs [B, ...].</param>
+    /// <param name="shift">t [B, ...].</param>
+    /// <param name="rawLogScale">The unconstrained log-scale [B, ...].</param>
+    member _.InverseParts(y: Tensor, shift: Tensor, rawLogScale: Tensor) =
+        let negLogScale = scaleBound.LogScale(rawLogScale).neg()
+        struct ((y - shift) * negLogScale.exp(), negLogScale)
+    override this.Forward(x, h) = this.ForwardParts(x, h.select(1L, 0L), h.select(1L, 1L))
+    override this.Inverse(y, h) = this.InverseParts(y, h.select(1L, 0L), h.select(1L, 1L))
 
 /// y = x + t (NICE): volume preserving, log|dy/dx| = 0; h = (t).
 type Additive() =

@@ -78,7 +78,8 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
         if transform.ContextFeatures > 0L && isNull context then
             invalidArg "context" (sprintf "this flow is conditional: it needs a context of %d features" transform.ContextFeatures)
         let r = if isNull context then transform.Forward x else transform.Forward(x, context)
-        baseDistribution.LogProb r.Value +. r.LogDet
+        // log p_base(z) joins the transform's log-det pieces: added in place to their sum.
+        r.Total(baseDistribution.LogProb r.Value)
     /// log p(x) per sample: [B, eventShape...] -> [B].
     /// <param name="x">Data [B, eventShape...].</param>
     member this.LogProb(x: Tensor) : Tensor = this.LogProb(x, null)

@@ -31,8 +31,13 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
                 let c = context.repeat_interleave(copies, 0L)
                 if inverse then inner.Inverse(flat, c) else inner.Forward(flat, c)
         let y = r.Value.reshape(b, copies, inner.InputSize)
-        let y = if alongRows then y else y.transpose(1L, 2L).contiguous()
-        Transformed(y, r.LogDet.reshape(b, copies).sum(1L))
+        // Left as a transposed view: what comes next reads it as it is (a copy would add a tensor).
+        let y = if alongRows then y else y.transpose(1L, 2L)
+        // The inner log-dets are per row: a sample's rows are consecutive in the folded batch, so
+        // [b * copies, ...] pieces stay unsummed (Transformed sums them per sample when read);
+        // a per-row log-det [b * copies] becomes one of them; a constant one counts once per row.
+        let constants = r.Constants |> List.map (fun c -> c.mul(scalar (float copies)))
+        Transformed.OfPieces(y, [], r.Terms @ r.PerSample, constants)
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
@@ -68,7 +73,7 @@ type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
         let r =
             if isNull context then (if inverse then inner.Inverse head else inner.Forward head)
             elif inverse then inner.Inverse(head, context) else inner.Forward(head, context)
-        Transformed(torch.cat([| r.Value; tail |], 1L), r.LogDet)
+        r.WithValue(torch.cat([| r.Value; tail |], 1L))
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)

@@ -37,8 +37,12 @@ type LULinear(eventShape: int64[]) as this =
     static member Vector(dim: int64) = new LULinear([| dim |])
     static member Conv1x1(channels: int64, height: int64, width: int64) = new LULinear([| channels; height; width |])
 
-    member _.L = lower * lowerMask +. torch.eye(c, dtype = lower.dtype, device = lower.device)
-    member _.U = upper * upperMask +. torch.diag(signS * logS.exp())
+    /// Unit lower triangular: the masked parameters with ones written on the fresh product's diagonal.
+    member _.L =
+        let l = lower * lowerMask
+        l.diagonal().fill_(Scalars.One) |> ignore
+        l
+    member _.U = (upper * upperMask).add_(torch.diag(signS * logS.exp()), Scalars.One)
     /// The weight matrix W = P L U.
     member this.Weight = permutationMatrix.matmul(this.L.matmul(this.U))
 
@@ -46,7 +50,7 @@ type LULinear(eventShape: int64[]) as this =
         this.CheckShape(x, eventShape, "input")
         let b = x.shape.[0]
         let y = this.Weight.matmul(x.reshape(b, c, -1L)).reshape(x.shape)
-        Transformed(y, constantLogDet x (logS.sum() * scalar positions))
+        Transformed.Constant(y, logS.sum().mul_(scalar positions))
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
@@ -55,4 +59,4 @@ type LULinear(eventShape: int64[]) as this =
         let r = permutationMatrix.t().matmul(y.reshape(b, c, -1L))
         let z = torch.linalg.solve_triangular(this.L, r, upper = false, unitriangular = true)
         let x = torch.linalg.solve_triangular(this.U, z, upper = true)
-        Transformed(x.reshape(y.shape), constantLogDet y (logS.sum() * scalar -positions))
+        Transformed.Constant(x.reshape(y.shape), logS.sum().mul_(scalar -positions))

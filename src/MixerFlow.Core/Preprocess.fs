@@ -23,19 +23,20 @@ type Dequantize(eventShape: int64[], levels: int) =
     member val Noise : torch.Tensor = null with get, set
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        let u =
-            if this.Midpoint then torch.full_like(x, scalar 0.5)
+        let y =
+            if this.Midpoint then torch.full_like(x, scalar 0.5).add_(x, Scalars.One)
             elif not (isNull this.Noise) then
                 if this.Noise.shape <> x.shape then
                     invalidArg "x" (sprintf "Dequantize: the given noise has shape %A, the input %A" this.Noise.shape x.shape)
-                this.Noise
-            else torch.rand_like(x)
-        let y = (x +. u) / scalar (float levels)
-        Transformed(y, torch.full([| x.shape.[0] |], scalar -logLevels, dtype = x.dtype, device = x.device))
+                x +. this.Noise
+            // x + u into the fresh noise (the same sum, one tensor fewer).
+            else torch.rand_like(x).add_(x, Scalars.One)
+        Transformed.Constant(y.div_(scalar (float levels)),
+                             torch.full(([||]: int64[]), scalar -logLevels, dtype = x.dtype, device = x.device))
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let x = (y * scalar (float levels)).floor().clamp(scalar 0.0, scalar (float (levels - 1)))
-        Transformed(x, torch.full([| y.shape.[0] |], scalar logLevels, dtype = y.dtype, device = y.device))
+        Transformed.Constant(x, torch.full(([||]: int64[]), scalar logLevels, dtype = y.dtype, device = y.device))
     override _.Traits = { BijectorTraits.Bijective with Surjective = true }
 
 /// Logit transform with a margin (Dinh et al. 2017, RealNVP, section 4.1):
@@ -48,23 +49,26 @@ type Logit(eventShape: int64[], alpha: float) =
     member _.Alpha = alpha
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")
-        let p = addScalar (x * scalar (1.0 - 2.0 * alpha)) alpha
-        let y = p.log() - (scalarMinus 1.0 p).log()
-        let ld = addScalar ((p.log() +. (scalarMinus 1.0 p).log()).neg()) (Math.Log(1.0 - 2.0 * alpha))
-        Transformed(y, sumPerSample ld)
+        // Fresh intermediates are updated in place where their backward does not read them.
+        let p = (x * scalar (1.0 - 2.0 * alpha)).add_(scalar alpha, Scalars.One)
+        let logP = p.log()
+        let log1mP = p.neg().add_(Scalars.One, Scalars.One).log()
+        let y = logP - log1mP
+        let ld = (logP +. log1mP).neg_().add_(scalar (Math.Log(1.0 - 2.0 * alpha)), Scalars.One)
+        Transformed.Elementwise(y, ld)
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let p = y.sigmoid()
         let x = (p - scalar alpha) / scalar (1.0 - 2.0 * alpha)
         // log p + log(1 - p) = logsigmoid(y) + logsigmoid(-y), stable for large |y|.
         let ld = torch.nn.functional.logsigmoid(y) +. torch.nn.functional.logsigmoid(y.neg()) - scalar (Math.Log(1.0 - 2.0 * alpha))
-        Transformed(x, sumPerSample ld)
+        Transformed.Elementwise(x, ld)
 
 /// Bits per dimension of the discrete data from a log-likelihood in nats.
 [<AbstractClass; Sealed>]
 type Likelihood =
     /// -log p / (n log 2), n = number of dimensions per sample.
     static member BitsPerDim(logLikelihoodNats: Tensor, dimensions: int64) =
-        logLikelihoodNats.neg() / scalar (float dimensions * Math.Log 2.0)
+        logLikelihoodNats.neg().div_(scalar (float dimensions * Math.Log 2.0))
     /// Standard normal log density per sample.
     static member StandardNormalLogProb(z: Tensor) = standardNormalLogProb z

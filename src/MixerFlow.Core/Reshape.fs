@@ -78,6 +78,12 @@ type Patchify(geometry: PatchGeometry) =
     let shape = geometry.ImageShape
     let c, h, w = shape.[0], shape.[1], shape.[2]
     let ph, pw = geometry.PatchHeight, geometry.PatchWidth
+    // Non-overlapping ph x pw blocks: unfold (im2col) gives [B, C ph pw, P], each column one
+    // patch with its values in (c, i, j) order and the patches in raster order, the layout of
+    // [B, C, H/ph, ph, W/pw, pw] permuted to [B, H/ph, W/pw, C, ph, pw]: one copy and one view
+    // instead of two views and a copy; fold puts the blocks back.
+    let block = struct (ph, pw)
+    let size = struct (h, w)
     new(imageShape: int64[], strategy: PatchStrategy, size: int64) = Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
@@ -87,15 +93,11 @@ type Patchify(geometry: PatchGeometry) =
     member _.Features = geometry.Features
     override this.Forward(x) =
         this.CheckShape(x, shape, "input")
-        let b = x.shape.[0]
-        // [B, C, H/ph, ph, W/pw, pw] -> [B, H/ph, W/pw, C, ph, pw] -> [B, P, D]
-        let y = x.reshape(b, c, h / ph, ph, w / pw, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b, geometry.Patches, geometry.Features)
-        Transformed.VolumePreserving(y)
+        let columns = torch.nn.functional.unfold(x, block, stride = Nullable block)
+        Transformed.VolumePreserving(columns.transpose(1L, 2L))
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
-        let b = y.shape.[0]
-        let x = y.reshape(b, h / ph, w / pw, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, h, w)
-        Transformed.VolumePreserving(x)
+        Transformed.VolumePreserving(torch.nn.functional.fold(y.transpose(1L, 2L), size, block, stride = Nullable block))
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
 /// MixerFlow layers. A permutation: log|det| = 0.

@@ -76,19 +76,19 @@ public class ConvolutionTests
     }
 }
 /// <summary>
-/// Glow's coupling networks run large batches in chunks (ImageWiseSequential), so that no im2col
+/// Glow's coupling networks run large batches in chunks (ReluNetwork), so that no im2col
 /// buffer outgrows malloc's heap; the result must be that of the whole batch at once.
 /// </summary>
-public class ImageWiseSequentialTests
+public class ReluNetworkChunkTests
 {
-    static ImageWiseSequential Net(long bufferBytes)
+    static ReluNetwork Net(long bufferBytes)
     {
         manual_seed(5);
         var layers = new nn.Module<Tensor, Tensor>[]
         {
             nn.Conv2d(6, 16, 3, padding: 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 3, padding: 1),
         };
-        return new ImageWiseSequential(layers, bufferBytes);
+        return new ReluNetwork(layers, bufferBytes);
     }
 
     [Fact]
@@ -100,7 +100,7 @@ public class ImageWiseSequentialTests
         var chunked = Net(100_000);
         whole.to(float64);
         chunked.to(float64);
-        Tensor Loss(ImageWiseSequential net, Tensor input) => net.forward(input).pow(2).sum();
+        Tensor Loss(ReluNetwork net, Tensor input) => net.forward(input).pow(2).sum();
         var (lw, lc) = (Loss(whole, x), Loss(chunked, x));
         Assert.Equal(lw.item<double>(), lc.item<double>(), 10);
         lw.backward();
