@@ -1,18 +1,31 @@
-// float32 GEMM throughput of LibTorch as MixerFlow sets it up, one thread:
-//   dotnet run --project benchmarks/Gemm -c Release -- [n] [repeats]
-// Run once as is and once with MIXERFLOW_MKL_GENERIC=1 (MKL's own CPU check) to compare.
+// GEMM throughput of LibTorch as MixerFlow sets it up, one thread:
+//   dotnet run --project benchmarks/Gemm -c Release -- [n | MxKxN] [repeats] [float32|bfloat16|float16] [onednn]
+// Run once as is and once with MIXERFLOW_MKL_GENERIC=1 (MKL's own CPU check) to compare; the
+// dtype argument measures the reduced-precision products (for example bfloat16 at a model's shape).
 using MixerFlow.Core;
 using static TorchSharp.torch;
 
-int n = args.Length > 0 ? int.Parse(args[0]) : 1024;
+var shape = args.Length > 0 ? args[0].Split('x').Select(long.Parse).ToArray() : [1024L];
+if (shape.Length == 1) shape = [shape[0], shape[0], shape[0]];
+if (shape.Length != 3 || shape.Any(v => v < 1)) { Console.Error.WriteLine("shape: n or MxKxN, positive"); return 2; }
+var (m, k, n) = (shape[0], shape[1], shape[2]);
 int repeats = args.Length > 1 ? int.Parse(args[1]) : 15;
+var dtype = (args.Length > 2 ? args[2] : "float32") switch
+{
+    "float32" => ScalarType.Float32,
+    "bfloat16" => ScalarType.BFloat16,
+    "float16" => ScalarType.Float16,
+    var other => throw new ArgumentException($"dtype: float32, bfloat16 or float16, got '{other}'"),
+};
 NativeRuntime.EnsureLoaded();
 NativeBackend.Ensure();
+// "onednn": oneDNN back on (MixerFlow turns it off for its convolutions), for its bfloat16 kernels.
+if (args.Length > 3 && args[3] == "onednn") NativeBackend.MkldnnEnabled = true;
 set_num_threads(1);
-Console.WriteLine($"MKL: {NativeBackend.MklOutcome}");
+Console.WriteLine($"MKL: {NativeBackend.MklOutcome}; oneDNN {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
 manual_seed(1);
-var a = randn(n, n);
-var b = randn(n, n);
+var a = randn(m, k).to(dtype);
+var b = randn(k, n).to(dtype);
 var times = new List<double>();
 for (int i = 0; i < repeats + 2; i++)
 {
@@ -21,9 +34,12 @@ for (int i = 0; i < repeats + 2; i++)
     if (i >= 2) times.Add(sw.Elapsed.TotalSeconds);
 }
 times.Sort();
-double flop = 2.0 * n * n * n;
-Console.WriteLine($"{n}^3 float32 matmul, 1 thread: median {flop / times[times.Count / 2] / 1e9:0.0} GFLOP/s " +
+double flop = 2.0 * m * k * n;
+Console.WriteLine($"[{m}x{k}]x[{k}x{n}] {dtype} matmul, 1 thread: median {flop / times[times.Count / 2] / 1e9:0.0} GFLOP/s " +
                   $"(min {flop / times[^1] / 1e9:0.0}, max {flop / times[0] / 1e9:0.0}; {repeats} runs)");
-// A checksum of the product, to compare the two paths' results.
-using var check = a.matmul(b);
-Console.WriteLine($"checksum {check.sum().item<float>():0.000} abs-sum {check.abs().sum().item<float>():0.0}");
+// A checksum of the product, to compare the two paths' results (and a reduced precision's error).
+using var check = a.matmul(b).to(float32);
+using var exact = a.to(float32).matmul(b.to(float32));
+Console.WriteLine($"checksum {check.sum().item<float>():0.000} abs-sum {check.abs().sum().item<float>():0.0}; " +
+                  $"largest difference from the float32 product of the same (rounded) inputs {(check - exact).abs().max().item<float>():G3}");
+return 0;
