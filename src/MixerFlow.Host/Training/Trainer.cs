@@ -113,7 +113,7 @@ public sealed class Trainer
         {
             // Only this rank failed: the others wait in a collective call and would wait forever.
             Console.Error.WriteLine($"error on rank {ranks.Rank} of {ranks.Size}: {(e is UserError ? e.Message : e.ToString())}");
-            Console.Error.WriteLine("ending every rank (MPI_Abort); the run folder keeps its last checkpoint");
+            Console.Error.WriteLine("ending every rank (MPI_Abort); checkpoints already written are kept");
             ranks.Abort(e is UserError ? 2 : 1);
             throw;
         }
