@@ -266,11 +266,6 @@ module internal HugePageGlue =
             if i >= 0 && j > i then text.Substring(i + 1, j - i - 1) else null
         with _ -> null
 
-    /// Whether GLIBC_TUNABLES keeps freed memory in the heap (an mmap threshold given).
-    let keepsFreedMemory (tunables: string) =
-        if String.IsNullOrEmpty tunables then false
-        else tunables.Split(':') |> Array.exists (fun kv -> kv.Trim().StartsWith "glibc.malloc.mmap_threshold=")
-
     /// What the restart adds to GLIBC_TUNABLES, each only when not given: huge pages, and malloc
     /// keeping what it frees (mmap only above 32 MB, the largest threshold glibc takes, and no
     /// trimming of the heap), so the buffers a training step frees are reused by the next step
@@ -290,6 +285,9 @@ module internal HugePageGlue =
 
     /// The value of glibc.malloc.hugetlb in a GLIBC_TUNABLES string ("a=1:b=2"), or null.
     let tunableValue (tunables: string) = valueOf tunable tunables
+
+    /// Whether GLIBC_TUNABLES keeps freed memory in the heap (an mmap threshold given).
+    let keepsFreedMemory (tunables: string) = not (isNull (valueOf "glibc.malloc.mmap_threshold" tunables))
 
     /// GLIBC_TUNABLES with the tunables of `added` that it does not set appended.
     let withTunables (given: string) =

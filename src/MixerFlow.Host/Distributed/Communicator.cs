@@ -85,6 +85,15 @@ public static class Communicator
         return int.TryParse(environment("PMI_SIZE"), out int size) && size > 1 ? size : 1;
     }
 
+    /// <summary>The processes of this job on this machine, as the launcher says (MPICH's MPI_LOCALNRANKS, Open MPI's equivalent; 1 when unknown).</summary>
+    public static int LocalSize() =>
+        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALNRANKS") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_SIZE"), out int n) && n > 0 ? n : 1;
+
+    /// <summary>This process's index among the job's processes on this machine (MPICH's MPI_LOCALRANKID, Open MPI's or Slurm's equivalent; 0 when unknown): which GPU it takes.</summary>
+    public static int LocalRank() =>
+        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALRANKID") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_RANK")
+                     ?? Environment.GetEnvironmentVariable("SLURM_LOCALID"), out int r) && r >= 0 ? r : 0;
+
     static ICommunicator Create()
     {
         if (LaunchedSize() <= 1) return SingleProcess.Instance;

@@ -14,7 +14,8 @@ public static class Evaluation
     /// without gradients. The dequantisation noise is drawn from <paramref name="seed"/>, so the
     /// score is reproducible. With a <paramref name="communicator"/> of several ranks (every rank
     /// calls it) the batches are dealt out round-robin, each scored with the noise one process
-    /// would draw for it, and the sums are reduced: every rank gets the one-process score.
+    /// would draw for it, and the mean and squared deviations are reduced: every rank gets the
+    /// one-process score.
     /// </summary>
     public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = 256, Device? device = null, int seed = 1234,
                                                           ICommunicator? communicator = null)
@@ -22,27 +23,9 @@ public static class Evaluation
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
         if (data.Count == 0) throw new UserError($"{data.Source}: no images to evaluate");
         device ??= model.Device;
-        if (communicator is { Size: > 1 }) return Sharded(model, data, batchSize, device, seed, communicator);
-        var all = new List<double>(data.Count);
-        model.Evaluating(() =>
-        {
-            manual_seed(seed);
-            for (int start = 0; start < data.Count; start += batchSize)
-            {
-                var idx = Enumerable.Range(start, Math.Min(batchSize, data.Count - start)).ToArray();
-                using var scope = NewDisposeScope();
-                all.AddRange(model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray());
-            }
-        });
-        double mean = all.Average();
-        double sd = Math.Sqrt(all.Sum(v => (v - mean) * (v - mean)) / Math.Max(1, all.Count - 1));
-        return (mean, sd / Math.Sqrt(all.Count));
-    }
-
-    static (double Mean, double StdErr) Sharded(ImageFlow model, ImageDataset data, int batchSize, Device device, int seed, ICommunicator ranks)
-    {
-        var sums = new double[3]; // count, sum, sum of squares
+        int size = communicator?.Size ?? 1, rank = communicator?.Rank ?? 0;
         var m = model.Config;
+        var all = new List<double>(data.Count);
         model.Evaluating(() =>
         {
             manual_seed(seed);
@@ -50,27 +33,32 @@ public static class Evaluation
             {
                 int n = Math.Min(batchSize, data.Count - start);
                 using var scope = NewDisposeScope();
-                // Every rank draws every batch's noise, so the generator is where one process's would be.
+                // The noise of the batch's dequantisation, drawn by every rank for every batch, so
+                // the generator is where one process's would be (the same draw as its rand_like).
                 var noise = rand([n, m.Channels, m.Height, m.Width], dtype: model.DType, device: device);
-                if (k % ranks.Size != ranks.Rank) continue;
+                if (k % size != rank) continue;
                 model.Dequantize.Noise = noise;
                 try
                 {
                     var idx = Enumerable.Range(start, n).ToArray();
-                    foreach (var v in model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray())
-                    {
-                        sums[0] += 1;
-                        sums[1] += v;
-                        sums[2] += v * v;
-                    }
+                    all.AddRange(model.BitsPerDim(data.Batch(idx).to(model.DType).to(device)).to_type(float64).cpu().data<double>().ToArray());
                 }
                 finally { model.Dequantize.Noise = null!; }
             }
         });
-        ranks.AllReduceSum(sums);
-        double count = sums[0], mean = sums[1] / count;
-        double variance = Math.Max(0, (sums[2] - count * mean * mean) / Math.Max(1, count - 1));
-        return (mean, Math.Sqrt(variance) / Math.Sqrt(count));
+        if (size == 1)
+        {
+            double mean = all.Average();
+            double sd = Math.Sqrt(all.Sum(v => (v - mean) * (v - mean)) / Math.Max(1, all.Count - 1));
+            return (mean, sd / Math.Sqrt(all.Count));
+        }
+        // Two passes over the ranks, as over the images above: the mean, then the squared deviations.
+        var sums = new[] { all.Count, all.Sum() };
+        communicator!.AllReduceSum(sums);
+        double count = sums[0], globalMean = sums[1] / count;
+        var squares = new[] { all.Sum(v => (v - globalMean) * (v - globalMean)) };
+        communicator.AllReduceSum(squares);
+        return (globalMean, Math.Sqrt(squares[0] / Math.Max(1, count - 1)) / Math.Sqrt(count));
     }
 
     /// <summary>The latents of every image of <paramref name="data"/>, flattened: [N, C*H*W] on the CPU.</summary>

@@ -159,14 +159,14 @@ public sealed class Trainer
             if (s.Threads == 0 && s.Device == "cpu")
             {
                 // N ranks on one machine share its cores: LibTorch's default (every core) would oversubscribe them.
-                int local = LocalRanks();
+                int local = Communicator.LocalSize();
                 set_num_threads(Math.Max(1, Environment.ProcessorCount / Math.Max(1, local)));
             }
         }
         // Device and threads may change on resume: read them from the resolved settings, once.
         if (s.Threads > 0) set_num_threads(s.Threads);
         var device = ParseDevice(s.Device);
-        if (ranks.Size > 1 && device.type == TorchSharp.DeviceType.CUDA) device = new Device(TorchSharp.DeviceType.CUDA, LocalRank() % Math.Max(1, cuda.device_count()));
+        if (ranks.Size > 1 && device.type == TorchSharp.DeviceType.CUDA) device = new Device(TorchSharp.DeviceType.CUDA, Communicator.LocalRank() % Math.Max(1, cuda.device_count()));
         manual_seed(s.Seed);
         // Rank 0 builds the model (fresh, or from the checkpoint) and hands it to the others as a
         // checkpoint in memory: model tensors, optimiser state, step and best score.
@@ -424,12 +424,4 @@ public sealed class Trainer
         for (int i = 0; i < others.Length; i++) others[i].copy_(saved[i]);
     }
 
-    /// <summary>The processes of this job on this machine (MPICH's MPI_LOCALNRANKS, Open MPI's and Slurm's equivalents; 1 when unknown).</summary>
-    static int LocalRanks() =>
-        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALNRANKS") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_SIZE"), out int n) && n > 0 ? n : 1;
-
-    /// <summary>This process's index among the job's processes on this machine (for picking a GPU).</summary>
-    static int LocalRank() =>
-        int.TryParse(Environment.GetEnvironmentVariable("MPI_LOCALRANKID") ?? Environment.GetEnvironmentVariable("OMPI_COMM_WORLD_LOCAL_RANK")
-                     ?? Environment.GetEnvironmentVariable("SLURM_LOCALID"), out int r) && r >= 0 ? r : 0;
 }
