@@ -15,11 +15,14 @@ static class MixerflowProcess
         readonly Process process;
         readonly System.Text.StringBuilder stdout = new(), stderr = new();
 
-        public Child(params string[] args)
+        public Child(params string[] args) : this("dotnet", [Dll, .. args]) { }
+
+        /// <summary>Any program (a launcher such as mpiexec, say), its output collected the same way.</summary>
+        public Child(string program, IEnumerable<string> args, Action<ProcessStartInfo>? configure = null)
         {
-            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-            psi.ArgumentList.Add(Dll);
+            var psi = new ProcessStartInfo(program) { RedirectStandardOutput = true, RedirectStandardError = true };
             foreach (var a in args) psi.ArgumentList.Add(a);
+            configure?.Invoke(psi);
             process = new Process { StartInfo = psi };
             process.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (stdout) stdout.AppendLine(e.Data); };
             process.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (stderr) stderr.AppendLine(e.Data); };

@@ -25,42 +25,26 @@ static class MpiLauncher
     /// <summary>A started <c>mpiexec -n ranks dotnet mixerflow.dll args</c>, its output collected.</summary>
     public sealed class Job : IDisposable
     {
-        readonly Process process;
-        readonly System.Text.StringBuilder output = new();
+        readonly MixerflowProcess.Child child;
 
         public Job(int ranks, params string[] args)
         {
             Require();
-            var psi = new ProcessStartInfo(Mpiexec!) { RedirectStandardOutput = true, RedirectStandardError = true };
-            foreach (var a in new[] { "-n", ranks.ToString(), "dotnet", MixerflowProcess.Dll }.Concat(args)) psi.ArgumentList.Add(a);
-            psi.Environment.Remove("MIXERFLOW_MPI");
-            process = new Process { StartInfo = psi };
-            process.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
-            process.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
-            process.Start();
-            process.BeginOutputReadLine();
-            process.BeginErrorReadLine();
+            child = new MixerflowProcess.Child(Mpiexec!, ["-n", ranks.ToString(), "dotnet", MixerflowProcess.Dll, .. args],
+                                               psi => psi.Environment.Remove("MIXERFLOW_MPI"));
         }
 
-        public string Output { get { lock (output) return output.ToString(); } }
+        /// <summary>Standard output, then standard error.</summary>
+        public string Output => child.Stdout + child.Stderr;
 
-        public int Wait(TimeSpan limit)
-        {
-            if (!process.WaitForExit(limit))
-            {
-                process.Kill(entireProcessTree: true);
-                Assert.Fail($"mpiexec did not end within {limit}\n{Output}");
-            }
-            process.WaitForExit();
-            return process.ExitCode;
-        }
+        public int Wait(TimeSpan limit) => child.Wait(limit);
 
         /// <summary>The pid of the rank's <c>dotnet</c> process (found by its PMI_RANK among this job's processes).</summary>
         public int RankPid(int rank)
         {
             foreach (var dir in Directory.GetDirectories("/proc"))
             {
-                if (!int.TryParse(Path.GetFileName(dir), out int pid) || pid == process.Id) continue;
+                if (!int.TryParse(Path.GetFileName(dir), out int pid) || pid == child.Id) continue;
                 try
                 {
                     var cmdline = File.ReadAllText(Path.Combine(dir, "cmdline"));
@@ -70,7 +54,7 @@ static class MpiLauncher
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
             }
-            throw new InvalidOperationException($"rank {rank} of mpiexec {process.Id} not found\n{Output}");
+            throw new InvalidOperationException($"rank {rank} of mpiexec {child.Id} not found\n{Output}");
         }
 
         bool IsDescendant(int pid)
@@ -80,16 +64,12 @@ static class MpiLauncher
                 var stat = File.ReadAllText($"/proc/{p}/stat");
                 // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
                 p = int.Parse(stat[(stat.LastIndexOf(')') + 2)..].Split(' ')[1]);
-                if (p == process.Id) return true;
+                if (p == child.Id) return true;
             }
             return false;
         }
 
-        public void Dispose()
-        {
-            if (!process.HasExited) process.Kill(entireProcessTree: true);
-            process.Dispose();
-        }
+        public void Dispose() => child.Dispose();
     }
 
     public static (int Code, string Output) Run(int ranks, TimeSpan limit, params string[] args)
