@@ -427,7 +427,11 @@ class Coupling(Bijector):
 
     def _run(self, x, context, inverse):
         if self.contiguous:
-            xa, xb = x.narrow(1, self.cond_start, self.n_a), x.narrow(1, self.trans_start, self.n_b)
+            # One split, as Core (its backward is one cat of the two gradients).
+            if self.cond_start == 0:
+                xa, xb = torch.split(x, [self.n_a, self.n_b], 1)
+            else:
+                xb, xa = torch.split(x, [self.n_b, self.n_a], 1)
         else:
             xa, xb = x.index_select(1, self.conditioningIndex), x.index_select(1, self.transformedIndex)
         h = self.net(xa if context is None else torch.cat([xa, context], 1)).reshape((x.shape[0], self.k, self.n_b) + self.rest)

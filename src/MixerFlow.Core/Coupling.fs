@@ -94,15 +94,22 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
 
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
+        // One split, not two narrows: its backward is one cat of the two gradients, where each
+        // narrow's would fill a zero tensor of the whole input and the two would then be added.
         let xa, xb =
-            if contiguous then x.narrow(1L, conditioningStart, nA), x.narrow(1L, transformedStart, nB)
+            if contiguous then
+                if conditioningStart = 0L then
+                    let parts = x.split([| nA; nB |], 1L) in parts.[0], parts.[1]
+                else
+                    let parts = x.split([| nB; nA |], 1L) in parts.[1], parts.[0]
             else x.index_select(1L, conditioningIndex), x.index_select(1L, transformedIndex)
         let struct (yb, logDeriv) =
             if isAffine then
                 // The affine map's two parameters as slices of the network's output (no reshape).
                 let out = this.NetOutput(xa, context)
                 let affine = map :?> Affine
-                let shift, rawLogScale = out.narrow(1L, 0L, nB), out.narrow(1L, nB, nB)
+                let parts = out.split([| nB; nB |], 1L)
+                let shift, rawLogScale = parts.[0], parts.[1]
                 if inverse then affine.InverseParts(xb, shift, rawLogScale) else affine.ForwardParts(xb, shift, rawLogScale)
             else
                 let h = this.Parameters(xa, context)

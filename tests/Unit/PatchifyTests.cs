@@ -56,6 +56,25 @@ public class PatchifyTests
         Assert.Equal(new double[] { 0, 1, 2, 3, 4, 5, 6, 7 }, rows[0]);
     }
 
+    [Theory]
+    [InlineData(PatchStrategy.Square, 2)]
+    [InlineData(PatchStrategy.Bands, 2)]
+    [InlineData(PatchStrategy.Stripes, 3)]
+    public void The_inverse_reads_a_transposed_matrix_as_its_contiguous_copy(PatchStrategy strategy, int size)
+    {
+        // ColumnWise returns [P, D] as a transposed view of [D, P]; Patchify's inverse reads that
+        // layout directly. Both layouts must give the image back, and the same image.
+        var p = new Patchify(new long[] { 2, 6, 6 }, strategy, size);
+        var image = Image(2, 6, 6).repeat(3, 1, 1, 1).add(arange(3, dtype: float64).reshape(3, 1, 1, 1).mul(1000));
+        var matrix = p.Forward(image).Value;
+        var transposedView = matrix.transpose(1, 2).contiguous().transpose(1, 2);
+        Assert.False(transposedView.is_contiguous());
+        var fromView = p.Inverse(transposedView).Value;
+        var fromCopy = p.Inverse(matrix.contiguous()).Value;
+        Assert.True(fromView.equal(image).all().item<bool>());
+        Assert.True(fromCopy.equal(image).all().item<bool>());
+    }
+
     [Fact]
     public void Shift_rolls_the_image_cyclically()
     {
