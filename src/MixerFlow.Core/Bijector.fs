@@ -327,13 +327,32 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     override this.Inverse(y: Tensor) = this.Inverse(y, null)
 
     /// The parts' log-det pieces gathered, not added: Transformed adds them up when its log-det is read.
+    /// Without gradients (evaluation, sampling) nothing else holds a part's temporaries: each part
+    /// runs in a dispose scope of its own, what it returns moves out of it, and the input it was
+    /// given is freed once it is done with (unless it is the chain's own input or is returned), so
+    /// that memory is reused while still in cache instead of piling up until the caller's scope ends.
     static member private Run(parts: seq<Bijector>, x: Tensor, step: Bijector -> Tensor -> Transformed) =
+        let freeEarly = not (torch.is_grad_enabled())
         let mutable h = x
         let perSample = ResizeArray<Tensor list>()
         let terms = ResizeArray<Tensor list>()
         let constants = ResizeArray<Tensor list>()
         for p in parts do
-            let r = step p h
+            let r =
+                if not freeEarly then step p h
+                else
+                    use scope = torch.NewDisposeScope()
+                    let r = step p h
+                    // Only what this scope made moves (a returned input or parameter is left alone).
+                    scope.MoveToOuter(r.Value) |> ignore
+                    for t in r.PerSample do scope.MoveToOuter(t) |> ignore
+                    for t in r.Terms do scope.MoveToOuter(t) |> ignore
+                    for t in r.Constants do scope.MoveToOuter(t) |> ignore
+                    r
+            if freeEarly && not (obj.ReferenceEquals(h, x)) then
+                let returned (t: Tensor) = obj.ReferenceEquals(t, h)
+                if not (returned r.Value || List.exists returned r.PerSample || List.exists returned r.Terms || List.exists returned r.Constants) then
+                    h.Dispose()
             h <- r.Value
             perSample.Add r.PerSample
             terms.Add r.Terms
