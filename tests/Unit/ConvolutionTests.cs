@@ -26,6 +26,30 @@ public class ConvolutionTests
         ((got - expected).abs() / (expected.abs() + 1)).max().item<double>();
 
     [Theory]
+    [InlineData(12, 4, 3, 5, 7)]    // Glow's last coupling layer in miniature, a non-square image
+    [InlineData(9, 2, 5, 6, 6)]     // a 5x5 kernel
+    [InlineData(3, 1, 3, 1, 4)]     // one row
+    public void A_thin_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w)
+    {
+        manual_seed(11);
+        var conv = nn.Conv2d(inC, outC, k, padding: k / 2);
+        conv.to(float64);
+        using (no_grad()) foreach (var p in conv.parameters()) p.copy_(randn_like(p));
+        Assert.True(ThinConvolution.Applies(conv));
+        var x = randn(3, inC, h, w, dtype: float64);
+        var net = new ReluNetwork(new nn.Module<Tensor, Tensor>[] { conv });
+        var (yThin, gxThin, gpThin) = Run(net, x);
+        var (y, gx, gp) = Run(conv, x);
+        Assert.True(MaxError(yThin, y) < 1e-12, $"output off by {MaxError(yThin, y)}");
+        Assert.True(MaxError(gxThin, gx) < 1e-12, $"input gradient off by {MaxError(gxThin, gx)}");
+        for (int i = 0; i < gp.Length; i++) Assert.True(MaxError(gpThin[i], gp[i]) < 1e-12, $"parameter {i}'s gradient off by {MaxError(gpThin[i], gp[i])}");
+        // Wider outputs, strides and other paddings keep LibTorch's convolution.
+        Assert.False(ThinConvolution.Applies(nn.Conv2d(outC, inC, k, padding: k / 2)));
+        Assert.False(ThinConvolution.Applies(nn.Conv2d(inC, outC, k, stride: 2, padding: k / 2)));
+        Assert.False(ThinConvolution.Applies(nn.Conv2d(inC, outC, k)));
+    }
+
+    [Theory]
     [InlineData(72, 1, 7)]   // glow-fashion-mnist's coupling net: 72 hidden channels, 2 -> 2x2 channels
     [InlineData(8, 2, 3)]    // the property checks' affine-coupling-conv: 4 channels, 3x3 images
     [InlineData(5, 1, 2)]
