@@ -34,6 +34,20 @@ public sealed class FlopCounter : IDisposable
 
     public FlopCounter(nn.Module root)
     {
+        // Convolutions that ReluNetwork runs as ThinConvolution (one product and a col2im) are not
+        // called as modules; they are counted as the convolution they compute (the same FLOPs).
+        var thin = root.modules().OfType<Conv2d>().Where(MixerFlow.Core.ThinConvolution.Applies).ToHashSet(ReferenceEqualityComparer.Instance);
+        if (thin.Count > 0)
+        {
+            MixerFlow.Core.ThinConvolution.Observer = (conv, x, y, seconds) =>
+            {
+                if (!Recording || !thin.Contains(conv)) return;
+                var w = conv.weight!.shape;
+                seen.Add(new Gemm("conv", w[0], w[1] * w[2] * w[3], y.shape[2] * y.shape[3], x.shape[0]));
+                seenSeconds.Add(seconds);
+            };
+            hooks.Add(() => MixerFlow.Core.ThinConvolution.Observer = null);
+        }
         foreach (var m in root.modules())
         {
             switch (m)

@@ -28,8 +28,20 @@ type ThinConvolution =
         && (isNull c.dilation || c.dilation |> Array.forall (fun v -> v = 1L))
         && not (isNull c.padding) && c.padding.Length = 2 && c.padding |> Array.forall (fun v -> v = k.[0] / 2L)
         && c.out_channels < c.in_channels
+    /// Called after every Apply with the layer, its input and output and the seconds it took,
+    /// where set (null by default): for profilers and FLOP counters, which cannot hook the layer
+    /// itself since its forward is not called.
+    static member val Observer : Action<Conv2d, Tensor, Tensor, float> = null with get, set
     /// The convolution of a batch [B, in, H, W] by this path.
     static member Apply(c: Conv2d, x: Tensor) : Tensor =
+        let observer = ThinConvolution.Observer
+        if isNull observer then ThinConvolution.Compute(c, x)
+        else
+            let started = Diagnostics.Stopwatch.GetTimestamp()
+            let y = ThinConvolution.Compute(c, x)
+            observer.Invoke(c, x, y, Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds)
+            y
+    static member private Compute(c: Conv2d, x: Tensor) : Tensor =
         let w = c.weight
         let o, i, k = w.shape.[0], w.shape.[1], w.shape.[2]
         let b, h, wd = x.shape.[0], x.shape.[2], x.shape.[3]

@@ -41,6 +41,22 @@ public class SpeedBenchmarkTests
     }
 
     [Fact]
+    public void A_thin_convolution_counts_as_the_convolution_it_computes()
+    {
+        NativeRuntime.EnsureLoaded();
+        NativeBackend.Ensure();
+        using var scope = NewDisposeScope();
+        // 6 -> 2 channels: ReluNetwork runs it as ThinConvolution, which no module hook sees.
+        var net = new ReluNetwork(new nn.Module<Tensor, Tensor>[] { nn.Conv2d(6, 2, 3, padding: 1) });
+        using (var counter = new FlopCounter(net))
+        {
+            var g = Assert.Single(counter.Count(2, () => net.forward(randn(2, 6, 5, 6))));
+            Assert.Equal(new Gemm("conv", 2, 54, 30, 2), g);
+        }
+        Assert.Null(ThinConvolution.Observer);
+    }
+
+    [Fact]
     public void MergeAddsTheCountsOfEqualShapes()
     {
         var merged = FlopCounter.Merge(new[]
