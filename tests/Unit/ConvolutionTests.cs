@@ -43,6 +43,8 @@ public class ConvolutionTests
         Assert.True(MaxError(yThin, y) < 1e-12, $"output off by {MaxError(yThin, y)}");
         Assert.True(MaxError(gxThin, gx) < 1e-12, $"input gradient off by {MaxError(gxThin, gx)}");
         for (int i = 0; i < gp.Length; i++) Assert.True(MaxError(gpThin[i], gp[i]) < 1e-12, $"parameter {i}'s gradient off by {MaxError(gpThin[i], gp[i])}");
+        // An empty batch gives an empty output of the convolution's shape.
+        using (no_grad()) Assert.Equal(new long[] { 0, outC, h, w }, net.forward(zeros(0, inC, h, w, dtype: float64)).shape);
         // Wider outputs, strides and other paddings keep LibTorch's convolution.
         Assert.False(ThinConvolution.Applies(nn.Conv2d(outC, inC, k, padding: k / 2)));
         Assert.False(ThinConvolution.Applies(nn.Conv2d(inC, outC, k, stride: 2, padding: k / 2)));
