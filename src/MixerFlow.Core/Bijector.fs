@@ -92,6 +92,8 @@ type Transformed private (value: Tensor, perSample: Tensor list, terms: Tensor l
     member internal _.PerSample = perSample
     member internal _.Terms = terms
     member internal _.Constants = constants
+    /// The value and every log-det piece.
+    member internal _.Tensors : Tensor list = value :: perSample @ terms @ constants
     /// The same log-det pieces with another value (Partial: the batch is the same).
     member internal _.WithValue(v: Tensor) = Transformed(v, perSample, terms, constants)
     /// Pieces gathered by a chain (or a lifting) from its parts'.
@@ -270,6 +272,12 @@ module Ops =
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     [<CompiledName("SumPerSample")>]
     let sumPerSample (t: Tensor) : Tensor = Shapes.sumPerSample t
+    /// sum * factor in place on a fresh sum of log-scales (its backward does not read it); the
+    /// sum itself for 1: the constant log-det of a scaling repeated at `factor` positions.
+    let internal scaledSum (sum: Tensor) (factor: float) : Tensor =
+        if factor = 1.0 then sum
+        elif factor = -1.0 then sum.neg_()
+        else sum.mul_(scalar factor)
     /// A per-sample log-det that is the same constant for every sample of `like`'s batch (a
     /// broadcast view of `value`: read it, do not write into it).
     [<CompiledName("ConstantLogDet")>]
@@ -344,15 +352,10 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
                     use scope = torch.NewDisposeScope()
                     let r = step p h
                     // Only what this scope made moves (a returned input or parameter is left alone).
-                    scope.MoveToOuter(r.Value) |> ignore
-                    for t in r.PerSample do scope.MoveToOuter(t) |> ignore
-                    for t in r.Terms do scope.MoveToOuter(t) |> ignore
-                    for t in r.Constants do scope.MoveToOuter(t) |> ignore
+                    for t in r.Tensors do scope.MoveToOuter(t) |> ignore
                     r
-            if freeEarly && not (obj.ReferenceEquals(h, x)) then
-                let returned (t: Tensor) = obj.ReferenceEquals(t, h)
-                if not (returned r.Value || List.exists returned r.PerSample || List.exists returned r.Terms || List.exists returned r.Constants) then
-                    h.Dispose()
+            if freeEarly && not (obj.ReferenceEquals(h, x)) && not (List.exists (fun t -> obj.ReferenceEquals(t, h)) r.Tensors) then
+                h.Dispose()
             h <- r.Value
             perSample.Add r.PerSample
             terms.Add r.Terms

@@ -50,7 +50,7 @@ type LULinear(eventShape: int64[]) as this =
         this.CheckShape(x, eventShape, "input")
         let b = x.shape.[0]
         let y = this.Weight.matmul(x.reshape(b, c, -1L)).reshape(x.shape)
-        Transformed.Constant(y, logS.sum().mul_(scalar positions))
+        Transformed.Constant(y, scaledSum (logS.sum()) positions)
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
@@ -59,4 +59,4 @@ type LULinear(eventShape: int64[]) as this =
         let r = permutationMatrix.t().matmul(y.reshape(b, c, -1L))
         let z = torch.linalg.solve_triangular(this.L, r, upper = false, unitriangular = true)
         let x = torch.linalg.solve_triangular(this.U, z, upper = true)
-        Transformed.Constant(x.reshape(y.shape), logS.sum().mul_(scalar -positions))
+        Transformed.Constant(x.reshape(y.shape), scaledSum (logS.sum()) (-positions))

@@ -62,18 +62,12 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         this.CheckShape(x, eventShape, "input")
         if this.training && not this.IsInitialized then this.InitializeFrom x
         let y = (x +. bias) * logScale.exp()
-        Transformed.Constant(y, ActNorm.Scaled(logScale.sum(), positions))
+        Transformed.Constant(y, scaledSum (logScale.sum()) positions)
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let x = y * logScale.neg().exp() - bias
-        Transformed.Constant(x, ActNorm.Scaled(logScale.sum(), -positions))
-
-    /// sum * factor in place on the fresh sum (its backward does not read it); nothing for 1.
-    static member internal Scaled(sum: Tensor, factor: float) =
-        if factor = 1.0 then sum
-        elif factor = -1.0 then sum.neg_()
-        else sum.mul_(scalar factor)
+        Transformed.Constant(x, scaledSum (logScale.sum()) (-positions))
 
 /// Invertible batch normalisation (Dinh, Sohl-Dickstein & Bengio 2017, RealNVP, appendix E):
 /// y = (x - mean) / sqrt(var + eps) * exp(logGamma) + beta. Training mode uses the batch
@@ -125,13 +119,13 @@ type BatchNormFlow(eventShape: int64[], featureAxes: int[],
         let logStd = (addScalar var eps).log() * scalar 0.5
         let logScale = logGamma - logStd
         let y = (x - mean) * logScale.exp() +. beta
-        Transformed.Constant(y, ActNorm.Scaled(logScale.sum(), positions))
+        Transformed.Constant(y, scaledSum (logScale.sum()) positions)
 
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let logStd = (addScalar runningVar eps).log() * scalar 0.5
         let logScale = logStd - logGamma
         let x = (y - beta) * logScale.exp() +. runningMean
-        Transformed.Constant(x, ActNorm.Scaled(logScale.sum(), positions))
+        Transformed.Constant(x, scaledSum (logScale.sum()) positions)
 
     override _.Traits = { BijectorTraits.Bijective with BatchCoupledInTraining = true }

@@ -105,10 +105,10 @@ type Patchify(geometry: PatchGeometry) =
         this.CheckShape(y, this.OutputShape, "input")
         let b = y.shape.[0]
         let featuresFirst = y.transpose(1L, 2L)
-        let blocks =
+        let permuted =
             if featuresFirst.is_contiguous() then featuresFirst.view(Array.append [| b |] featureGrid).permute(fromFeatureGrid)
             else y.reshape(Array.append [| b |] patchGrid).permute(channelsFirst)
-        Transformed.VolumePreserving(blocks.reshape(Array.append [| b |] shape))
+        Transformed.VolumePreserving(permuted.reshape(Array.append [| b |] shape))
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
 /// MixerFlow layers. A permutation: log|det| = 0.
