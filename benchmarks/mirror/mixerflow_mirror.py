@@ -838,18 +838,24 @@ def load_export(path, dtype_name):
     return model.to(dtype).eval(), cfg, dtype
 
 
+def read_batch(path, name, cfg, dtype):
+    """(tensor `name`, tensor `context` or None) from a safetensors file, in `dtype`; a
+    class-conditional model (cfg's `classes`) needs the context."""
+    tensors, _ = read_safetensors(path)
+    if name not in tensors:
+        raise SystemExit(f"{path}: no tensor named '{name}'")
+    context = tensors["context"].to(dtype) if "context" in tensors else None
+    if cfg.get("classes", 0) and context is None:
+        raise SystemExit(f"{path}: the model is class-conditional ({cfg['classes']} classes): give a tensor 'context' [B, classes]")
+    return tensors[name].to(dtype), context
+
+
 def cmd_decode(args):
     model, cfg, dtype = load_export(args.weights, args.dtype)
     Bijector.skip = frozenset(args.skip_inverse or [])
-    latents, _ = read_safetensors(args.latents)
-    if "latents" not in latents:
-        raise SystemExit(f"{args.latents}: no tensor named 'latents'")
-    z = latents["latents"].to(dtype)
+    z, context = read_batch(args.latents, "latents", cfg, dtype)
     if tuple(z.shape[1:]) != model.shape:
         raise SystemExit(f"{args.latents}: latents of shape {list(z.shape)}; the model needs [B, {', '.join(map(str, model.shape))}]")
-    context = latents["context"].to(dtype) if "context" in latents else None
-    if cfg.get("classes", 0) and context is None:
-        raise SystemExit(f"{args.latents}: the model is class-conditional ({cfg['classes']} classes): give a tensor 'context' [B, classes]")
     with torch.no_grad():
         y, x = model.decode(z, context)
     write_safetensors(args.out, {"continuous": y.to(torch.float64), "images": x.to(torch.float64)},
@@ -861,13 +867,7 @@ def cmd_decode(args):
 def cmd_logprob(args):
     model, cfg, dtype = load_export(args.weights, args.dtype)
     Bijector.drop = frozenset(args.drop_logdet or [])
-    inputs, _ = read_safetensors(args.inputs)
-    if "inputs" not in inputs:
-        raise SystemExit(f"{args.inputs}: no tensor named 'inputs'")
-    y = inputs["inputs"].to(dtype)
-    context = inputs["context"].to(dtype) if "context" in inputs else None
-    if cfg.get("classes", 0) and context is None:
-        raise SystemExit(f"{args.inputs}: the model is class-conditional ({cfg['classes']} classes): give a tensor 'context' [B, classes]")
+    y, context = read_batch(args.inputs, "inputs", cfg, dtype)
     with torch.no_grad():
         lp = model.log_prob_continuous(y, context)
     write_safetensors(args.out, {"logprob": lp.to(torch.float64)}, {"parameters": str(parameter_count(model))})

@@ -99,9 +99,17 @@ public class MirrorTests
         manual_seed(seed);
         var c = m.Config;
         var z = randn(6, c.Channels, c.Height, c.Width);
-        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, 6).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
-        SafeTensors.Write(latents, context is null ? new[] { ("latents", z) } : new[] { ("latents", z), ("context", context) });
-        return (z, context);
+        return (z, WriteWithClasses(m, latents, "latents", z));
+    }
+
+    /// Writes `x` as tensor `name`, with one-hot classes 0, 1, ... as tensor "context" for a
+    /// class-conditional model (the same on both sides); returns the classes, or null.
+    static Tensor? WriteWithClasses(ImageFlow m, string path, string name, Tensor x)
+    {
+        var n = (int)x.shape[0];
+        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, n).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
+        SafeTensors.Write(path, context is null ? new[] { (name, x) } : new[] { (name, x), ("context", context) });
+        return context;
     }
 
     static string Show(double[] ours, double[] mirror) =>
@@ -127,9 +135,7 @@ public class MirrorTests
         string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
         m.ExportSafetensors(weights);
         var y = Inputs(c, 6, 12);
-        // A class-conditional model gets one-hot classes, the same on both sides.
-        var context = m.ContextFeatures > 0 ? m.OneHot(Enumerable.Range(0, 6).Select(i => i % (int)m.ContextFeatures).ToList()) : null;
-        SafeTensors.Write(inputs, context is null ? new[] { ("inputs", y) } : new[] { ("inputs", y), ("context", context) });
+        var context = WriteWithClasses(m, inputs, "inputs", y);
 
         var ours32 = OurLogProb(m, y, context);
         var mirror32 = PythonMirror.LogProb(weights, inputs, dir.File("lp32.safetensors"), "float32");
