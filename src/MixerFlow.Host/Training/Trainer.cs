@@ -415,13 +415,14 @@ public sealed class Trainer
     static void InitialiseActNormOnGlobalBatch(ImageFlow model, Tensor global, Tensor noise)
     {
         if (!model.modules().OfType<ActNorm>().Any(a => !a.IsInitialized)) return;
-        var others = model.named_buffers().Where(b => !b.name.EndsWith("initialized") && b.buffer.is_floating_point()).Select(b => b.buffer).ToArray();
-        using var _ = no_grad();
-        var saved = others.Select(b => b.clone()).ToArray();
-        model.Dequantize.Noise = noise;
-        try { model.BitsPerDim(global); }
-        finally { model.Dequantize.Noise = null!; }
-        for (int i = 0; i < others.Length; i++) others[i].copy_(saved[i]);
+        var others = new BufferSnapshot(model.named_buffers().Where(b => !b.name.EndsWith("initialized") && b.buffer.is_floating_point()).Select(b => b.buffer));
+        using (no_grad())
+        {
+            model.Dequantize.Noise = noise;
+            try { model.BitsPerDim(global); }
+            finally { model.Dequantize.Noise = null!; }
+        }
+        others.Restore();
     }
 
 }

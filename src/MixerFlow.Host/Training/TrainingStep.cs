@@ -42,12 +42,10 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         using var scope = NewDisposeScope();
         // Only buffers a forward pass may change: floating point ones (running statistics) and
         // single values (ActNorm's initialised flag); integer index buffers never change.
-        var buffers = model.buffers().Where(b => b.is_floating_point() || b.numel() == 1).ToArray();
-        Tensor[] saved;
-        using (no_grad()) saved = buffers.Select(b => b.clone()).ToArray();
+        var buffers = new BufferSnapshot(model.buffers().Where(b => b.is_floating_point() || b.numel() == 1));
         StepOutcome Drop(double bpd, string why)
         {
-            using (no_grad()) for (int i = 0; i < buffers.Length; i++) buffers[i].copy_(saved[i]);
+            buffers.Restore();
             return new StepOutcome(false, bpd, why);
         }
         var loss = model.BitsPerDim(batch).mean();
