@@ -31,6 +31,8 @@ public sealed class FlopCounter : IDisposable
     readonly List<Action> hooks = new();
     readonly List<(long C, long Pixels)> luLinears = new();
     public bool Recording { get; set; }
+    /// <summary>The kind of a Linear's product computed in bfloat16 (ReluNetwork.ComputeType).</summary>
+    public const string ReducedLinear = "linear-bf16";
 
     public FlopCounter(nn.Module root)
     {
@@ -48,8 +50,35 @@ public sealed class FlopCounter : IDisposable
             };
             hooks.Add(() => MixerFlow.Core.ThinConvolution.Observer = null);
         }
+        // A ReluNetwork computing in bfloat16 runs its Linears as one node, not as modules: its
+        // products are counted from its layers' shapes, as "linear-bf16".
+        var reduced = root.modules().OfType<MixerFlow.Core.ReluNetwork>().Where(r => r.ComputeType.HasValue).ToList();
+        var inReduced = reduced.SelectMany(r => r.Layers.OfType<Linear>()).ToHashSet(ReferenceEqualityComparer.Instance);
+        foreach (var r in reduced)
+        {
+            var rp = r.register_forward_pre_hook((mod, x) => { started = Stopwatch.GetTimestamp(); return x; });
+            hooks.Add(() => rp.remove());
+            var rh = r.register_forward_hook((mod, x, y) =>
+            {
+                if (!Recording) return y;
+                long rows = x.numel() / x.shape[^1];
+                var linears = ((MixerFlow.Core.ReluNetwork)mod).Layers.OfType<Linear>().ToList();
+                // The network's time (casts and ReLUs included), shared by its products' FLOPs.
+                double seconds = Stopwatch.GetElapsedTime(started).TotalSeconds;
+                var gemms = linears.Select(l => new Gemm(ReducedLinear, rows, l.weight!.shape[1], l.weight!.shape[0], 1)).ToList();
+                double flops = gemms.Sum(g => g.Flops);
+                foreach (var g in gemms)
+                {
+                    seen.Add(g);
+                    seenSeconds.Add(seconds * g.Flops / flops);
+                }
+                return y;
+            });
+            hooks.Add(() => rh.remove());
+        }
         foreach (var m in root.modules())
         {
+            if (inReduced.Contains(m)) continue;
             switch (m)
             {
                 case Linear linear:

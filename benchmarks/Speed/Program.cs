@@ -2,6 +2,8 @@
 //   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror]
 // Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
 // takes the same training steps, evaluations and samplings, interleaved with ours, unless --no-mirror.
+// A preset name with "+bfloat16" (cifar10+bfloat16) is that MixerFlow preset with its conditioners
+// computing in bfloat16 (conditionerPrecision), its mirror under torch.autocast(bfloat16).
 // Method and the measured table: docs/benchmarks.md. Follows the codebase's Scalar rule (no
 // temporary TorchSharp Scalars), although benchmarks/ is not scanned by the unit test.
 using System.Diagnostics;
@@ -19,7 +21,7 @@ HugePages.RestartWithHugePages();
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
-string[] presets = { "fashion-mnist", "cifar10", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
+string[] presets = { "fashion-mnist", "cifar10", "cifar10+bfloat16", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
 int repeats = 5, threads = 1, batch = 64, sampleBatch = 16;
 bool convProbe = false, mirrors = true;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
@@ -36,6 +38,7 @@ for (int i = 0; i < args.Length; i++)
         case "--no-mirror": mirrors = false; break;
         case "--help" or "-h":
             Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe]");
+            Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
     }
@@ -61,7 +64,20 @@ Console.WriteLine(mirrorProblem is null
     : $"PyTorch mirror: {mirrorProblem}");
 Console.WriteLine();
 
-var benches = presets.Select(p => new Bench(Presets.Get(p), batch, sampleBatch, mirrorProblem is null ? threads : 0)).ToList();
+var benches = presets.Select(p => new Bench(Preset(p), batch, sampleBatch, mirrorProblem is null ? threads : 0)).ToList();
+
+// A preset by name; "cifar10+bfloat16" is the preset with its conditioners computing in bfloat16
+// (MixerFlowConfig.ConditionerPrecision), and its mirror under torch.autocast(bfloat16).
+static ModelConfig Preset(string spec)
+{
+    const string reduced = "+bfloat16";
+    if (!spec.EndsWith(reduced, StringComparison.OrdinalIgnoreCase)) return Presets.Get(spec);
+    return Presets.Get(spec[..^reduced.Length]) switch
+    {
+        MixerFlowConfig m => m with { ConditionerPrecision = ConditionerPrecision.Bfloat16, Name = spec },
+        var other => throw new ArgumentException($"{spec}: bfloat16 conditioners are a MixerFlow setting; {other.Name} is {other.Kind}"),
+    };
+}
 // Warm-up (ActNorm's data initialisation, allocator, MKL's first calls), FLOP count, chunk sizes.
 foreach (var b in benches)
 {
@@ -290,7 +306,7 @@ sealed class Bench : IDisposable
     {
         if (mirror is null) return $"- `{Config.Name}`: no mirror timings ({MirrorNote})";
         // Linear and Conv2d GEMMs of one forward pass, ours (FlopCounter) against the mirror's hooks.
-        var ours = shapes.Where(g => g.Kind is "linear" or "conv").Select(g => g.Shape).ToHashSet();
+        var ours = shapes.Where(g => g.Kind is "linear" or "conv" or FlopCounter.ReducedLinear).Select(g => (g with { Kind = g.Kind == FlopCounter.ReducedLinear ? "linear" : g.Kind }).Shape).ToHashSet();
         var theirs = mirror.Gemms.ToHashSet();
         string same = ours.SetEquals(theirs)
             ? $"the same {ours.Count} Linear/Conv2d GEMM shapes and counts as ours"
@@ -356,11 +372,24 @@ sealed class Bench : IDisposable
     }
 
     /// <summary>GFLOP/s of torch.matmul at one shape ([M, K] x [K, N]), repeated for about 0.2 s.</summary>
+    /// <summary>A float32 matmul's rate at <paramref name="g"/>'s shape, or bfloat16's (with oneDNN,
+    /// which the conditioners enable for their products) where the shape is one of theirs.</summary>
     static double TimeMatmul(Gemm g)
     {
         using var scope = NewDisposeScope();
-        var a = randn(g.M, g.K);
-        var b = randn(g.K, g.N);
+        bool reduced = g.Kind == FlopCounter.ReducedLinear;
+        bool before = NativeBackend.MkldnnEnabled;
+        if (reduced) NativeBackend.MkldnnEnabled = true;
+        try
+        {
+            var type = reduced ? bfloat16 : float32;
+            return TimeMatmul(g, randn(g.M, g.K).to_type(type), randn(g.K, g.N).to_type(type));
+        }
+        finally { NativeBackend.MkldnnEnabled = before; }
+    }
+
+    static double TimeMatmul(Gemm g, Tensor a, Tensor b)
+    {
         a.matmul(b); // first call
         double one = 2.0 * g.M * g.K * g.N;
         int n = 0;

@@ -667,6 +667,16 @@ def mlp(inputs, outputs, width, depth):
     return nn.Sequential(*(layers + [last]))
 
 
+class Bfloat16Products(nn.Sequential):
+    """A perceptron whose products run in bfloat16 under autocast, float32 in and out (the same
+    state_dict names as nn.Sequential): MixerFlow's conditionerPrecision = bfloat16."""
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = super().forward(x)
+        return y.float()
+
+
 def conv_net(inputs, outputs, width):
     last = nn.Conv2d(width, outputs, 3, padding=1)
     nn.init.zeros_(last.weight); nn.init.zeros_(last.bias)
@@ -695,6 +705,13 @@ def build_mixerflow(cfg):
     if norm not in ("actNorm", "batchNorm"):
         _unsupported("norm", norm, "actNorm, batchNorm")
     width, depth, steps = cfg.get("hiddenWidth", 128), cfg.get("hiddenDepth", 1), cfg.get("innerSteps", 2)
+    precision = cfg.get("conditionerPrecision", "float32")
+    if precision not in ("float32", "bfloat16"):
+        _unsupported("conditionerPrecision", precision, "float32, bfloat16")
+
+    def conditioner(inputs, outputs):
+        net = mlp(inputs, outputs, width, depth)
+        return Bfloat16Products(*net) if precision == "bfloat16" else net
     p, d = (h // ph) * (w // pw), c * ph * pw
 
     def vector_flow(field, n):
@@ -713,7 +730,7 @@ def build_mixerflow(cfg):
             swapped = s % 2 == 1
             n_b = n - n // 2 if not swapped else n // 2
             n_a = n - n_b
-            parts.append(Coupling(n, swapped, mlp(n_a + classes, k * n_b, width, depth), map=kind, bins=bins, spline_bound=spline_bound))
+            parts.append(Coupling(n, swapped, conditioner(n_a + classes, k * n_b), map=kind, bins=bins, spline_bound=spline_bound))
         return parts[0] if len(parts) == 1 else Chain(parts)
 
     parts = [Logit(cfg.get("alpha", 0.05))]

@@ -43,6 +43,13 @@ module Catalogue =
         spec "affine-coupling-conv" (fun r ->
             let c = 2L * between r 1 2
             new AffineCoupling([| c; between r 2 3; between r 2 3 |], partition r c, Conditioners.Conv(between r 4 8)))
+    /// The affine coupling with a conditioner computing its products in bfloat16
+    /// (Conditioners.Mlp with a compute type): in float32 the reduced path runs (the float64 checks
+    /// see the plain network, which ignores it there).
+    let affineCouplingBfloat16 =
+        spec "affine-coupling-bfloat16" (fun r ->
+            let d = between r 2 8
+            new AffineCoupling([| d |], partition r d, Conditioners.Mlp(between r 4 12, r.Next(1, 3), torch.ScalarType.BFloat16)))
     let additiveCoupling =
         spec "additive-coupling" (fun r ->
             let d = between r 2 8
@@ -185,7 +192,7 @@ module Catalogue =
 
     /// Every built-in family, in catalogue order.
     let all : BijectorSpec list =
-        [ actNorm; batchNorm; affineCoupling; affineCouplingConv; additiveCoupling; splineCoupling; maf
+        [ actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
           patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
           coupling; splineMaf; conditionalCoupling; conditionalMaf ]

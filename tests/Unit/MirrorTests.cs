@@ -24,6 +24,10 @@ public class MirrorTests
     /// <summary>Relative tolerance on log p per image, float32 on both sides.</summary>
     const double Float32Tolerance = 1e-4;
 
+    /// <summary>Relative tolerance on log p per image with bfloat16 conditioners on both sides (oneDNN's
+    /// summation order may differ between the two LibTorch versions: a product one bfloat16 step apart).</summary>
+    const double BfloatTolerance = 1e-4;
+
     /// <summary>Largest |ours - mirror| of decoded continuous images (values in about [-0.06, 1.06]), float64 on both sides.</summary>
     const double DecodeFloat64Tolerance = 1e-12;
     /// <summary>Largest |ours - mirror| of decoded continuous images, float32 on both sides.</summary>
@@ -150,6 +154,34 @@ public class MirrorTests
                           $"{ours64.Zip(mirror64, (a, b) => Math.Abs(a - b)).Max():0.0e0} nats, float32 {ours32.Zip(mirror32, (a, b) => Math.Abs(a - b)).Max():0.0e0} nats");
         Assert.True(worst64 <= Float64Tolerance, $"float64: relative difference {worst64:0.0e0} > {Float64Tolerance:0e0}: {Show(ours64, mirror64)}");
         Assert.True(worst32 <= Float32Tolerance, $"float32: relative difference {worst32:0.0e0} > {Float32Tolerance:0e0}: {Show(ours32, mirror32)}");
+    }
+
+    /// <summary>
+    /// bfloat16 conditioners (conditionerPrecision=bfloat16) against the mirror's torch.autocast:
+    /// the same rounding points (input, weights, biases, each product), so log p agrees far more
+    /// closely than either agrees with the float32-conditioner model of the same weights.
+    /// </summary>
+    [MirrorFact]
+    public void Mirror_log_likelihood_equals_ours_with_bfloat16_conditioners()
+    {
+        PythonMirror.Require();
+        using var dir = new TempDir();
+        var c = Config("tiny", "conditionerPrecision=bfloat16,hiddenWidth=64");
+        using var m = Randomised(c, 11);
+        string weights = dir.File("weights.safetensors"), inputs = dir.File("inputs.safetensors");
+        m.ExportSafetensors(weights);
+        var y = Inputs(c, 6, 12);
+        WriteWithClasses(m, inputs, "inputs", y);
+        var ours = OurLogProb(m, y);
+        var mirror = PythonMirror.LogProb(weights, inputs, dir.File("lp.safetensors"), "float32");
+        using var plain = new ImageFlow(Config("tiny", "hiddenWidth=64"));
+        plain.load_state_dict(m.state_dict());
+        plain.eval();
+        var float32 = OurLogProb(plain, y);
+        double worst = WorstRelative(ours, mirror), rounding = WorstRelative(ours, float32);
+        Console.WriteLine($"bfloat16 conditioners: worst relative difference to the mirror {worst:0.0e0}, to float32 conditioners {rounding:0.0e0}");
+        Assert.True(worst <= BfloatTolerance, $"relative difference {worst:0.0e0} > {BfloatTolerance:0e0}: {Show(ours, mirror)}");
+        Assert.True(rounding > 10 * worst, $"bfloat16 and float32 conditioners differ by only {rounding:0.0e0} (mirror: {worst:0.0e0})");
     }
 
     [MirrorTheory]

@@ -8,11 +8,11 @@ namespace MixerFlow.Unit;
 /// <summary>MixerFlow and Glow assembled in the host: checks, reconstruction, bits/dim, sharing, sizes.</summary>
 public class ModelTests
 {
-    static Tensor RandomImages(int n, ModelConfig c) =>
+    internal static Tensor RandomImages(int n, ModelConfig c) =>
         randint(0, 256, new long[] { n, c.Channels, c.Height, c.Width }).to_type(float32);
 
     /// <summary>Initialise ActNorm on data and perturb every parameter: not the identity any more.</summary>
-    static ImageFlow Randomised(ModelConfig c, int seed, double noise = 0.02)
+    internal static ImageFlow Randomised(ModelConfig c, int seed, double noise = 0.02)
     {
         manual_seed(seed);
         var m = new ImageFlow(c);

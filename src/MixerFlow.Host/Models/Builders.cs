@@ -13,7 +13,9 @@ public static class MixerFlowBuilder
     public static Bijector VectorFlow(MixerFlowConfig c, InnerFlow kind, long dim)
     {
         var steps = new List<Bijector>();
-        var mlp = Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth);
+        var mlp = c.ConditionerPrecision == ConditionerPrecision.Bfloat16
+            ? Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth, torch.ScalarType.BFloat16)
+            : Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth);
         for (int s = 0; s < c.InnerSteps; s++)
         {
             // Alternate the halves so that consecutive steps transform every value.

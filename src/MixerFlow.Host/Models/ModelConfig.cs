@@ -13,6 +13,10 @@ public enum InnerFlow { Affine, Additive, Spline, Maf }
 /// <summary>The normalisation after each mixing flow.</summary>
 public enum Normalisation { ActNorm, BatchNorm }
 
+/// <summary>The type MixerFlow's coupling conditioners compute in (see
+/// <see cref="MixerFlowConfig.ConditionerPrecision"/>).</summary>
+public enum ConditionerPrecision { Float32, Bfloat16 }
+
 /// <summary>
 /// Everything that defines an image model; saved with every checkpoint (as JSON with a
 /// <c>kind</c> field), so a model can be rebuilt from its file alone. The fields every family
@@ -130,6 +134,11 @@ public sealed record MixerFlowConfig : ModelConfig
     public int HiddenWidth { get; init; } = 128;
     public int HiddenDepth { get; init; } = 1;
     public Normalisation Norm { get; init; } = Normalisation.ActNorm;
+    /// <summary>The type the coupling conditioners compute their products in: Float32 (the
+    /// default) or BFloat16, with float32 parameters, results and gradients
+    /// (<see cref="Conditioners.Mlp(long, int, TorchSharp.torch.ScalarType)"/>). Used only when
+    /// the model runs in float32; the MAF's masked networks keep float32.</summary>
+    public ConditionerPrecision ConditionerPrecision { get; init; } = ConditionerPrecision.Float32;
     public bool Shift { get; init; } = true;
     public int SplineBins { get; init; } = 8;
     public double SplineBound { get; init; } = 3.0;
