@@ -50,8 +50,8 @@ public sealed class FlopCounter : IDisposable
             };
             hooks.Add(() => MixerFlow.Core.ThinConvolution.Observer = null);
         }
-        // A ReluNetwork computing in bfloat16 runs its Linears as one node, not as modules: its
-        // products are counted from its layers' shapes, as "linear-bf16".
+        // A ReluNetwork computing in bfloat16 runs each Linear as an autograd node of its own, not as
+        // a module: its products are counted from its layers' shapes, as "linear-bf16".
         var reduced = root.modules().OfType<MixerFlow.Core.ReluNetwork>().Where(r => r.ComputeType.HasValue).ToList();
         var inReduced = reduced.SelectMany(r => r.Layers.OfType<Linear>()).ToHashSet(ReferenceEqualityComparer.Instance);
         foreach (var r in reduced)
