@@ -58,6 +58,7 @@ public class ConfigOverrideTests
     [InlineData("alpha=0.7", "alpha: must lie in (0, 0.5)", "")]
     [InlineData("patchSize=5", "patchSize", "")]
     [InlineData("shift", "expected key=value", "")]
+    [InlineData("conditionerPrecision=half", "conditionerPrecision must be one of float32, bfloat16", "")]
     public void Bad_keys_values_and_bounds_are_refused_naming_the_field_and_what_it_accepts(string assignment, string expected, string also)
     {
         var e = Assert.Throws<UserError>(() => ConfigOverrides.Apply(Presets.Get("tiny"), [assignment]));
@@ -70,6 +71,18 @@ public class ConfigOverrideTests
         Assert.Contains(expected, err);
         Assert.Single(err.Trim().Split('\n'));
         Assert.Equal(2, Cli("train", "--preset", "tiny", "--steps", "1", "--set", assignment).Code);
+    }
+
+    [Fact]
+    public void Info_shows_bfloat16_conditioners_and_when_oneDNN_runs()
+    {
+        var (code, output, _) = Cli("info", "--preset", "tiny", "--set", "conditionerPrecision=bfloat16");
+        Assert.Equal(0, code);
+        Assert.Contains("\"conditionerPrecision\": \"bfloat16\"", output);
+        Assert.Contains("on during the bfloat16 conditioners' products only", output);
+        (code, output, _) = Cli("info", "--preset", "tiny");
+        Assert.Contains("\"conditionerPrecision\": \"float32\"", output);
+        Assert.DoesNotContain("bfloat16 conditioners", output);
     }
 
     [Fact]

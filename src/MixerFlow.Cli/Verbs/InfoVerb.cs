@@ -15,7 +15,10 @@ public static class InfoVerb
         Describe(model, output);
         output.WriteLine();
         output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {NativeRuntime.OpenMpWaitPolicy}; MKL: {NativeBackend.MklOutcome}; " +
-                         $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
+                         $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}" +
+                         (model.Config is MixerFlowConfig { ConditionerPrecision: ConditionerPrecision.Bfloat16 }
+                             ? " (on during the bfloat16 conditioners' products only)" : "") +
+                         $"; {HugePages.Description}");
         int launched = MixerFlow.Host.Distributed.Communicator.LaunchedSize();
         output.WriteLine(launched > 1
             ? $"MPI: started by a launcher as {launched} processes; train runs data-parallel (docs/distributed.md)"
