@@ -371,23 +371,16 @@ sealed class Bench : IDisposable
         finally { model.train(); }
     }
 
-    /// <summary>GFLOP/s of torch.matmul at one shape ([M, K] x [K, N]), repeated for about 0.2 s.</summary>
     /// <summary>A float32 matmul's rate at <paramref name="g"/>'s shape, or bfloat16's (with oneDNN,
     /// which the conditioners enable for their products) where the shape is one of theirs.</summary>
     static double TimeMatmul(Gemm g)
     {
         using var scope = NewDisposeScope();
-        bool reduced = g.Kind == FlopCounter.ReducedLinear;
-        bool before = NativeBackend.MkldnnEnabled;
-        if (reduced) NativeBackend.MkldnnEnabled = true;
-        try
-        {
-            var type = reduced ? bfloat16 : float32;
-            return TimeMatmul(g, randn(g.M, g.K).to_type(type), randn(g.K, g.N).to_type(type));
-        }
-        finally { NativeBackend.MkldnnEnabled = before; }
+        if (g.Kind != FlopCounter.ReducedLinear) return TimeMatmul(g, randn(g.M, g.K), randn(g.K, g.N));
+        return NativeBackend.WithMkldnn(() => TimeMatmul(g, randn(g.M, g.K).to_type(bfloat16), randn(g.K, g.N).to_type(bfloat16)));
     }
 
+    /// <summary>GFLOP/s of torch.matmul at one shape ([M, K] x [K, N]), repeated for about 0.2 s.</summary>
     static double TimeMatmul(Gemm g, Tensor a, Tensor b)
     {
         a.matmul(b); // first call

@@ -66,13 +66,9 @@ type ThinConvolution =
 /// oneDNN's path. Vars: the input, the weight, the bias.
 type internal ReducedPrecisionLinear() =
     inherit torch.autograd.SingleTensorFunction<ReducedPrecisionLinear>()
-    static member WithOneDnn(f: unit -> 'T) : 'T =
-        let before = NativeBackend.MkldnnEnabled
-        if not before then NativeBackend.MkldnnEnabled <- true
-        try f () finally if not before then NativeBackend.MkldnnEnabled <- false
     /// The product without autograd; the rounded weight is handed back for a backward.
     static member Product(h: Tensor, weight: Tensor, bias: Tensor) =
-        ReducedPrecisionLinear.WithOneDnn(fun () ->
+        NativeBackend.WithMkldnn(fun () ->
             let w = weight.to_type(h.dtype)
             use b = bias.to_type(h.dtype)
             struct (torch.nn.functional.linear(h, w, b), w))
@@ -96,7 +92,7 @@ type internal ReducedPrecisionLinear() =
         use h = saved.[0]
         use w = saved.[1]
         let dtype = unbox<torch.ScalarType> (ctx.get_data "dtype")
-        ReducedPrecisionLinear.WithOneDnn(fun () ->
+        NativeBackend.WithMkldnn(fun () ->
             let dh = if unbox<bool> (ctx.get_data "inputGradient") then g.mm(w) else null
             use dw = g.t().mm(h)
             use db = g.sum(0L)

@@ -250,6 +250,14 @@ type NativeBackend =
         with get () = match context.Force() with Some c -> LibTorchContext.userEnabledMkldnn c | None -> true
         and set (v: bool) = match context.Force() with Some c -> LibTorchContext.setUserEnabledMkldnn (c, v) | None -> ()
 
+    /// Runs `f` with oneDNN enabled and puts the switch back as it was after: for products that
+    /// need oneDNN's kernels (bfloat16 GEMMs) without its float32 convolutions. Process-wide while
+    /// it runs, like the switch itself.
+    static member WithMkldnn(f: Func<'T>) : 'T =
+        let before = NativeBackend.MkldnnEnabled
+        if not before then NativeBackend.MkldnnEnabled <- true
+        try f.Invoke() finally if not before then NativeBackend.MkldnnEnabled <- false
+
 module internal HugePageGlue =
     [<DllImport("libc", EntryPoint = "execve", SetLastError = true)>]
     extern int execve(string path, nativeint[] argv, nativeint[] envp)
