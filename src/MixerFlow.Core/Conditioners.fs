@@ -48,7 +48,12 @@ type ThinConvolution =
         // fold adds plane (a, b) of z at offset (a - k/2, b - k/2); the convolution reads its input
         // at (k/2 - a, k/2 - b) from each output: hence the flipped kernel.
         let flat = w.flip(2L, 3L).permute(0L, 2L, 3L, 1L).reshape(o * k * k, i)
-        let z = flat.matmul(x.reshape(b, i, h * wd))
+        // The product as a 1x1 convolution: LibTorch's takes the input as it lies, one product per
+        // image, and its backward accumulates the weight's gradient image by image, where `matmul`
+        // of [out k k, in] by [B, in, H W] copies the batch transposed and sums B per-image weight
+        // gradients after the fact: fwd+bwd 3.8 against 4.7 ms at glow-fashion-mnist's 72 -> 4
+        // channels at 14 x 14, 7.9 against 10.9 ms at glow-cifar10's 392 -> 12 at 16 x 16 (16 images).
+        let z = torch.nn.functional.conv2d(x, flat.view(o * k * k, i, 1L, 1L)).reshape(b, o * k * k, h * wd)
         let pad = struct (k / 2L, k / 2L)
         let y = torch.nn.functional.fold(z, struct (h, wd), struct (k, k), padding = Nullable pad)
         // In place on fold's fresh output: its backward does not read it.
