@@ -82,7 +82,7 @@ static ModelConfig Preset(string spec)
 foreach (var b in benches)
 {
     b.Warm(chunkSeconds);
-    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] {b.Config.Name}: warm, {b.StepsPerRound} step(s) per round, {b.ForwardGflop * 3:0.00} GFLOP per step" +
+    Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] {b.Config.Name}: warm, {b.StepsPerRound} step(s), {b.EvaluationsPerRound} evaluation(s), {b.SamplingsPerRound} sampling(s) per round, {b.ForwardGflop * 3:0.00} GFLOP per step" +
                             (b.MirrorNote is { } note ? $"; mirror: {note}" : ""));
 }
 for (int r = 0; r < repeats; r++)
@@ -99,6 +99,9 @@ Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n
                   "GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
 Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
 foreach (var b in benches) Console.WriteLine(b.Row());
+Console.WriteLine();
+Console.WriteLine("Evaluations and samplings per round (each timed alone; the table gives the median of all), and the median of each round's first, ms per image, ours / the mirror's:");
+foreach (var b in benches) Console.WriteLine(b.FirstCallsLine());
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
 if (mirrorProblem is null)
@@ -193,6 +196,9 @@ sealed class Bench : IDisposable
     /// <summary>Why this preset has no mirror timings (null when it has them).</summary>
     public string? MirrorNote { get; private set; }
     public int StepsPerRound { get; private set; } = 1;
+    /// <summary>Evaluations and samplings per round: as many as fit in a quarter of the steps' chunk (1 to 50), each timed alone.</summary>
+    public int EvaluationsPerRound { get; private set; } = 1;
+    public int SamplingsPerRound { get; private set; } = 1;
     public double ForwardGflop { get; private set; }
     IReadOnlyList<Gemm> shapes = Array.Empty<Gemm>();
     IReadOnlyDictionary<(string, long, long, long), double> inModelSeconds = new Dictionary<(string, long, long, long), double>();
@@ -255,6 +261,10 @@ sealed class Bench : IDisposable
             acc += g.Flops;
         }
         Evaluate(); Sample(); // first calls
+        // Later calls set the counts: a single call of a small preset (a few ms) measures the
+        // caches and allocator left by the presets before it more than its own cost.
+        EvaluationsPerRound = Math.Clamp((int)Math.Round(chunkSeconds / 4 / (Evaluate() * batch / 1e3)), 1, 50);
+        SamplingsPerRound = Math.Clamp((int)Math.Round(chunkSeconds / 4 / (Sample() * sampleBatch / 1e3)), 1, 50);
         if (mirrorThreads > 0)
         {
             // Started after our warm-up; it takes its own two warm-up steps before answering.
@@ -268,8 +278,8 @@ sealed class Bench : IDisposable
     {
         // Each measurement right before or right after the mirror's of the same kind.
         Interleaved(OurSteps, m => m.Steps(StepsPerRound), mirrorFirst);
-        Interleaved(() => evalMs.Add(Evaluate()), m => m.Evaluations(1), mirrorFirst);
-        Interleaved(() => sampleMs.Add(Sample()), m => m.Samplings(1), mirrorFirst);
+        Interleaved(() => { for (int i = 0; i < EvaluationsPerRound; i++) evalMs.Add(Evaluate()); }, m => m.Evaluations(EvaluationsPerRound), mirrorFirst);
+        Interleaved(() => { for (int i = 0; i < SamplingsPerRound; i++) sampleMs.Add(Sample()); }, m => m.Samplings(SamplingsPerRound), mirrorFirst);
         // The GEMM ceiling at this model's shapes, measured between its own steps.
         double seconds = 0;
         for (int i = 0; i < timedShapes.Count; i++)
@@ -394,6 +404,16 @@ sealed class Bench : IDisposable
             n++;
         } while (sw.Elapsed.TotalSeconds < 0.2);
         return one * n / sw.Elapsed.TotalSeconds / 1e9;
+    }
+
+    /// <summary>The calls per round and the median of each round's first evaluation and sampling, ours and the mirror's.</summary>
+    public string FirstCallsLine()
+    {
+        static string First(List<double> times, int perRound) =>
+            times.Count == 0 ? "n/a" : $"{Machine.Median(times.Where((_, i) => i % perRound == 0).ToList()):0.00}";
+        string theirs(Func<Mirror, List<double>> f, int perRound) => mirror is null ? "n/a" : First(f(mirror), perRound);
+        return $"- `{Config.Name}`: {EvaluationsPerRound} evaluation(s) per round, first {First(evalMs, EvaluationsPerRound)} / {theirs(m => m.EvaluationMs, EvaluationsPerRound)}; " +
+               $"{SamplingsPerRound} sampling(s) per round, first {First(sampleMs, SamplingsPerRound)} / {theirs(m => m.SamplingMs, SamplingsPerRound)}";
     }
 
     public string Row()
