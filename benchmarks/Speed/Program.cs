@@ -1,5 +1,6 @@
 // Training-speed benchmark of the presets: one Markdown table.
 //   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror]
+//     [--mirror-threads N] [--mirror-blas-threads N]
 // Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
 // takes the same training steps, evaluations and samplings, interleaved with ours, unless --no-mirror.
 // A preset name with "+bfloat16" (cifar10+bfloat16) is that MixerFlow preset with its conditioners
@@ -22,7 +23,7 @@ CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
 string[] presets = { "fashion-mnist", "cifar10", "cifar10+bfloat16", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
-int repeats = 5, threads = 1, batch = 64, sampleBatch = 16;
+int repeats = 5, threads = 1, batch = 64, sampleBatch = 16, mirrorThreads = 0, mirrorBlasThreads = 0;
 bool convProbe = false, mirrors = true;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
 for (int i = 0; i < args.Length; i++)
@@ -32,18 +33,28 @@ for (int i = 0; i < args.Length; i++)
         case "--presets": presets = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries); break;
         case "--repeats": repeats = int.Parse(args[++i]); break;
         case "--threads": threads = int.Parse(args[++i]); break;
+        // The mirror's torch threads and its OpenBLAS threads (both default to --threads): its
+        // fastest setting on the same cores may differ from ours.
+        case "--mirror-threads": mirrorThreads = int.Parse(args[++i]); break;
+        case "--mirror-blas-threads": mirrorBlasThreads = int.Parse(args[++i]); break;
         case "--batch": batch = int.Parse(args[++i]); break;
         case "--quick": repeats = 2; chunkSeconds = 1.0; break;
         case "--conv-probe": convProbe = true; break;
         case "--no-mirror": mirrors = false; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N]");
             Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
     }
 }
-if (repeats < 1 || threads < 1 || batch < 1) { Console.Error.WriteLine("--repeats, --threads and --batch must be >= 1"); return 2; }
+if (mirrorThreads == 0) mirrorThreads = threads;
+if (mirrorBlasThreads == 0) mirrorBlasThreads = mirrorThreads;
+if (repeats < 1 || threads < 1 || batch < 1 || mirrorThreads < 1 || mirrorBlasThreads < 1)
+{
+    Console.Error.WriteLine("--repeats, --threads, --batch, --mirror-threads and --mirror-blas-threads must be >= 1");
+    return 2;
+}
 
 NativeRuntime.EnsureLoaded();
 NativeBackend.Ensure();
@@ -60,11 +71,11 @@ Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {
 Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
 string? mirrorProblem = mirrors ? Mirror.Unavailable() : "off (--no-mirror)";
 Console.WriteLine(mirrorProblem is null
-    ? $"PyTorch mirror: {Mirror.Python} (Debian's python3-torch, OpenBLAS, {threads} thread(s)), one process per preset, the same steps, evaluations and samplings interleaved with ours in every round"
+    ? $"PyTorch mirror: {Mirror.Python} (Debian's python3-torch, {mirrorThreads} torch thread(s), OpenBLAS with {mirrorBlasThreads}), one process per preset, the same steps, evaluations and samplings interleaved with ours in every round"
     : $"PyTorch mirror: {mirrorProblem}");
 Console.WriteLine();
 
-var benches = presets.Select(p => new Bench(Preset(p), batch, sampleBatch, mirrorProblem is null ? threads : 0)).ToList();
+var benches = presets.Select(p => new Bench(Preset(p), batch, sampleBatch, mirrorProblem is null ? mirrorThreads : 0, mirrorBlasThreads)).ToList();
 
 // A preset by name; "cifar10+bfloat16" is the preset with its conditioners computing in bfloat16
 // (MixerFlowConfig.ConditionerPrecision), and its mirror under torch.autocast(bfloat16).
@@ -191,7 +202,7 @@ sealed class Bench : IDisposable
     readonly ImageFlow model;
     readonly Adam adam;
     readonly TrainingStep step;
-    readonly int batch, sampleBatch, mirrorThreads;
+    readonly int batch, sampleBatch, mirrorThreads, mirrorBlasThreads;
     Mirror? mirror;
     /// <summary>Why this preset has no mirror timings (null when it has them).</summary>
     public string? MirrorNote { get; private set; }
@@ -209,13 +220,15 @@ sealed class Bench : IDisposable
     long steps, created, gc0, gc1, gc2;
     const double Lr = 1e-4;
 
-    /// <param name="mirrorThreads">Threads of the PyTorch mirror; 0 for none.</param>
-    public Bench(ModelConfig config, int batch, int sampleBatch, int mirrorThreads)
+    /// <param name="mirrorThreads">Threads of the PyTorch mirror's torch; 0 for no mirror.</param>
+    /// <param name="mirrorBlasThreads">Threads of the mirror's OpenBLAS.</param>
+    public Bench(ModelConfig config, int batch, int sampleBatch, int mirrorThreads, int mirrorBlasThreads)
     {
         Config = config;
         this.batch = batch;
         this.sampleBatch = sampleBatch;
         this.mirrorThreads = mirrorThreads;
+        this.mirrorBlasThreads = mirrorBlasThreads;
         if (mirrorThreads == 0) MirrorNote = "off";
         model = new ImageFlow(config);
         adam = new Adam(model.parameters(), Lr);
@@ -268,7 +281,7 @@ sealed class Bench : IDisposable
         if (mirrorThreads > 0)
         {
             // Started after our warm-up; it takes its own two warm-up steps before answering.
-            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads, sampleBatch); }
+            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads, sampleBatch, mirrorBlasThreads); }
             catch (InvalidOperationException e) { MirrorNote = e.Message; }
         }
     }
