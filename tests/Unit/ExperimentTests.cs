@@ -312,10 +312,8 @@ public class ExperimentTests
 
     static string FindExperiments()
     {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
-            if (Directory.Exists(Path.Combine(d.FullName, "experiments")) && File.Exists(Path.Combine(d.FullName, "MixerFlow.sln")))
-                return Path.Combine(d.FullName, "experiments");
-        throw new DirectoryNotFoundException("experiments/ above the test binaries");
+        var experiments = Path.Combine(Repository.Root(), "experiments");
+        return Directory.Exists(experiments) ? experiments : throw new DirectoryNotFoundException($"{experiments} is missing");
     }
 }
 

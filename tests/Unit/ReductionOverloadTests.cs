@@ -23,13 +23,6 @@ public class ReductionOverloadTests
             .Where(p => Trap.IsMatch(p.line.Split("//")[0]))
             .Select(p => $"{file}:{p.i + 1}: {p.line.Trim()}");
 
-    static string RepoRoot()
-    {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
-            if (File.Exists(Path.Combine(d.FullName, "MixerFlow.sln"))) return d.FullName;
-        throw new DirectoryNotFoundException("MixerFlow.sln above the test binaries");
-    }
-
     [Fact]
     public void The_trap_is_real_in_this_TorchSharp()
     {
@@ -56,7 +49,7 @@ public class ReductionOverloadTests
     [Fact]
     public void No_CSharp_source_of_the_project_calls_sum_or_prod_with_a_literal_0()
     {
-        var root = RepoRoot();
+        var root = Repository.Root();
         var files = new[] { "src", "tests", "benchmarks", "examples" }
             .Select(d => Path.Combine(root, d))
             .Where(Directory.Exists)
