@@ -49,9 +49,9 @@ sealed class Mirror : IDisposable
     /// <param name="parameters">Our parameter count: the mirror refuses to run with another.</param>
     /// <param name="batch">Images per training step and per evaluation.</param>
     /// <param name="threads">Threads of the mirror's torch (intra-op, OpenMP).</param>
+    /// <param name="blasThreads">Threads of its OpenBLAS.</param>
     /// <param name="sampleBatch">Images per sampling call.</param>
-    /// <param name="blasThreads">Threads of its OpenBLAS (0: as many as torch's).</param>
-    public Mirror(ModelConfig config, long parameters, int batch, int threads, int sampleBatch = 16, int blasThreads = 0)
+    public Mirror(ModelConfig config, long parameters, int batch, int threads, int blasThreads, int sampleBatch)
     {
         configFile = Path.Combine(Path.GetTempPath(), $"mixerflow-mirror-{Environment.ProcessId}-{Guid.NewGuid():N}.json");
         File.WriteAllText(configFile, config.ToJson());
@@ -64,7 +64,7 @@ sealed class Mirror : IDisposable
             psi.ArgumentList.Add(a);
         psi.Environment.Remove("OPENBLAS_CORETYPE");
         psi.Environment.Remove("OPENBLAS_L2_SIZE");
-        psi.Environment["OPENBLAS_NUM_THREADS"] = (blasThreads > 0 ? blasThreads : threads).ToString();
+        psi.Environment["OPENBLAS_NUM_THREADS"] = blasThreads.ToString();
         psi.Environment["OMP_NUM_THREADS"] = threads.ToString();
         try { process = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {Python}"); }
         catch (Exception e) when (e is InvalidOperationException or System.ComponentModel.Win32Exception)

@@ -281,7 +281,7 @@ sealed class Bench : IDisposable
         if (mirrorThreads > 0)
         {
             // Started after our warm-up; it takes its own two warm-up steps before answering.
-            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads, sampleBatch, mirrorBlasThreads); }
+            try { mirror = new Mirror(Config, model.ParameterCount, batch, mirrorThreads, mirrorBlasThreads, sampleBatch); }
             catch (InvalidOperationException e) { MirrorNote = e.Message; }
         }
     }
