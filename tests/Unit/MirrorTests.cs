@@ -296,7 +296,7 @@ public class MirrorTests
     {
         PythonMirror.Require();
         var c = Presets.Get("tiny");
-        using (var m = new MixerFlow.Speed.Mirror(c, 12_900, batch: 8, threads: 1))
+        using (var m = new MixerFlow.Speed.Mirror(c, 12_900, batch: 8, threads: 1, blasThreads: 1, sampleBatch: 16))
         {
             m.Steps(2);
             m.Evaluations(2);
@@ -308,7 +308,7 @@ public class MirrorTests
             Assert.All(m.StepMs.Concat(m.EvaluationMs).Concat(m.SamplingMs), ms => Assert.True(ms > 0));
             Assert.Contains("linear [128x24]x[24x16] x2", m.Gemms); // channel mixing: 8 images x 16 patches as rows, 24 of 49 values conditioning, 16 hidden
         }
-        var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1));
+        var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1, blasThreads: 1, sampleBatch: 16));
         Assert.Contains("12,901", e.Message);
     }
 
