@@ -102,22 +102,24 @@ sealed class Mirror : IDisposable
                 info.RootElement.GetProperty("gemms").EnumerateArray().Select(e => e.GetString() ?? "").ToList());
     }
 
-    /// <summary>Runs <paramref name="steps"/> training steps in the mirror and records their times.</summary>
-    public void Steps(int steps) => Request(steps.ToString(), StepMs);
+    /// <summary>Runs <paramref name="steps"/> training steps in the mirror and records their times (also returned).</summary>
+    public IReadOnlyList<double> Steps(int steps) => Request(steps.ToString(), StepMs);
 
-    /// <summary>Runs <paramref name="count"/> evaluations of one batch in the mirror and records their times per image.</summary>
-    public void Evaluations(int count) => Request($"eval {count}", EvaluationMs);
+    /// <summary>Runs <paramref name="count"/> evaluations of one batch in the mirror and records their times per image (also returned).</summary>
+    public IReadOnlyList<double> Evaluations(int count) => Request($"eval {count}", EvaluationMs);
 
-    /// <summary>Runs <paramref name="count"/> samplings of one batch in the mirror and records their times per image.</summary>
-    public void Samplings(int count) => Request($"sample {count}", SamplingMs);
+    /// <summary>Runs <paramref name="count"/> samplings of one batch in the mirror and records their times per image (also returned).</summary>
+    public IReadOnlyList<double> Samplings(int count) => Request($"sample {count}", SamplingMs);
 
-    void Request(string line, List<double> into)
+    List<double> Request(string line, List<double> into)
     {
         process.StandardInput.WriteLine(line);
         process.StandardInput.Flush();
         string answer = process.StandardOutput.ReadLine() ?? throw new InvalidOperationException("the mirror exited mid-run");
         using var doc = JsonDocument.Parse(answer);
-        into.AddRange(doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()));
+        var times = doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()).ToList();
+        into.AddRange(times);
+        return times;
     }
 
     public void Dispose()

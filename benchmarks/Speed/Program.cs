@@ -105,8 +105,8 @@ for (int r = 0; r < repeats; r++)
 }
 var loadEnd = Machine.LoadAverage();
 
-Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | PyTorch mirror step, ms: median (min-max, n) | mirror / ours | CPU ms per step (of it kernel) | " +
-                  "evaluation ms per image | mirror evaluation ms per image | evaluation: mirror / ours | sampling ms per image | mirror sampling ms per image | sampling: mirror / ours | " +
+Console.WriteLine("| preset | parameters | training step, ms: median (min-max, n) | PyTorch mirror step, ms: median (min-max, n) | mirror / ours, paired: median (min-max, pairs) | CPU ms per step (of it kernel) | " +
+                  "evaluation ms per image | mirror evaluation ms per image | evaluation: mirror / ours, paired | sampling ms per image | mirror sampling ms per image | sampling: mirror / ours, paired | " +
                   "GFLOP per step | achieved GFLOP/s | GEMM ceiling GFLOP/s | fraction of ceiling | tensors created per step | GC per step (gen 0/1/2) |");
 Console.WriteLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
 foreach (var b in benches) Console.WriteLine(b.Row());
@@ -217,6 +217,8 @@ sealed class Bench : IDisposable
     readonly List<Gemm> timedShapes = new();
     readonly List<List<double>> shapeRates = new();
     readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
+    /// <summary>The mirror's median over ours, one per interleaved pair of chunks (see Paired).</summary>
+    readonly List<double> stepRatios = new(), evalRatios = new(), sampleRatios = new();
     long steps, created, gc0, gc1, gc2;
     const double Lr = 1e-4;
 
@@ -286,13 +288,13 @@ sealed class Bench : IDisposable
         }
     }
 
-    /// <param name="mirrorFirst">The mirror's steps before ours in this round (alternated by the caller).</param>
+    /// <param name="mirrorFirst">The mirror's first chunk of this round before ours (alternated by the caller).</param>
     public void Round(bool mirrorFirst)
     {
-        // Each measurement right before or right after the mirror's of the same kind.
-        Interleaved(OurSteps, m => m.Steps(StepsPerRound), mirrorFirst);
-        Interleaved(() => { for (int i = 0; i < EvaluationsPerRound; i++) evalMs.Add(Evaluate()); }, m => m.Evaluations(EvaluationsPerRound), mirrorFirst);
-        Interleaved(() => { for (int i = 0; i < SamplingsPerRound; i++) sampleMs.Add(Sample()); }, m => m.Samplings(SamplingsPerRound), mirrorFirst);
+        // Each chunk of measurements right before or right after the mirror's of the same kind and size.
+        Paired(StepsPerRound, OurSteps, (m, k) => m.Steps(k), stepRatios, mirrorFirst);
+        Paired(EvaluationsPerRound, k => Repeat(k, Evaluate, evalMs), (m, k) => m.Evaluations(k), evalRatios, mirrorFirst);
+        Paired(SamplingsPerRound, k => Repeat(k, Sample, sampleMs), (m, k) => m.Samplings(k), sampleRatios, mirrorFirst);
         // The GEMM ceiling at this model's shapes, measured between its own steps.
         double seconds = 0;
         for (int i = 0; i < timedShapes.Count; i++)
@@ -304,23 +306,49 @@ sealed class Bench : IDisposable
         ceiling.Add(timedShapes.Sum(g => g.Flops) / seconds / 1e9);
     }
 
-    void Interleaved(Action ours, Action<Mirror> theirs, bool mirrorFirst)
+    /// <summary>Chunks of a round that are paired with the mirror's (at most; fewer when the round has fewer measurements).</summary>
+    public const int PairsPerRound = 4;
+
+    /// <summary>
+    /// A round's <paramref name="count"/> measurements of one kind in up to <see cref="PairsPerRound"/>
+    /// chunks, each right before or right after the mirror's chunk of the same size (the order
+    /// alternating from chunk to chunk), so that the two sides of a pair see the same moment of the
+    /// machine; the ratio of the pair's medians (the mirror's over ours) goes to <paramref name="ratios"/>.
+    /// </summary>
+    void Paired(int count, Func<int, List<double>> ours, Func<Mirror, int, IReadOnlyList<double>> theirs, List<double> ratios, bool mirrorFirst)
     {
-        if (mirrorFirst) InMirror(theirs);
-        ours();
-        if (!mirrorFirst) InMirror(theirs);
+        int chunks = Math.Min(count, PairsPerRound);
+        for (int j = 0; j < chunks; j++)
+        {
+            int k = count / chunks + (j < count % chunks ? 1 : 0);
+            bool theirsFirst = mirrorFirst ^ (j % 2 == 1);
+            IReadOnlyList<double>? t = theirsFirst ? InMirror(m => theirs(m, k)) : null;
+            var o = ours(k);
+            if (!theirsFirst) t = InMirror(m => theirs(m, k));
+            if (t is { Count: > 0 }) ratios.Add(Machine.Median(t.ToList()) / Machine.Median(o));
+        }
     }
 
-    /// <summary>Runs a request in the mirror; a failure ends the mirror for this preset, with the reason kept.</summary>
-    void InMirror(Action<Mirror> request)
+    /// <summary><paramref name="count"/> timed calls, kept in <paramref name="into"/> and returned.</summary>
+    static List<double> Repeat(int count, Func<double> call, List<double> into)
     {
-        if (mirror is null) return;
-        try { request(mirror); }
+        var times = new List<double>(count);
+        for (int i = 0; i < count; i++) times.Add(call());
+        into.AddRange(times);
+        return times;
+    }
+
+    /// <summary>Runs a request in the mirror and returns its times; a failure ends the mirror for this preset, with the reason kept (null then, and without a mirror).</summary>
+    IReadOnlyList<double>? InMirror(Func<Mirror, IReadOnlyList<double>> request)
+    {
+        if (mirror is null) return null;
+        try { return request(mirror); }
         catch (Exception e) when (e is InvalidOperationException or IOException or System.Text.Json.JsonException)
         {
             MirrorNote = $"stopped mid-run: {e.Message}";
             mirror.Dispose();
             mirror = null;
+            return null;
         }
     }
 
@@ -338,11 +366,12 @@ sealed class Bench : IDisposable
                (Config is GlowConfig ? ", which also counts the 1x1 convolutions' products)" : ")");
     }
 
-    void OurSteps()
+    /// <summary><paramref name="count"/> training steps: wall and CPU time, tensors created, collections; returns their wall times.</summary>
+    List<double> OurSteps(int count)
     {
         model.train();
-        // Training steps: wall and CPU time, tensors created, collections.
-        for (int i = 0; i < StepsPerRound; i++)
+        var times = new List<double>(count);
+        for (int i = 0; i < count; i++)
         {
             using var scope = NewDisposeScope();
             var x = Batch(batch);
@@ -353,7 +382,7 @@ sealed class Bench : IDisposable
             var (cpu, sys) = (before.TotalProcessorTime, before.PrivilegedProcessorTime);
             var sw = Stopwatch.StartNew();
             step.Take(x, Lr);
-            stepMs.Add(sw.Elapsed.TotalMilliseconds);
+            times.Add(sw.Elapsed.TotalMilliseconds);
             var after = Process.GetCurrentProcess();
             cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
             sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
@@ -361,6 +390,8 @@ sealed class Bench : IDisposable
             gc0 += GC.CollectionCount(0) - g0; gc1 += GC.CollectionCount(1) - g1; gc2 += GC.CollectionCount(2) - g2;
             steps++;
         }
+        stepMs.AddRange(times);
+        return times;
     }
 
     /// <summary>Milliseconds per image of bits/dim on one batch, evaluation mode, no gradient.</summary>
@@ -440,16 +471,20 @@ sealed class Bench : IDisposable
         if (mirror is { StepMs.Count: > 0 } m)
         {
             double theirs = Machine.Median(m.StepMs);
-            mirrorCells = $"{theirs:N0} ({m.StepMs.Min():N0}-{m.StepMs.Max():N0}, {m.StepMs.Count}) | {theirs / median:0.00}";
+            mirrorCells = $"{theirs:N0} ({m.StepMs.Min():N0}-{m.StepMs.Max():N0}, {m.StepMs.Count}) | {Ratios(stepRatios)}";
         }
         if (mirror is { EvaluationMs.Count: > 0 } e)
-            evalCells = $"{Machine.Median(e.EvaluationMs):0.00} | {Machine.Median(e.EvaluationMs) / ourEval:0.00}";
+            evalCells = $"{Machine.Median(e.EvaluationMs):0.00} | {Ratios(evalRatios)}";
         if (mirror is { SamplingMs.Count: > 0 } s)
-            sampleCells = $"{Machine.Median(s.SamplingMs):0.00} | {Machine.Median(s.SamplingMs) / ourSample:0.00}";
+            sampleCells = $"{Machine.Median(s.SamplingMs):0.00} | {Ratios(sampleRatios)}";
         return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {mirrorCells} | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
                $"{ourEval:0.00} | {evalCells} | {ourSample:0.00} | {sampleCells} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
     }
+
+    /// <summary>A ratio cell: the median of the paired ratios (min-max, pairs).</summary>
+    static string Ratios(List<double> ratios) =>
+        ratios.Count == 0 ? "n/a" : $"{Machine.Median(ratios):0.00} ({ratios.Min():0.00}-{ratios.Max():0.00}, {ratios.Count})";
 
     public void PrintShapes(TextWriter output)
     {
