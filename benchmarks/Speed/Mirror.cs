@@ -22,6 +22,8 @@ sealed class Mirror : IDisposable
     readonly string configFile;
     /// <summary>Training step times, ms.</summary>
     public List<double> StepMs { get; } = new();
+    /// <summary>Each training step's phases, ms: forward (to the loss value), zero_grad and backward, clipping and Adam.</summary>
+    public List<(double Forward, double Backward, double Update)> StepPhases { get; } = new();
     /// <summary>Evaluation times (bits/dim of one batch, evaluation mode, no gradient), ms per image.</summary>
     public List<double> EvaluationMs { get; } = new();
     /// <summary>Sampling times (a batch of pixels from the base through the inverse, evaluation mode, no gradient), ms per image.</summary>
@@ -119,6 +121,8 @@ sealed class Mirror : IDisposable
         using var doc = JsonDocument.Parse(answer);
         var times = doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()).ToList();
         into.AddRange(times);
+        if (doc.RootElement.TryGetProperty("phases", out var phases))
+            StepPhases.AddRange(phases.EnumerateArray().Select(p => (p[0].GetDouble(), p[1].GetDouble(), p[2].GetDouble())));
         return times;
     }
 

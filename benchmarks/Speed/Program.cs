@@ -114,6 +114,9 @@ Console.WriteLine();
 Console.WriteLine("Evaluations and samplings per round (each timed alone; the table gives the median of all), and the median of each round's first, ms per image, ours / the mirror's:");
 foreach (var b in benches) Console.WriteLine(b.FirstCallsLine());
 Console.WriteLine();
+Console.WriteLine("Where a training step goes, ms, medians over all steps: forward (to the loss value), backward (with zeroing the gradients), update (clipping and Adam):");
+foreach (var b in benches) Console.WriteLine(b.PhasesLine());
+Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
 if (mirrorProblem is null)
 {
@@ -217,6 +220,7 @@ sealed class Bench : IDisposable
     readonly List<Gemm> timedShapes = new();
     readonly List<List<double>> shapeRates = new();
     readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
+    readonly List<(double Forward, double Backward, double Update)> ourPhases = new();
     /// <summary>The mirror's median over ours, one per interleaved pair of chunks (see Paired).</summary>
     readonly List<double> stepRatios = new(), evalRatios = new(), sampleRatios = new();
     long steps, created, gc0, gc1, gc2;
@@ -383,6 +387,8 @@ sealed class Bench : IDisposable
             var sw = Stopwatch.StartNew();
             step.Take(x, Lr);
             times.Add(sw.Elapsed.TotalMilliseconds);
+            var phases = step.LastPhases;
+            ourPhases.Add((phases.Forward.TotalMilliseconds, phases.Backward.TotalMilliseconds, phases.Update.TotalMilliseconds));
             var after = Process.GetCurrentProcess();
             cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
             sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
@@ -480,6 +486,17 @@ sealed class Bench : IDisposable
         return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {mirrorCells} | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
                $"{ourEval:0.00} | {evalCells} | {ourSample:0.00} | {sampleCells} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
+    }
+
+    /// <summary>The medians of the training step's phases, ours and the mirror's, and our evaluation's forward pass per batch.</summary>
+    public string PhasesLine()
+    {
+        static string Phases(List<(double Forward, double Backward, double Update)> p) => p.Count == 0 ? "n/a" :
+            $"forward {Machine.Median(p.Select(x => x.Forward).ToList()):N1}, backward {Machine.Median(p.Select(x => x.Backward).ToList()):N1}, " +
+            $"update {Machine.Median(p.Select(x => x.Update).ToList()):N1}";
+        return $"- `{Config.Name}`: ours {Phases(ourPhases)}; the mirror's {(mirror is null ? "n/a" : Phases(mirror.StepPhases))}; " +
+               $"the evaluation's forward pass (no gradient, batch {batch}) ours {Machine.Median(evalMs) * batch:N1}, the mirror's " +
+               (mirror is { EvaluationMs.Count: > 0 } m ? $"{Machine.Median(m.EvaluationMs) * batch:N1}" : "n/a");
     }
 
     /// <summary>A ratio cell: the median of the paired ratios (min-max, pairs).</summary>

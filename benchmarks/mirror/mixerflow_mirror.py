@@ -47,7 +47,9 @@ Commands (all exit non-zero with a message on error):
                                  images drawn from the base and inverted to pixels in evaluation
                                  mode without gradient), each in ms per image. --serve reads lines
                                  on stdin and answers each with a JSON line {"ms": [...]}: `N` with
-                                 N step times (ms), `eval N` with N evaluation times and `sample N`
+                                 N step times (ms) and, under "phases", each step's [forward to the
+                                 loss value, zero_grad and backward, clipping and Adam] (ms),
+                                 `eval N` with N evaluation times and `sample N`
                                  with N sampling times (ms per image), so a caller can interleave
                                  these with its own; `quit` or end of input stops it.
 
@@ -920,18 +922,24 @@ def cmd_time(args):
     flops = sum(2 * m * k * n * c for (_, m, k, n), c in shapes.items())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
+    phases = []   # per step: forward (to the loss value), zero_grad and backward, clipping and Adam; ms
+
     def step():
         x = batch()
         t0 = time.perf_counter()
         loss = model.bits_per_dim(x).mean()
         if not math.isfinite(loss.item()):
             raise SystemExit("non-finite loss")
+        t1 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        t2 = time.perf_counter()
         norm = nn.utils.clip_grad_norm_(model.parameters(), 50.0)
         if math.isfinite(float(norm)):
             opt.step()
-        return (time.perf_counter() - t0) * 1000
+        t3 = time.perf_counter()
+        phases.append([(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000])
+        return (t3 - t0) * 1000
 
     def evaluate():
         """ms per image of bits/dim of one batch, evaluation mode, no gradient (benchmarks/Speed's Evaluate)."""
@@ -965,7 +973,8 @@ def cmd_time(args):
                       sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2] * kv[0][3] * kv[1])]}
     if args.serve:
         print(json.dumps(info), flush=True)
-        # `N`: N training steps (ms each); `eval N`, `sample N`: N evaluations or samplings (ms per image).
+        # `N`: N training steps (ms each, and each step's phases: forward, backward, update);
+        # `eval N`, `sample N`: N evaluations or samplings (ms per image).
         actions = {"eval": evaluate, "sample": sample}
         for line in sys.stdin:
             words = line.split()
@@ -974,7 +983,11 @@ def cmd_time(args):
             action = actions.get(words[0]) if len(words) == 2 else step if len(words) == 1 else None
             if action is None:
                 raise SystemExit(f"--serve: unknown request {line.strip()!r} (expected N, eval N, sample N or quit)")
-            print(json.dumps({"ms": [action() for _ in range(int(words[-1]))]}), flush=True)
+            del phases[:]
+            answer = {"ms": [action() for _ in range(int(words[-1]))]}
+            if action is step:
+                answer["phases"] = list(phases)
+            print(json.dumps(answer), flush=True)
         return
     times = [step() for _ in range(args.steps)]
     evals = [evaluate() for _ in range(max(3, args.steps // 5))]

@@ -52,6 +52,27 @@ public class GuardTests
     }
 
     [Fact]
+    public void A_step_reports_the_wall_time_of_its_phases_and_a_dropped_one_only_those_it_reached()
+    {
+        var (_, step, batch) = BatchNormSetup();
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        Assert.True(step.Take(batch, 1e-3).Kept);
+        var total = sw.Elapsed;
+        var p = step.LastPhases;
+        Assert.True(p.Forward > TimeSpan.Zero && p.Backward > TimeSpan.Zero && p.Update > TimeSpan.Zero, $"{p}");
+        Assert.True(p.Forward + p.Backward + p.Update <= total, $"{p} within {total}");
+        // Rejected after the forward pass: no backward, no update.
+        Assert.False(step.Take(batch, 1e-3, rejectLoss: _ => "rejected by the test").Kept);
+        p = step.LastPhases;
+        Assert.True(p.Forward > TimeSpan.Zero && p.Backward == TimeSpan.Zero && p.Update == TimeSpan.Zero, $"{p}");
+        // A finite loss with a non-finite gradient (0 times sqrt's infinite slope at 0): forward and backward, no update.
+        var outcome = step.Take(batch, 1e-3, loss => loss + (loss - loss.detach()).sqrt() * 0.0);
+        Assert.Equal("non-finite gradient", outcome.DroppedBecause);
+        p = step.LastPhases;
+        Assert.True(p.Forward > TimeSpan.Zero && p.Backward > TimeSpan.Zero && p.Update == TimeSpan.Zero, $"{p}");
+    }
+
+    [Fact]
     public void A_batch_containing_NaN_is_dropped_without_touching_the_running_statistics()
     {
         var (model, step, batch) = BatchNormSetup();

@@ -8,6 +8,12 @@ namespace MixerFlow.Host.Training;
 /// <summary>The outcome of one optimiser step: kept, or dropped by a guard (and why).</summary>
 public readonly record struct StepOutcome(bool Kept, double BitsPerDim, string? DroppedBecause);
 
+/// <summary>Wall time of a training step's phases (see <see cref="TrainingStep.LastPhases"/>).</summary>
+/// <param name="Forward">The forward pass up to the loss value on the host.</param>
+/// <param name="Backward">Zeroing the gradients and the backward pass.</param>
+/// <param name="Update">Gradient clipping and the optimiser's update.</param>
+public readonly record struct StepPhases(TimeSpan Forward, TimeSpan Backward, TimeSpan Update);
+
 /// <summary>
 /// One training step with its guards: the mean bits/dim of a batch, backward, global-norm gradient
 /// clipping, Adam. A step whose loss or gradient norm is not finite, or whose loss the caller
@@ -32,6 +38,14 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     public TimeSpan CommunicationTime => communication.Elapsed;
 
     /// <summary>
+    /// Where the last step's wall time went: <see cref="StepPhases.Forward"/> (the forward pass up to
+    /// the loss value on the host), <see cref="StepPhases.Backward"/> (zeroing the gradients and the
+    /// backward pass) and <see cref="StepPhases.Update"/> (clipping and the optimiser's update);
+    /// allreduce time is in the phase it interrupts. A dropped step leaves the phases it did not reach zero.
+    /// </summary>
+    public StepPhases LastPhases { get; private set; }
+
+    /// <summary>
     /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
     /// rate <paramref name="lr"/>. <paramref name="rejectLoss"/>, given the finite loss before the
     /// backward pass, returns why the step must be dropped, or null to keep it.
@@ -39,6 +53,8 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     public StepOutcome Take(Tensor batch, double lr, Func<Tensor, Tensor>? transformLoss = null, Func<double, string?>? rejectLoss = null)
     {
         optimizer.LearningRate = lr;
+        LastPhases = default;
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
         using var scope = NewDisposeScope();
         // Only buffers a forward pass may change: floating point ones (running statistics) and
         // single values (ActNorm's initialised flag); integer index buffers never change.
@@ -60,6 +76,8 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             communication.Stop();
             bpd = shared[0] / ranks.Size;
         }
+        long forwardDone = System.Diagnostics.Stopwatch.GetTimestamp();
+        LastPhases = new StepPhases(System.Diagnostics.Stopwatch.GetElapsedTime(started, forwardDone), TimeSpan.Zero, TimeSpan.Zero);
         if (!double.IsFinite(bpd)) return Drop(bpd, "non-finite loss");
         if (rejectLoss?.Invoke(bpd) is { } rejected) return Drop(bpd, rejected);
         optimizer.ZeroGrad();
@@ -72,6 +90,8 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             communication.Stop();
             using (no_grad()) gradients.div_(Ops.Scalar(ranks.Size));
         }
+        long backwardDone = System.Diagnostics.Stopwatch.GetTimestamp();
+        LastPhases = LastPhases with { Backward = System.Diagnostics.Stopwatch.GetElapsedTime(forwardDone, backwardDone) };
         var norm = optimizer.ClipGradientNorm(clipNorm);
         if (!double.IsFinite(norm))
         {
@@ -79,6 +99,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             return Drop(bpd, "non-finite gradient");
         }
         optimizer.Step();
+        LastPhases = LastPhases with { Update = System.Diagnostics.Stopwatch.GetElapsedTime(backwardDone) };
         return new StepOutcome(true, bpd, null);
     }
 }
