@@ -203,6 +203,11 @@ public sealed record ExperimentSeedResult(
     double ProbeAccuracy, double WallSeconds, long Steps);
 
 /// <summary>One row of results.csv: a run over its seeds.</summary>
+/// <param name="Run">The run's name in the specification.</param>
+/// <param name="Seeds">Seeds trained and evaluated.</param>
+/// <param name="Parameters">The model's parameter count.</param>
+/// <param name="ImagesPerSecond">Training images per second, mean over seeds.</param>
+/// <param name="TestBpd">Held-out bits/dim, mean over seeds.</param>
 /// <param name="TestStdErr">The evaluation's standard error of <paramref name="TestBpd"/> (over images, pooled over seeds).</param>
 /// <param name="SeedSpread">Sample standard deviation of the seeds' test bits/dim; NaN with one seed.</param>
 /// <param name="ProbeAccuracy">Mean linear-probe accuracy over seeds; NaN without labels or probe.</param>
@@ -233,6 +238,9 @@ public sealed class Experiment
     public const string SamplesPng = "samples.png";
     public const string SeedResultFile = "experiment-result.json";
 
+    /// <param name="spec">The runs, seeds, budget and data.</param>
+    /// <param name="outputFolder">The results folder (created if missing; seeds already finished or checkpointed there are resumed, see above).</param>
+    /// <param name="log">Progress lines; null for none.</param>
     /// <param name="observerFor">The observer of each run's training (given "run/seed-N"); null for plain progress lines on <paramref name="log"/>.</param>
     public Experiment(ExperimentSpec spec, string outputFolder, TextWriter? log = null, Func<string, ITrainingObserver>? observerFor = null)
     {
