@@ -76,9 +76,9 @@ type MaskedAutoregressive(dim: int64, width: int64, depth: int, map: Elementwise
     let made = new Made(dim, width, depth, map.ParamsPerElement, contextFeatures)
     do this.register_module("made", made)
     /// Affine, with log s soft-clamped to (-clamp, clamp).
-    new(dim, width, depth, clamp: float) = MaskedAutoregressive(dim, width, depth, Affine(ScaleBound.SoftClamp clamp), 0L)
+    new(dim, width, depth, clamp: float) = new MaskedAutoregressive(dim, width, depth, Affine(ScaleBound.SoftClamp clamp), 0L)
     /// Affine, with log s soft-clamped to (-2, 2).
-    new(dim, width, depth) = MaskedAutoregressive(dim, width, depth, Affine(ScaleBound.SoftClamp 2.0), 0L)
+    new(dim, width, depth) = new MaskedAutoregressive(dim, width, depth, Affine(ScaleBound.SoftClamp 2.0), 0L)
     member _.Map = map
     override _.ContextFeatures = contextFeatures
     member private this.Params(x: Tensor, context: Tensor) =

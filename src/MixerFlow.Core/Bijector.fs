@@ -324,7 +324,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
                     (sprintf "Chain: part %d (%s) outputs %s but part %d (%s) expects %s"
                         (i - 1) arr.[i - 1].Name (Shapes.show arr.[i - 1].OutputShape)
                         i arr.[i].Name (Shapes.show arr.[i].InputShape))
-        Chain(arr, ())
+        new Chain(arr, ())
 
     /// The parts in order.
     member _.Parts : System.Collections.Generic.IReadOnlyList<Bijector> =

@@ -62,7 +62,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     /// <param name="contextFeatures">Context features per sample (default 0: unconditional).</param>
     new(eventShape: int64[], partition: Partition, conditioner: ConditionerFactory, map: ElementwiseMap,
         [<Optional; DefaultParameterValue(0L)>] contextFeatures: int64) =
-        Coupling("Coupling(" + (if isNull (box map) then "null" else map.Name) + ")",
+        new Coupling("Coupling(" + (if isNull (box map) then "null" else map.Name) + ")",
                  eventShape, partition, conditioner, map, contextFeatures)
 
     member _.Partition = partition
@@ -141,7 +141,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
 type AffineCoupling(eventShape: int64[], partition: Partition, conditioner: ConditionerFactory, scaleBound: ScaleBound) =
     inherit Coupling("AffineCoupling", eventShape, partition, conditioner, Affine(scaleBound), 0L)
     /// With the scale bound ScaleBound.SoftClamp 2.
-    new(eventShape, partition, conditioner) = AffineCoupling(eventShape, partition, conditioner, ScaleBound.SoftClamp 2.0)
+    new(eventShape, partition, conditioner) = new AffineCoupling(eventShape, partition, conditioner, ScaleBound.SoftClamp 2.0)
     member _.ScaleBound = scaleBound
 
 /// Additive coupling (NICE): y_b = x_b + t(x_a); volume preserving, log|det| = 0.
@@ -153,7 +153,7 @@ type AdditiveCoupling(eventShape: int64[], partition: Partition, conditioner: Co
 type SplineCoupling(eventShape: int64[], partition: Partition, conditioner: ConditionerFactory, bins: int, bound: float) =
     inherit Coupling("SplineCoupling", eventShape, partition, conditioner, RationalQuadratic(bins, bound), 0L)
     /// 8 bins on [-3, 3].
-    new(eventShape, partition, conditioner) = SplineCoupling(eventShape, partition, conditioner, 8, 3.0)
+    new(eventShape, partition, conditioner) = new SplineCoupling(eventShape, partition, conditioner, 8, 3.0)
     member _.Bins = bins
     member _.Bound = bound
     /// Knot positions on the input side for the transformed part of x: [B, nB, rest..., K+1].

@@ -43,7 +43,7 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         this.register_buffer("initialized", initialized)
 
     /// One scale and bias per element of the event.
-    new(eventShape: int64[]) = ActNorm(eventShape, Array.init eventShape.Length id)
+    new(eventShape: int64[]) = new ActNorm(eventShape, Array.init eventShape.Length id)
 
     member _.IsInitialized = initialized.item<int64>() <> 0L
     member _.Bias = bias
@@ -98,7 +98,7 @@ type BatchNormFlow(eventShape: int64[], featureAxes: int[],
         this.register_buffer("runningVar", runningVar)
 
     /// One parameter per element of the event.
-    new(eventShape: int64[]) = BatchNormFlow(eventShape, Array.init eventShape.Length id, 0.1, 1e-5)
+    new(eventShape: int64[]) = new BatchNormFlow(eventShape, Array.init eventShape.Length id, 0.1, 1e-5)
 
     member _.Momentum = momentum
     member _.Eps = eps

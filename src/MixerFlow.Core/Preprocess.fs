@@ -12,7 +12,7 @@ open MixerFlow.Core.Ops
 type Dequantize(eventShape: int64[], levels: int) =
     inherit Bijector("Dequantize", eventShape, eventShape)
     let logLevels = Math.Log(float levels) * float (Shapes.numel eventShape)
-    new(eventShape) = Dequantize(eventShape, 256)
+    new(eventShape) = new Dequantize(eventShape, 256)
     member _.Levels = levels
     /// Use u = 1/2 instead of uniform noise: a deterministic map, for embeddings and for
     /// measuring reconstruction error.
@@ -45,7 +45,7 @@ type Dequantize(eventShape: int64[], levels: int) =
 type Logit(eventShape: int64[], alpha: float) =
     inherit Bijector("Logit", eventShape, eventShape)
     do if not (alpha > 0.0 && alpha < 0.5) then invalidArg "alpha" (sprintf "Logit: alpha must lie in (0, 0.5), got %g" alpha)
-    new(eventShape) = Logit(eventShape, 0.05)
+    new(eventShape) = new Logit(eventShape, 0.05)
     member _.Alpha = alpha
     override this.Forward(x) =
         this.CheckShape(x, eventShape, "input")

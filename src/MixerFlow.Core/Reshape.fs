@@ -17,7 +17,7 @@ type Squeeze(imageShape: int64[], factor: int64) =
                       if factor < 1L || imageShape.[1] % factor <> 0L || imageShape.[2] % factor <> 0L then
                           invalidArg "factor" (sprintf "Squeeze: factor %d must divide height %d and width %d" factor imageShape.[1] imageShape.[2])
                       [| imageShape.[0] * factor * factor; imageShape.[1] / factor; imageShape.[2] / factor |]))
-    new(imageShape) = Squeeze(imageShape, 2L)
+    new(imageShape) = new Squeeze(imageShape, 2L)
     override this.Forward(x) =
         this.CheckShape(x, imageShape, "input")
         Transformed.VolumePreserving(torch.nn.functional.pixel_unshuffle(x, factor))
@@ -90,7 +90,7 @@ type Patchify(geometry: PatchGeometry) =
     let featureGrid = [| c; ph; pw; h / ph; w / pw |]
     let fromFeatureGrid = [| 0L; 1L; 4L; 2L; 5L; 3L |]
     let matrix = geometry.MatrixShape
-    new(imageShape: int64[], strategy: PatchStrategy, size: int64) = Patchify(PatchGeometry(imageShape, strategy, size))
+    new(imageShape: int64[], strategy: PatchStrategy, size: int64) = new Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
     member _.PatchHeight = ph
