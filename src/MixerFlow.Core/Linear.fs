@@ -52,11 +52,16 @@ type LULinear(eventShape: int64[]) as this =
         let y = this.Weight.matmul(x.reshape(b, c, -1L)).reshape(x.shape)
         Transformed.Constant(y, scaledSum (logS.sum()) positions)
 
+    /// W^-1 = U^-1 L^-1 P^T, by two triangular solves of the c x c matrix P^T.
+    member this.InverseWeight =
+        let z = torch.linalg.solve_triangular(this.L, permutationMatrix.t(), upper = false, unitriangular = true)
+        torch.linalg.solve_triangular(this.U, z, upper = true)
+
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let b = y.shape.[0]
-        // x = U^-1 L^-1 P^T y by two triangular solves.
-        let r = permutationMatrix.t().matmul(y.reshape(b, c, -1L))
-        let z = torch.linalg.solve_triangular(this.L, r, upper = false, unitriangular = true)
-        let x = torch.linalg.solve_triangular(this.U, z, upper = true)
+        // x = W^-1 y with W^-1 solved once as a c x c matrix: solves on the batch itself would
+        // leave x in LAPACK's column-major layout, which reaches the layers after it as a
+        // channels-last image (and their convolutions take LibTorch's slower channels-last path).
+        let x = this.InverseWeight.matmul(y.reshape(b, c, -1L))
         Transformed.Constant(x.reshape(y.shape), scaledSum (logS.sum()) (-positions))

@@ -116,3 +116,23 @@ let ``RunOn rejects a broken instance with a shrunk counterexample`` () =
     let sloppy = new Broken.FaultyAffine(3L, "sloppy-inverse")
     let e = Assert.ThrowsAny<exn>(fun () -> BijectorChecks.AssertOn(sloppy, CheckOptions.Float64.WithCases(5)))
     Assert.Contains("Inverse", e.Message)
+
+/// Glow's invertible 1x1 convolution inverts with W^-1 solved once (c x c) and one product: its
+/// inverse is contiguous NCHW (solves on the batch left it column-major, a channels-last image whose
+/// convolutions took LibTorch's slower path), W W^-1 = I, and the round trip returns the input,
+/// at random parameters.
+[<FsCheck.Xunit.Property(MaxTest = 25, Replay = "(424242,171717)")>]
+let ``Conv1x1's inverse is W^-1 as one contiguous product`` (c: FsCheck.PositiveInt) (h: FsCheck.PositiveInt) (w: FsCheck.PositiveInt) (seed: int) =
+    let c, h, w = int64 (min c.Get 12), int64 (min h.Get 5), int64 (min w.Get 5)
+    torch.manual_seed(int64 seed) |> ignore
+    use m = (LULinear.Conv1x1(c, h, w)).``to``(torch.ScalarType.Float64)
+    using (torch.no_grad()) (fun _ ->
+        for p in m.parameters() do p.add_(torch.randn_like(p).mul(scalar 0.3)) |> ignore)
+    let x = torch.randn([| 3L; c; h; w |], dtype = torch.ScalarType.Float64)
+    let y = m.Forward(x).Value
+    let back = m.Inverse(y).Value
+    let identity = m.Weight.matmul(m.InverseWeight)
+    let eyeError = (identity - torch.eye(c, dtype = torch.ScalarType.Float64)).abs().max().item<float>()
+    let roundTrip = (back - x).abs().max().item<float>()
+    (back.is_contiguous() && eyeError < 1e-9 && roundTrip < 1e-9)
+    |> FsCheck.FSharp.Prop.label (sprintf "c=%d h=%d w=%d: contiguous %b, |W W^-1 - I| %g, round trip %g" c h w (back.is_contiguous()) eyeError roundTrip)
