@@ -78,18 +78,29 @@ type Patchify(geometry: PatchGeometry) =
     let shape = geometry.ImageShape
     let c, h, w = shape.[0], shape.[1], shape.[2]
     let ph, pw = geometry.PatchHeight, geometry.PatchWidth
-    // [B, C, H/ph, ph, W/pw, pw] permuted to [B, H/ph, W/pw, C, ph, pw]: each row one patch with
-    // its values in (c, i, j) order, the patches in raster order; one copy each way. (unfold and
-    // fold give the same layout, but im2col and col2im took 2.5 to 3 times as long here.)
-    let blocks = [| c; h / ph; ph; w / pw; pw |]
-    let patchesFirst = [| 0L; 2L; 4L; 1L; 3L; 5L |]
-    let patchGrid = [| h / ph; w / pw; c; ph; pw |]
-    let channelsFirst = [| 0L; 3L; 1L; 4L; 2L; 5L |]
-    // A matrix that is a transposed view of [B, D, P] (what ColumnWise returns) is read in that
-    // layout, [B, C, ph, pw, H/ph, W/pw], so that it is copied once, not made contiguous first.
-    let featureGrid = [| c; ph; pw; h / ph; w / pw |]
-    let fromFeatureGrid = [| 0L; 1L; 4L; 2L; 5L; 3L |]
     let matrix = geometry.MatrixShape
+    let p, d = geometry.Patches, geometry.Features
+    // The permutation as flat indices: row p of the matrix is patch (p / (W/pw), p % (W/pw)) in
+    // raster order, its D values in (channel, i, j) order. Matrix entry k = p D + d holds image
+    // value forward[k]; image value i is matrix entry inverse[i], or entry inverseOfTransposed[i]
+    // of a matrix laid out [D, P] (a transposed view, which ColumnWise returns, is read as it lies).
+    // One index_select along the flat axis copies about 3.8 times faster here than the 6-d permuted
+    // copy, whose innermost runs are pw values long (fashion-mnist: 19 against 71 us, cifar10's
+    // [64, 3, 32, 32]: 72 against 275 us; with its backward 75 against 150 and 260 against 598).
+    let forward =
+        Array.init (int (p * d)) (fun k ->
+            let row, col = int64 k / d, int64 k % d
+            let py, px = row / (w / pw), row % (w / pw)
+            let ch, i, j = col / (ph * pw), (col / pw) % ph, col % pw
+            ch * h * w + (py * ph + i) * w + px * pw + j)
+    let inverse = Array.zeroCreate<int64> forward.Length
+    do forward |> Array.iteri (fun k i -> inverse.[int i] <- int64 k)
+    let inverseOfTransposed = inverse |> Array.map (fun k -> (k % d) * p + k / d)
+    // Index tensors per device, made on first use; not Tensor fields, which TorchSharp would register as buffers.
+    let indexTensors = System.Collections.Concurrent.ConcurrentDictionary<string, Tensor[]>()
+    let indices (device: torch.Device) =
+        indexTensors.GetOrAdd(device.ToString(), fun _ ->
+            [| for a in [ forward; inverse; inverseOfTransposed ] -> torch.tensor(a, device = device).DetachFromDisposeScope() |])
     new(imageShape: int64[], strategy: PatchStrategy, size: int64) = new Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
@@ -100,15 +111,16 @@ type Patchify(geometry: PatchGeometry) =
     override this.Forward(x) =
         this.CheckShape(x, shape, "input")
         let b = x.shape.[0]
-        Transformed.VolumePreserving(x.reshape(Array.append [| b |] blocks).permute(patchesFirst).reshape(Array.append [| b |] matrix))
+        let m = x.reshape(b, -1L).index_select(1L, (indices x.device).[0])
+        Transformed.VolumePreserving(m.view(Array.append [| b |] matrix))
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
         let b = y.shape.[0]
         let featuresFirst = y.transpose(1L, 2L)
-        let permuted =
-            if featuresFirst.is_contiguous() then featuresFirst.view(Array.append [| b |] featureGrid).permute(fromFeatureGrid)
-            else y.reshape(Array.append [| b |] patchGrid).permute(channelsFirst)
-        Transformed.VolumePreserving(permuted.reshape(Array.append [| b |] shape))
+        let image =
+            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y.device).[2])
+            else y.reshape(b, -1L).index_select(1L, (indices y.device).[1])
+        Transformed.VolumePreserving(image.view(Array.append [| b |] shape))
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
 /// MixerFlow layers. A permutation: log|det| = 0.
