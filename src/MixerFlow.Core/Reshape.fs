@@ -96,11 +96,21 @@ type Patchify(geometry: PatchGeometry) =
     let inverse = Array.zeroCreate<int64> forward.Length
     do forward |> Array.iteri (fun k i -> inverse.[int i] <- int64 k)
     let inverseOfTransposed = inverse |> Array.map (fun k -> (k % d) * p + k / d)
-    // Index tensors per device, made on first use; not Tensor fields, which TorchSharp would register as buffers.
-    let indexTensors = System.Collections.Concurrent.ConcurrentDictionary<string, Tensor[]>()
-    let indices (device: torch.Device) =
-        indexTensors.GetOrAdd(device.ToString(), fun _ ->
-            [| for a in [ forward; inverse; inverseOfTransposed ] -> torch.tensor(a, device = device).DetachFromDisposeScope() |])
+    // Index tensors per device, made on first use and freed with the module; not Tensor fields,
+    // which TorchSharp would register as buffers. Looked up by the input's device type and index
+    // (no Device object or string per call).
+    let indexTensors = System.Collections.Concurrent.ConcurrentDictionary<struct (DeviceType * int), Tensor[]>()
+    let indices (x: Tensor) =
+        let key = struct (x.device_type, x.device_index)
+        match indexTensors.TryGetValue key with
+        | true, made -> made
+        | _ ->
+            let device = torch.Device(x.device_type, x.device_index)
+            let made = [| for a in [ forward; inverse; inverseOfTransposed ] -> torch.tensor(a, device = device).DetachFromDisposeScope() |]
+            let kept = indexTensors.GetOrAdd(key, made)
+            // Two threads may both make them; the loser's are freed, never handed out.
+            if not (obj.ReferenceEquals(kept, made)) then for t in made do t.Dispose()
+            kept
     new(imageShape: int64[], strategy: PatchStrategy, size: int64) = new Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
@@ -111,16 +121,22 @@ type Patchify(geometry: PatchGeometry) =
     override this.Forward(x) =
         this.CheckShape(x, shape, "input")
         let b = x.shape.[0]
-        let m = x.reshape(b, -1L).index_select(1L, (indices x.device).[0])
+        let m = x.reshape(b, -1L).index_select(1L, (indices x).[0])
         Transformed.VolumePreserving(m.view(Array.append [| b |] matrix))
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
         let b = y.shape.[0]
         let featuresFirst = y.transpose(1L, 2L)
         let image =
-            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y.device).[2])
-            else y.reshape(b, -1L).index_select(1L, (indices y.device).[1])
+            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y).[2])
+            else y.reshape(b, -1L).index_select(1L, (indices y).[1])
         Transformed.VolumePreserving(image.view(Array.append [| b |] shape))
+    override _.Dispose(disposing: bool) =
+        if disposing then
+            for made in indexTensors.Values do
+                for t in made do t.Dispose()
+            indexTensors.Clear()
+        base.Dispose(disposing)
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
 /// MixerFlow layers. A permutation: log|det| = 0.

@@ -38,3 +38,15 @@ let ``every patch strategy is a permutation of the pixels`` (c: PositiveInt) (h:
     let m = (new Patchify([| int64 c; int64 h; int64 w |], strategy, size)).Forward(x).Value
     let struct (sorted, _) = m.reshape(-1L).sort()
     (sorted - x.reshape(-1L)).abs().max().item<float>() = 0.0 |> Prop.label (sprintf "%A c=%d h=%d w=%d" strategy c h w)
+
+/// Patchify keeps its index tensors per device and frees them with the module: a disposed
+/// Patchify that is called again makes them afresh and permutes as before.
+[<Xunit.Fact>]
+let ``a disposed Patchify makes its indices again`` () =
+    let x = image 3 8 8
+    let p = new Patchify([| 3L; 8L; 8L |], PatchStrategy.Square, 4L)
+    let before = p.Forward(x).Value
+    p.Dispose()
+    let after = p.Forward(x).Value
+    Xunit.Assert.Equal(0.0, (before - after).abs().max().item<float>())
+    Xunit.Assert.Equal(0.0, (p.Inverse(after).Value - x).abs().max().item<float>())
