@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using MixerFlow.Host.Models;
+using MixerFlow.Host.Training;
 
 namespace MixerFlow.Speed;
 
@@ -22,8 +23,8 @@ sealed class Mirror : IDisposable
     readonly string configFile;
     /// <summary>Training step times, ms.</summary>
     public List<double> StepMs { get; } = new();
-    /// <summary>Each training step's phases, ms: forward (to the loss value), zero_grad and backward, clipping and Adam.</summary>
-    public List<(double Forward, double Backward, double Update)> StepPhases { get; } = new();
+    /// <summary>Each training step's phases: forward (to the loss value), zero_grad and backward, clipping and Adam.</summary>
+    public List<StepPhases> StepPhases { get; } = new();
     /// <summary>Evaluation times (bits/dim of one batch, evaluation mode, no gradient), ms per image.</summary>
     public List<double> EvaluationMs { get; } = new();
     /// <summary>Sampling times (a batch of pixels from the base through the inverse, evaluation mode, no gradient), ms per image.</summary>
@@ -122,7 +123,8 @@ sealed class Mirror : IDisposable
         var times = doc.RootElement.GetProperty("ms").EnumerateArray().Select(e => e.GetDouble()).ToList();
         into.AddRange(times);
         if (doc.RootElement.TryGetProperty("phases", out var phases))
-            StepPhases.AddRange(phases.EnumerateArray().Select(p => (p[0].GetDouble(), p[1].GetDouble(), p[2].GetDouble())));
+            StepPhases.AddRange(phases.EnumerateArray().Select(p => new StepPhases(
+                TimeSpan.FromMilliseconds(p[0].GetDouble()), TimeSpan.FromMilliseconds(p[1].GetDouble()), TimeSpan.FromMilliseconds(p[2].GetDouble()))));
         return times;
     }
 

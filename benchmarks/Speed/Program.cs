@@ -220,7 +220,7 @@ sealed class Bench : IDisposable
     readonly List<Gemm> timedShapes = new();
     readonly List<List<double>> shapeRates = new();
     readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
-    readonly List<(double Forward, double Backward, double Update)> ourPhases = new();
+    readonly List<StepPhases> ourPhases = new();
     /// <summary>The mirror's median over ours, one per interleaved pair of chunks (see Paired).</summary>
     readonly List<double> stepRatios = new(), evalRatios = new(), sampleRatios = new();
     long steps, created, gc0, gc1, gc2;
@@ -387,8 +387,7 @@ sealed class Bench : IDisposable
             var sw = Stopwatch.StartNew();
             step.Take(x, Lr);
             times.Add(sw.Elapsed.TotalMilliseconds);
-            var phases = step.LastPhases;
-            ourPhases.Add((phases.Forward.TotalMilliseconds, phases.Backward.TotalMilliseconds, phases.Update.TotalMilliseconds));
+            ourPhases.Add(step.LastPhases);
             var after = Process.GetCurrentProcess();
             cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
             sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
@@ -491,9 +490,9 @@ sealed class Bench : IDisposable
     /// <summary>The medians of the training step's phases, ours and the mirror's, and our evaluation's forward pass per batch.</summary>
     public string PhasesLine()
     {
-        static string Phases(List<(double Forward, double Backward, double Update)> p) => p.Count == 0 ? "n/a" :
-            $"forward {Machine.Median(p.Select(x => x.Forward).ToList()):N1}, backward {Machine.Median(p.Select(x => x.Backward).ToList()):N1}, " +
-            $"update {Machine.Median(p.Select(x => x.Update).ToList()):N1}";
+        static double Ms(List<StepPhases> p, Func<StepPhases, TimeSpan> phase) => Machine.Median(p.Select(x => phase(x).TotalMilliseconds).ToList());
+        static string Phases(List<StepPhases> p) => p.Count == 0 ? "n/a" :
+            $"forward {Ms(p, x => x.Forward):N1}, backward {Ms(p, x => x.Backward):N1}, update {Ms(p, x => x.Update):N1}";
         return $"- `{Config.Name}`: ours {Phases(ourPhases)}; the mirror's {(mirror is null ? "n/a" : Phases(mirror.StepPhases))}; " +
                $"the evaluation's forward pass (no gradient, batch {batch}) ours {Machine.Median(evalMs) * batch:N1}, the mirror's " +
                (mirror is { EvaluationMs.Count: > 0 } m ? $"{Machine.Median(m.EvaluationMs) * batch:N1}" : "n/a");

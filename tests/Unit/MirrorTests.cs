@@ -308,8 +308,8 @@ public class MirrorTests
             Assert.All(m.StepMs.Concat(m.EvaluationMs).Concat(m.SamplingMs), ms => Assert.True(ms > 0));
             // Every step's phases, each positive and together within the step.
             Assert.Equal(m.StepMs.Count, m.StepPhases.Count);
-            Assert.All(m.StepPhases.Zip(m.StepMs), p => Assert.True(p.First.Forward > 0 && p.First.Backward > 0 && p.First.Update > 0
-                && p.First.Forward + p.First.Backward + p.First.Update <= p.Second + 1e-6, $"{p.First} in {p.Second} ms"));
+            Assert.All(m.StepPhases.Zip(m.StepMs), p => Assert.True(p.First.Forward > TimeSpan.Zero && p.First.Backward > TimeSpan.Zero && p.First.Update > TimeSpan.Zero
+                && (p.First.Forward + p.First.Backward + p.First.Update).TotalMilliseconds <= p.Second + 1e-6, $"{p.First} in {p.Second} ms"));
             Assert.Contains("linear [128x24]x[24x16] x2", m.Gemms); // channel mixing: 8 images x 16 patches as rows, 24 of 49 values conditioning, 16 hidden
         }
         var e = Assert.Throws<InvalidOperationException>(() => new MixerFlow.Speed.Mirror(c, 12_901, batch: 8, threads: 1, blasThreads: 1, sampleBatch: 16));
