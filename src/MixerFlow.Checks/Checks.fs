@@ -34,6 +34,8 @@ type CheckKind =
     | Gradients = 7
     /// (i) save then load into a fresh instance gives identical outputs.
     | SaveLoad = 8
+    /// (j) a hand-written backward (IHandGradient) gives autograd's output, log-det and gradients.
+    | HandGradient = 9
 
 /// How the checks build and feed one family of bijectors. `Build` draws shapes and options from
 /// the System.Random it is given (so a case's seed fixes the shapes) and initial parameters
@@ -137,7 +139,7 @@ type CheckResult =
       Tolerance: float
       Cases: int
       Message: string }
-    member r.Letter = "abcdefghi".[int r.Check]
+    member r.Letter = "abcdefghij".[int r.Check]
 
 /// One random case: the seed fixes shapes and parameters; Batch >= 2.
 type CheckCase =
@@ -455,6 +457,41 @@ module PropertyChecks =
         finally
             if File.Exists path then File.Delete path
 
+    /// The taped forward pass gives Forward's output and log-det, and the hand-written backward
+    /// autograd's gradients of L = sum(w * y) + c * sum(log-det) for random weights w and a random c,
+    /// for the input and for every parameter (in training mode: ActNorm initialises first).
+    let private handGradient (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
+        b.train()
+        let x = sample spec b (int64 case.Batch) o
+        // A first pass initialises data-dependent layers (ActNorm), whose hand backward needs it.
+        using (torch.no_grad()) (fun _ -> b.Forward x |> ignore)
+        match box b with
+        | :? IHandGradient as h when h.HandGradientSupported x ->
+            let xr = x.detach().clone().requires_grad_(true)
+            let r = seeded case.Seed (fun () -> b.Forward xr)
+            let w, c = seeded (case.Seed + 1) (fun () -> torch.randn_like(r.Value), 0.5 + Random(case.Seed).NextDouble())
+            let ps = b.named_parameters() |> Seq.toList
+            b.zero_grad()
+            let loss = (r.Value * w).sum() +. r.LogDet.sum().mul(scalar c)
+            loss.backward()
+            let expected = [ for struct (n, p) in ps -> n, (if isNull p.grad then torch.zeros_like(p) else p.grad.clone()) ]
+            let expectedInput = xr.grad.clone()
+            b.zero_grad()
+            let struct (y, logDet, dx) =
+                use _ = torch.no_grad()
+                let logDet = torch.zeros([| x.shape.[0] |], dtype = x.dtype, device = x.device)
+                let struct (y, tape) = seeded case.Seed (fun () -> h.ForwardTaped(x, logDet))
+                struct (y, logDet, h.BackwardTaped(tape, w, c, true))
+            let got = [ for struct (n, p) in ps -> n, (if isNull p.grad then torch.zeros_like(p) else p.grad.clone()) ]
+            b.zero_grad()
+            let tol = if o.DType = torch.float64 then 1e-9 else 1e-3
+            combine
+                ([ compare "taped forward" tol y r.Value
+                   compare "taped log-det" tol logDet r.LogDet
+                   compare "dL/dx" tol dx expectedInput ]
+                 @ List.map2 (fun (n, g) (_, e) -> compare ("dL/d" + n) tol g e) got expected)
+        | _ -> { Error = 0.0; Passed = true; Detail = "the hand-written backward does not apply to this input" }
+
     let internal evaluator (kind: CheckKind) : BijectorSpec -> CheckCase -> CheckOptions -> Bijector -> Evaluation =
         match kind with
         | CheckKind.Inverse -> roundTrip
@@ -466,6 +503,7 @@ module PropertyChecks =
         | CheckKind.Structure -> structure
         | CheckKind.Gradients -> gradients
         | CheckKind.SaveLoad -> saveLoad
+        | CheckKind.HandGradient -> handGradient
         | k -> invalidArg "kind" (sprintf "unknown check %A" k)
 
     let tolerance (kind: CheckKind) (dtype: torch.ScalarType) =
@@ -475,6 +513,7 @@ module PropertyChecks =
         | CheckKind.InverseLogDet | CheckKind.Chain -> Tolerances.logDet dtype
         | CheckKind.Independence -> Tolerances.independence dtype
         | CheckKind.Structure -> Tolerances.structure
+        | CheckKind.HandGradient -> if dtype = torch.float64 then 1e-9 else 1e-3
         | _ -> 0.0
 
     /// Cases: seeds and batch sizes, shrinking toward small seeds and batch 2.
@@ -499,6 +538,11 @@ module PropertyChecks =
         match kind with
         | CheckKind.LogDet when o.DType <> torch.float64 -> Some "the Jacobian oracle runs in float64 only"
         | CheckKind.Edges when isNull (box spec.EdgeInputs) && isNull (box spec.EdgeOutputs) -> Some "no edge cases declared"
+        | CheckKind.HandGradient ->
+            use _ = torch.NewDisposeScope()
+            match box (probe ()) with
+            | :? IHandGradient -> None
+            | _ -> Some "no hand-written backward"
         | CheckKind.Structure ->
             // Whether the family declares a Jacobian structure: look at one instance.
             use _ = torch.NewDisposeScope()

@@ -6,25 +6,6 @@ open System.Runtime.InteropServices
 open TorchSharp
 open TorchSharp.Modules
 
-module internal AdamNative =
-    [<DllImport("LibTorchSharp")>]
-    extern nativeint THSTensor_data(nativeint handle)
-    [<DllImport("LibTorchSharp")>]
-    extern nativeint THSTensor_grad(nativeint handle)
-    [<DllImport("LibTorchSharp")>]
-    extern void THSTensor_dispose(nativeint handle)
-
-    /// The address of a tensor's first element.
-    let dataPtr (t: torch.Tensor) = THSTensor_data t.Handle
-
-    /// The address of a tensor's gradient's first element, 0 when it has none; no managed Tensor
-    /// is made for the gradient (its native handle is released at once).
-    let gradPtr (t: torch.Tensor) =
-        let g = THSTensor_grad t.Handle
-        if g = 0n then 0n
-        else
-            try THSTensor_data g finally THSTensor_dispose g
-
 /// Adam (Kingma & Ba 2015) for training flows, over flat buffers and free of TorchSharp's Scalar race.
 ///
 /// **Flat buffers.** At construction the parameters are moved into one contiguous buffer (each
@@ -89,8 +70,8 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
     let gradViews = if ps.Length = 0 then [||] else viewsOf flatGrad
     let expAvgViews = if ps.Length = 0 then [||] else viewsOf expAvg
     let expAvgSqViews = if ps.Length = 0 then [||] else viewsOf expAvgSq
-    let paramPtrs = paramViews |> Array.map AdamNative.dataPtr
-    let gradPtrs = gradViews |> Array.map AdamNative.dataPtr
+    let paramPtrs = paramViews |> Array.map TensorNative.dataPtr
+    let gradPtrs = gradViews |> Array.map TensorNative.dataPtr
     let steps : int64[] = Array.zeroCreate ps.Length
     let hasGrad : bool[] = Array.zeroCreate ps.Length
     let initialLearningRate = learningRate
@@ -100,7 +81,7 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
     /// Moves parameter i into the flat buffer (its values kept) if it is not there.
     let linkParameter i =
         let p = ps.[i]
-        if AdamNative.dataPtr p <> paramPtrs.[i] then
+        if TensorNative.dataPtr p <> paramPtrs.[i] then
             use _noGrad = torch.no_grad()
             paramViews.[i].copy_(p) |> ignore
             p.set_(paramViews.[i]) |> ignore
@@ -110,7 +91,7 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
         for i in 0 .. ps.Length - 1 do
             let p = ps.[i]
             linkParameter i
-            let g = if p.requires_grad then AdamNative.gradPtr p else 0n
+            let g = if p.requires_grad then TensorNative.gradPtr p else 0n
             if g = 0n then
                 hasGrad.[i] <- false
             else

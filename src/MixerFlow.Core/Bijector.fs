@@ -166,6 +166,94 @@ type IJacobianStructure =
     abstract ExpectedJacobian: unit -> float[,]
     abstract StructureDescription: string
 
+/// A forward pass whose gradients are written by hand instead of recorded by autograd: the pass
+/// keeps what its backward needs (a tape), and the backward adds the parameters' gradients to
+/// their <c>grad</c> and returns the input's. A training step on a flow whose every part supports
+/// it (see <see cref="HandGradient"/>) then runs no autograd graph at all: no node per operation,
+/// no saved-tensor bookkeeping, and backward formulas that fuse what autograd would do op by op
+/// (a coupling's clamp, scale and log-det in a few operations; weight gradients accumulated in
+/// place into the optimiser's buffer). Each implementation is checked against autograd at random
+/// parameters (the property tests' hand-gradient check).
+type IHandGradient =
+    /// Whether <see cref="ForwardTaped"/> can run on this input (every part supports it, no context,
+    /// a floating-point input).
+    /// <param name="x">The batch the pass would take.</param>
+    abstract HandGradientSupported: x: Tensor -> bool
+    /// The forward map without autograd (run it under <c>no_grad</c>): returns y and a tape for
+    /// <see cref="BackwardTaped"/>, and adds every sample's log|det dy/dx| in place to
+    /// <paramref name="logDet"/>.
+    /// <param name="x">A batch whose rows are logDet's samples or a whole multiple of them (a
+    /// lifted flow's rows: each sample's rows consecutive).</param>
+    /// <param name="logDet">[samples], added to in place.</param>
+    abstract ForwardTaped: x: Tensor * logDet: Tensor -> struct (Tensor * obj)
+    /// The backward pass of the taped forward: given dL/dy and dL/d(log|det|) (the same for every
+    /// sample), adds dL/d(parameter) to each parameter's <c>grad</c> and returns dL/dx, or null
+    /// when <paramref name="inputGradient"/> is false.
+    /// <param name="tape">What ForwardTaped returned with y.</param>
+    /// <param name="dy">dL/dy, y's shape (any layout).</param>
+    /// <param name="logDetGradient">dL/d(log|det|) of each sample.</param>
+    /// <param name="inputGradient">Whether dL/dx is wanted.</param>
+    abstract BackwardTaped: tape: obj * dy: Tensor * logDetGradient: float * inputGradient: bool -> Tensor
+
+/// The inverse map with a hand-written backward (see <see cref="IHandGradient"/>), for a bijector
+/// used inverted (<see cref="Inverted"/>): the same members for y -> x.
+type IHandGradientInverse =
+    /// Whether <see cref="InverseTaped"/> can run on this input.
+    /// <param name="y">The batch the pass would take.</param>
+    abstract InverseHandGradientSupported: y: Tensor -> bool
+    /// The inverse map without autograd: x and a tape; each sample's log|det dx/dy| added to logDet.
+    /// <param name="y">A batch of outputs.</param>
+    /// <param name="logDet">[samples], added to in place.</param>
+    abstract InverseTaped: y: Tensor * logDet: Tensor -> struct (Tensor * obj)
+    /// The backward pass of the taped inverse: dL/dy from dL/dx (null unless inputGradient).
+    /// <param name="tape">What InverseTaped returned.</param>
+    /// <param name="dx">dL/dx.</param>
+    /// <param name="logDetGradient">dL/d(log|det|) of each sample.</param>
+    /// <param name="inputGradient">Whether dL/dy is wanted.</param>
+    abstract InverseBackwardTaped: tape: obj * dx: Tensor * logDetGradient: float * inputGradient: bool -> Tensor
+
+/// Helpers for <see cref="IHandGradient"/> implementations.
+module internal HandGradients =
+    /// The bijector's hand gradient if it has one that supports x.
+    let supported (b: obj) (x: Tensor) =
+        match b with
+        | :? IHandGradient as h when h.HandGradientSupported x -> true
+        | _ -> false
+    /// Each parameter's gradient handle from the last backward pass, with its data's address.
+    let private gradients = System.Runtime.CompilerServices.ConditionalWeakTable<Parameter, struct (Tensor * nativeint) ref>()
+    /// A parameter's gradient, to add to in place (a zero gradient is given to it first where it
+    /// has none). The handle is kept and handed out again while the gradient's data is where it
+    /// was (one native address comparison, no new managed Tensor per pass: the optimiser's flat
+    /// buffer keeps each gradient in place from step to step); the caller must not dispose it.
+    let gradOf (p: Parameter) : Tensor =
+        let current = TensorNative.gradPtr p
+        let cell = gradients.GetValue(p, fun _ -> ref (struct (null, 0n)))
+        let struct (kept, address) = cell.Value
+        if current <> 0n && current = address && not (isNull kept) && not kept.IsInvalid then kept
+        else
+            let g =
+                match p.grad with
+                | null ->
+                    let fresh = torch.zeros_like(p)
+                    p.grad <- fresh
+                    fresh
+                | g -> g
+            // Kept beyond the caller's dispose scope.
+            let g = g.DetachFromDisposeScope()
+            cell.Value <- struct (g, TensorNative.dataPtr g)
+            g
+    /// How many of x's rows belong to each of logDet's samples.
+    let rowsPerSample (x: Tensor) (logDet: Tensor) =
+        let rows, samples = x.shape.[0], logDet.shape.[0]
+        if samples = 0L || rows % samples <> 0L then
+            invalidArg "logDet" (sprintf "a log-det of %d samples for a batch of %d rows" samples rows)
+        rows / samples
+    /// Adds per-row sums of `values` ([rows, ...], contiguous) to logDet [samples] in place.
+    let addRowSums (logDet: Tensor) (values: Tensor) =
+        logDet.add_(values.view(logDet.shape.[0], -1L).sum(1L), Scalars.One) |> ignore
+    /// Whether a module holds any parameter that requires a gradient.
+    let hasParameters (m: torch.nn.Module) = m.parameters() |> Seq.exists (fun p -> p.requires_grad)
+
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
 /// InputShape and OutputShape are the shapes of one sample (without the batch dimension).
@@ -374,6 +462,35 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         { Surjective = parts |> Seq.exists (fun p -> p.Traits.Surjective)
           BatchCoupledInTraining = parts |> Seq.exists (fun p -> p.Traits.BatchCoupledInTraining) }
 
+    /// A part's dL/dx is needed when an earlier part has parameters (or the chain's own is wanted);
+    /// a part without parameters whose dL/dx is not needed is skipped (the data-side preprocessing).
+    member private _.FirstWithParameters =
+        match Seq.tryFindIndex HandGradients.hasParameters parts with
+        | Some i -> i
+        | None -> parts.Count
+
+    interface IHandGradient with
+        member _.HandGradientSupported x = parts |> Seq.forall (fun p -> HandGradients.supported p x)
+        member _.ForwardTaped(x, logDet) =
+            let tapes = Array.zeroCreate<obj> parts.Count
+            let mutable h = x
+            for i in 0 .. parts.Count - 1 do
+                let struct (y, tape) = (parts.[i] :> obj :?> IHandGradient).ForwardTaped(h, logDet)
+                tapes.[i] <- tape
+                h <- y
+            struct (h, box tapes)
+        member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
+            let tapes = tape :?> obj[]
+            let first = this.FirstWithParameters
+            let mutable g = dy
+            let mutable i = parts.Count - 1
+            // Parts before the first with parameters need no backward unless dL/dx is wanted.
+            while i >= 0 && (inputGradient || i >= first) do
+                let wanted = inputGradient || i > first
+                g <- (parts.[i] :> obj :?> IHandGradient).BackwardTaped(tapes.[i], g, logDetGradient, wanted)
+                i <- i - 1
+            if inputGradient then g else null
+
 /// The inverse of a bijector as a bijector: forward and inverse swapped.
 type Inverted(inner: Bijector) as this =
     inherit Bijector("Inverse(" + inner.Name + ")", inner.OutputShape, inner.InputShape)
@@ -385,6 +502,14 @@ type Inverted(inner: Bijector) as this =
     override _.Inverse(x: Tensor, context: Tensor) = inner.Forward(x, context)
     override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
+    interface IHandGradient with
+        member _.HandGradientSupported y =
+            match box inner with
+            | :? IHandGradientInverse as h -> h.InverseHandGradientSupported y
+            | _ -> false
+        member _.ForwardTaped(y, logDet) = (box inner :?> IHandGradientInverse).InverseTaped(y, logDet)
+        member _.BackwardTaped(tape, dx, logDetGradient, inputGradient) =
+            (box inner :?> IHandGradientInverse).InverseBackwardTaped(tape, dx, logDetGradient, inputGradient)
 
 /// A conditional bijector with its context fixed: one context row [contextFeatures] used for
 /// every sample, kept as the buffer `context` (saved with the model, moved by `to`). Makes a

@@ -115,6 +115,53 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
     member this.Sample(n: int64, [<Optional; DefaultParameterValue(1.0)>] temperature: float) : Tensor =
         this.Sample(n, null, temperature)
 
+/// A forward pass taken for <see cref="HandGradient"/>: log p(x) per sample, and the tape of its
+/// backward pass.
+[<Sealed>]
+type HandGradientPass internal (transform: IHandGradient, z: Tensor, tape: obj, logProb: Tensor) =
+    /// log p(x) per sample, [B] (no autograd history).
+    member _.LogProb = logProb
+    /// Adds to every parameter's <c>grad</c> the gradient of sum_b weight * log p(x_b) (for the mean
+    /// bits per dimension over B samples of D dimensions, weight = -1 / (B D ln 2)).
+    /// <param name="weight">The loss's derivative with respect to each sample's log p(x).</param>
+    member _.Backward(weight: float) =
+        use _noGrad = torch.no_grad()
+        // d(weight log N(z; 0, I))/dz = -weight z; each sample's log|det| enters log p with weight 1.
+        let negWeight = Scalar.op_Implicit(-weight)
+        let dz = try z.mul(negWeight) finally negWeight.Dispose()
+        transform.BackwardTaped(tape, dz, weight, false) |> ignore
+
+/// Gradients of a flow's log-likelihood without autograd: every bijector of the transform supplies
+/// its own backward pass (<see cref="IHandGradient"/>). MixerFlow's parts (dequantisation, logit,
+/// patchify, shifts, row- and column-wise liftings, affine couplings with perceptron conditioners,
+/// initialised ActNorm) all do; a flow with any other part, a context or a base other than the
+/// standard normal is not supported, and training then takes autograd's path. The results equal
+/// autograd's up to float rounding (the property tests compare them at random parameters).
+[<AbstractClass; Sealed>]
+type HandGradient =
+    /// Whether training uses hand-written gradients where a flow supports them: true unless the
+    /// environment variable MIXERFLOW_HAND_GRADIENTS is 0 (the opt-out, read once).
+    static member val Enabled =
+        Environment.GetEnvironmentVariable "MIXERFLOW_HAND_GRADIENTS" <> "0" with get, set
+    /// Whether <see cref="Forward"/> can take this flow and batch.
+    /// <param name="flow">The flow.</param>
+    /// <param name="x">The batch.</param>
+    static member Supports(flow: Flow, x: Tensor) =
+        not (isNull (box flow)) && not (isNull x) && flow.ContextFeatures = 0L
+        && flow.Base.GetType() = typeof<StandardNormal> && HandGradients.supported flow.Transform x
+    /// log p(x) per sample without autograd, with the tape for <see cref="HandGradientPass.Backward"/>.
+    /// <param name="flow">A flow that <see cref="Supports"/> x.</param>
+    /// <param name="x">The batch.</param>
+    static member Forward(flow: Flow, x: Tensor) : HandGradientPass =
+        if not (HandGradient.Supports(flow, x)) then
+            invalidArg "flow" "HandGradient: this flow has a part without a hand-written backward (see HandGradient.Supports)"
+        use _noGrad = torch.no_grad()
+        let transform = flow.Transform :> obj :?> IHandGradient
+        let logDet = torch.zeros([| x.shape.[0] |], dtype = x.dtype, device = x.device)
+        let struct (z, tape) = transform.ForwardTaped(x, logDet)
+        HandGradientPass(transform, z, tape, logDet.add_(standardNormalLogProb z, Scalars.One))
+
+
 /// Ready-made flows over vectors of `features` values (after zuko's `flows`), each a Flow with a
 /// standard normal base. `context` > 0 makes a conditional flow (context [B, context]).
 /// Conditioner networks are MLPs with `depth` hidden layers of `hidden` ReLU units.

@@ -44,6 +44,29 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
     override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
     override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
+    /// Rows folded into the batch as in the forward pass; dL/dy folded the same way for the inner
+    /// backward, and its dL/dx unfolded.
+    interface IHandGradient with
+        member _.HandGradientSupported x = inner.ContextFeatures = 0L && HandGradients.supported inner x
+        member this.ForwardTaped(x, logDet) =
+            this.CheckShape(x, this.InputShape, "input")
+            let b = x.shape.[0]
+            let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
+            let flat = rowsFirst.reshape(b * copies, inner.InputSize)
+            let struct (y, tape) = (inner :> obj :?> IHandGradient).ForwardTaped(flat, logDet)
+            let y = y.reshape(b, copies, inner.InputSize)
+            struct ((if alongRows then y else y.transpose(1L, 2L)), tape)
+        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
+            let b = dy.shape.[0]
+            let rowsFirst = if alongRows then dy else dy.transpose(1L, 2L)
+            let flat = rowsFirst.reshape(b * copies, inner.InputSize)
+            let dx = (inner :> obj :?> IHandGradient).BackwardTaped(tape, flat, logDetGradient, inputGradient)
+            if isNull dx then null
+            else
+                let dx = dx.reshape(b, copies, inner.InputSize)
+                // Columns: copied back to [B, P, D] order, so that the steps before (a normalisation,
+                // a row-wise flow) take it as it lies instead of each working on a transposed view.
+                if alongRows then dx else dx.transpose(1L, 2L).contiguous()
 
 /// See ColumnWise: one vector bijector over D features applied to every row of [P, D].
 type RowWise(rows: int64, inner: Bijector) =

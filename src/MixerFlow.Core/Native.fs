@@ -14,6 +14,26 @@ type NativeLoadException(message: string, libraryPath: string, loaderMessage: st
     /// What the dynamic loader said (dlerror), e.g. "version `GLIBCXX_3.4.32' not found".
     member _.LoaderMessage = loaderMessage
 
+/// Addresses of a tensor's data and of its gradient's data, read without making a managed Tensor.
+module internal TensorNative =
+    [<DllImport("LibTorchSharp")>]
+    extern nativeint THSTensor_data(nativeint handle)
+    [<DllImport("LibTorchSharp")>]
+    extern nativeint THSTensor_grad(nativeint handle)
+    [<DllImport("LibTorchSharp")>]
+    extern void THSTensor_dispose(nativeint handle)
+
+    /// The address of a tensor's first element.
+    let dataPtr (t: torch.Tensor) = THSTensor_data t.Handle
+
+    /// The address of a tensor's gradient's first element, 0 when it has none; no managed Tensor
+    /// is made for the gradient (its native handle is released at once).
+    let gradPtr (t: torch.Tensor) =
+        let g = THSTensor_grad t.Handle
+        if g = 0n then 0n
+        else
+            try THSTensor_data g finally THSTensor_dispose g
+
 module internal NativeGlue =
     let fileName = "libLibTorchSharp.so"
 

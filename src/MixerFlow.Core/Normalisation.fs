@@ -69,6 +69,29 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         let x = y * logScale.neg().exp() - bias
         Transformed.Constant(x, scaledSum (logScale.sum()) (-positions))
 
+    /// By hand once initialised (the first, initialising pass runs through autograd):
+    /// dx = dy exp(logScale), dL/dbias = the sum of dx over the shared positions and samples,
+    /// dL/dlogScale = the sum of dy * y plus dL/dlogdet for each of the rows' positions.
+    interface IHandGradient with
+        member this.HandGradientSupported x = x.is_floating_point() && this.IsInitialized
+        member this.ForwardTaped(x, logDet) =
+            this.CheckShape(x, eventShape, "input")
+            let scale = logScale.exp()
+            let y = (x +. bias).mul_(scale)
+            let perSample = Scalar.op_Implicit(positions * float (HandGradients.rowsPerSample x logDet))
+            try logDet.add_(logScale.sum(), perSample) |> ignore
+            finally perSample.Dispose()
+            struct (y, box struct (y, scale))
+        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
+            let struct (y, scale) = tape :?> struct (Tensor * Tensor)
+            let dx = dy.mul(scale)
+            (let g = HandGradients.gradOf bias in g.add_(dx.sum(dims, keepdim = true), Scalars.One) |> ignore)
+            let perRow = Scalar.op_Implicit(logDetGradient * positions * float dy.shape.[0])
+            (let g = HandGradients.gradOf logScale
+             try g.add_(dy.mul(y).sum(dims, keepdim = true), Scalars.One).add_(perRow, Scalars.One) |> ignore
+             finally perRow.Dispose())
+            if inputGradient then dx else null
+
 /// Invertible batch normalisation (Dinh, Sohl-Dickstein & Bengio 2017, RealNVP, appendix E):
 /// y = (x - mean) / sqrt(var + eps) * exp(logGamma) + beta. Training mode uses the batch
 /// statistics (and updates running averages with `momentum`); evaluation mode and the inverse

@@ -111,6 +111,18 @@ type Patchify(geometry: PatchGeometry) =
             // Two threads may both make them; the loser's are freed, never handed out.
             if not (obj.ReferenceEquals(kept, made)) then for t in made do t.Dispose()
             kept
+    /// Image [B, C, H, W] -> matrix [B, P, D].
+    let toMatrix (x: Tensor) =
+        let b = x.shape.[0]
+        x.reshape(b, -1L).index_select(1L, (indices x).[0]).view(Array.append [| b |] matrix)
+    /// Matrix [B, P, D] (contiguous or a transposed view) -> image [B, C, H, W].
+    let toImage (y: Tensor) =
+        let b = y.shape.[0]
+        let featuresFirst = y.transpose(1L, 2L)
+        let image =
+            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y).[2])
+            else y.reshape(b, -1L).index_select(1L, (indices y).[1])
+        image.view(Array.append [| b |] shape)
     new(imageShape: int64[], strategy: PatchStrategy, size: int64) = new Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
@@ -120,17 +132,25 @@ type Patchify(geometry: PatchGeometry) =
     member _.Features = geometry.Features
     override this.Forward(x) =
         this.CheckShape(x, shape, "input")
-        let b = x.shape.[0]
-        let m = x.reshape(b, -1L).index_select(1L, (indices x).[0])
-        Transformed.VolumePreserving(m.view(Array.append [| b |] matrix))
+        Transformed.VolumePreserving(toMatrix x)
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
-        let b = y.shape.[0]
-        let featuresFirst = y.transpose(1L, 2L)
-        let image =
-            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y).[2])
-            else y.reshape(b, -1L).index_select(1L, (indices y).[1])
-        Transformed.VolumePreserving(image.view(Array.append [| b |] shape))
+        Transformed.VolumePreserving(toImage y)
+    /// A permutation: its backward is the inverse permutation of dL/dy.
+    interface IHandGradient with
+        member _.HandGradientSupported x = x.is_floating_point()
+        member this.ForwardTaped(x, _logDet) =
+            this.CheckShape(x, shape, "input")
+            struct (toMatrix x, null)
+        member _.BackwardTaped(_tape, dy, _logDetGradient, inputGradient) =
+            if inputGradient then toImage dy else null
+    interface IHandGradientInverse with
+        member _.InverseHandGradientSupported y = y.is_floating_point()
+        member this.InverseTaped(y, _logDet) =
+            this.CheckShape(y, this.OutputShape, "input")
+            struct (toImage y, null)
+        member _.InverseBackwardTaped(_tape, dx, _logDetGradient, inputGradient) =
+            if inputGradient then toMatrix dx else null
     override _.Dispose(disposing: bool) =
         if disposing then
             for made in indexTensors.Values do
@@ -149,6 +169,14 @@ type Shift(imageShape: int64[], dy: int64, dx: int64) =
     override this.Inverse(y) =
         this.CheckShape(y, imageShape, "input")
         Transformed.VolumePreserving(y.roll([| -dy; -dx |], [| 2L; 3L |]))
+    /// A permutation: its backward shifts dL/dy back.
+    interface IHandGradient with
+        member _.HandGradientSupported x = x.is_floating_point()
+        member this.ForwardTaped(x, _logDet) =
+            this.CheckShape(x, imageShape, "input")
+            struct (x.roll([| dy; dx |], [| 2L; 3L |]), null)
+        member _.BackwardTaped(_tape, g, _logDetGradient, inputGradient) =
+            if inputGradient then g.roll([| -dy; -dx |], [| 2L; 3L |]) else null
 
 /// A reshape between two shapes with the same number of elements; log|det| = 0.
 type Reshape(inputShape: int64[], outputShape: int64[]) =

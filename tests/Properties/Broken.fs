@@ -38,6 +38,28 @@ type FaultyAffine(dim: int64, fault: string) as this =
         let x = (y - shift) * logScale.neg().exp()
         let x = if fault = "sloppy-inverse" then x * scalar (1.0 + 1e-3) else x
         Transformed(x, constantLogDet y (logScale.sum().neg()))
+    /// A hand-written backward: right for the healthy map, and for "hand-gradient" it forgets
+    /// the log-det's share of dL/dlogScale (the mistake that is easiest to make).
+    interface IHandGradient with
+        member _.HandGradientSupported _ = true
+        member this.ForwardTaped(x, logDet) =
+            let r = this.Forward x
+            logDet.add_(r.LogDet, Scalars.One) |> ignore
+            struct (r.Value, box x)
+        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
+            let x = tape :?> Tensor
+            let scale = logScale.exp()
+            use g = shift.grad
+            (if isNull g then shift.grad <- dy.sum(0L) else g.add_(dy.sum(0L), Scalars.One) |> ignore)
+            let dLogScale = (dy * x * scale).sum(0L)
+            let dLogScale =
+                if fault = "hand-gradient" then dLogScale
+                else
+                    use perSample = Scalar.op_Implicit(logDetGradient * float x.shape.[0])
+                    dLogScale.add_(perSample, Scalars.One)
+            use g = logScale.grad
+            (if isNull g then logScale.grad <- dLogScale else g.add_(dLogScale, Scalars.One) |> ignore)
+            if inputGradient then dy * scale else null
     interface IJacobianStructure with
         member _.StructureDescription = "claims element 0 passes unchanged"
         member _.ExpectedJacobian() =

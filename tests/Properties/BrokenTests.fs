@@ -23,7 +23,7 @@ let private assertAccepted (spec: BijectorSpec) (kind: CheckKind) =
 
 [<Fact>]
 let ``a correct twin passes the checks the broken ones fail`` () =
-    for kind in [ CheckKind.Inverse; CheckKind.LogDet; CheckKind.InverseLogDet; CheckKind.Independence; CheckKind.Gradients; CheckKind.SaveLoad ] do
+    for kind in [ CheckKind.Inverse; CheckKind.LogDet; CheckKind.InverseLogDet; CheckKind.Independence; CheckKind.Gradients; CheckKind.SaveLoad; CheckKind.HandGradient ] do
         assertAccepted (Broken.spec "none") kind
 
 [<Fact>]
@@ -54,6 +54,12 @@ let ``a parameter that gets no gradient is caught`` () =
     let r = PropertyChecks.run (Broken.spec "unused-parameter") CheckKind.Gradients quick
     Assert.False(r.Passed)
     Assert.Contains("unused", r.Message)
+
+[<Fact>]
+let ``a hand-written backward that forgets the log-det's gradient is caught`` () =
+    assertRejected (Broken.spec "hand-gradient") CheckKind.HandGradient
+    let r = PropertyChecks.run (Broken.spec "hand-gradient") CheckKind.HandGradient quick
+    Assert.Contains("dL/dlogScale", r.Message)
 
 [<Fact>]
 let ``state that is not saved is caught by the save and load check`` () =
