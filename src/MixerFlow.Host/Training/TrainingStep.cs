@@ -46,6 +46,17 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     public StepPhases LastPhases { get; private set; }
 
     /// <summary>
+    /// Whether steps take their gradients by hand (<see cref="HandGradient"/>: no autograd graph)
+    /// where the model supports it and no <c>transformLoss</c> is given; otherwise, and always for
+    /// the first step of a model whose ActNorm layers initialise from it, autograd. Defaults to
+    /// <see cref="HandGradient.Enabled"/> (MIXERFLOW_HAND_GRADIENTS=0 turns it off).
+    /// </summary>
+    public bool HandGradients { get; set; } = HandGradient.Enabled;
+
+    /// <summary>Whether the last step took its gradients by hand (see <see cref="HandGradients"/>).</summary>
+    public bool LastUsedHandGradients { get; private set; }
+
+    /// <summary>
     /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
     /// rate <paramref name="lr"/>. <paramref name="rejectLoss"/>, given the finite loss before the
     /// backward pass, returns why the step must be dropped, or null to keep it.
@@ -64,7 +75,11 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             buffers.Restore();
             return new StepOutcome(false, bpd, why);
         }
-        var loss = model.BitsPerDim(batch).mean();
+        var hand = HandGradients && transformLoss is null && model.training && HandGradient.Supports(model, batch)
+            ? HandGradient.Forward(model, batch)
+            : null;
+        LastUsedHandGradients = hand is not null;
+        var loss = hand is null ? model.BitsPerDim(batch).mean() : Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean();
         if (transformLoss is not null) loss = transformLoss(loss);
         double bpd = loss.item<float>();
         if (ranks.Size > 1)
@@ -81,7 +96,9 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         if (!double.IsFinite(bpd)) return Drop(bpd, "non-finite loss");
         if (rejectLoss?.Invoke(bpd) is { } rejected) return Drop(bpd, rejected);
         optimizer.ZeroGrad();
-        loss.backward();
+        // The mean bits/dim is -sum_b log p_b / (B D ln 2): each log p_b's weight in it.
+        if (hand is null) loss.backward();
+        else hand.Backward(-1.0 / (batch.shape[0] * model.Config.Dimensions * Math.Log(2.0)));
         if (ranks.Size > 1)
         {
             var gradients = optimizer.GradientBuffer();
