@@ -41,8 +41,10 @@ for (int i = 0; i < args.Length; i++)
         case "--quick": repeats = 2; chunkSeconds = 1.0; break;
         case "--conv-probe": convProbe = true; break;
         case "--no-mirror": mirrors = false; break;
+        // Our training steps through autograd even where the model has hand-written gradients.
+        case "--autograd": HandGradient.Enabled = false; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd]");
             Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
@@ -221,6 +223,7 @@ sealed class Bench : IDisposable
     readonly List<List<double>> shapeRates = new();
     readonly List<double> stepMs = new(), cpuMs = new(), sysMs = new(), evalMs = new(), sampleMs = new(), ceiling = new();
     readonly List<StepPhases> ourPhases = new();
+    int handSteps;
     /// <summary>The mirror's median over ours, one per interleaved pair of chunks (see Paired).</summary>
     readonly List<double> stepRatios = new(), evalRatios = new(), sampleRatios = new();
     long steps, created, gc0, gc1, gc2;
@@ -388,6 +391,7 @@ sealed class Bench : IDisposable
             step.Take(x, Lr);
             times.Add(sw.Elapsed.TotalMilliseconds);
             ourPhases.Add(step.LastPhases);
+            if (step.LastUsedHandGradients) handSteps++;
             var after = Process.GetCurrentProcess();
             cpuMs.Add((after.TotalProcessorTime - cpu).TotalMilliseconds);
             sysMs.Add((after.PrivilegedProcessorTime - sys).TotalMilliseconds);
@@ -493,7 +497,8 @@ sealed class Bench : IDisposable
         static double Ms(List<StepPhases> p, Func<StepPhases, TimeSpan> phase) => Machine.Median(p.Select(x => phase(x).TotalMilliseconds).ToList());
         static string Phases(List<StepPhases> p) => p.Count == 0 ? "n/a" :
             $"forward {Ms(p, x => x.Forward):N1}, backward {Ms(p, x => x.Backward):N1}, update {Ms(p, x => x.Update):N1}";
-        return $"- `{Config.Name}`: ours {Phases(ourPhases)}; the mirror's {(mirror is null ? "n/a" : Phases(mirror.StepPhases))}; " +
+        string how = handSteps == ourPhases.Count ? "hand-written gradients" : handSteps == 0 ? "autograd" : $"hand-written gradients in {handSteps} of {ourPhases.Count} steps";
+        return $"- `{Config.Name}`: ours ({how}) {Phases(ourPhases)}; the mirror's {(mirror is null ? "n/a" : Phases(mirror.StepPhases))}; " +
                $"the evaluation's forward pass (no gradient, batch {batch}) ours {Machine.Median(evalMs) * batch:N1}, the mirror's " +
                (mirror is { EvaluationMs.Count: > 0 } m ? $"{Machine.Median(m.EvaluationMs) * batch:N1}" : "n/a");
     }
