@@ -459,11 +459,11 @@ module PropertyChecks =
 
     /// The taped forward pass gives Forward's output and log-det, and the hand-written backward
     /// autograd's gradients of L = sum(w * y) + c * sum(log-det) for random weights w and a random c,
-    /// for the input and for every parameter (in training mode: ActNorm initialises first).
+    /// for the input and for every parameter (in training mode: ActNorm initialises first, as Forward would).
     let private handGradient (spec: BijectorSpec) (case: CheckCase) (o: CheckOptions) (b: Bijector) =
         b.train()
         let x = sample spec b (int64 case.Batch) o
-        // A first pass initialises data-dependent layers (ActNorm), whose hand backward needs it.
+        // A first pass initialises data-dependent layers (ActNorm) from the batch.
         using (torch.no_grad()) (fun _ -> b.Forward x |> ignore)
         match box b with
         | :? IHandGradient as h when h.HandGradientSupported x ->
@@ -539,9 +539,13 @@ module PropertyChecks =
         | CheckKind.LogDet when o.DType <> torch.float64 -> Some "the Jacobian oracle runs in float64 only"
         | CheckKind.Edges when isNull (box spec.EdgeInputs) && isNull (box spec.EdgeOutputs) -> Some "no edge cases declared"
         | CheckKind.HandGradient ->
+            // Whether the hand-written backward covers the instance (every part of it) at this dtype.
             use _ = torch.NewDisposeScope()
-            match box (probe ()) with
-            | :? IHandGradient -> None
+            let b = probe ()
+            match box b with
+            | :? IHandGradient as h ->
+                let x = sample spec b 2L o
+                if h.HandGradientSupported x then None else Some "a part has no hand-written backward"
             | _ -> Some "no hand-written backward"
         | CheckKind.Structure ->
             // Whether the family declares a Jacobian structure: look at one instance.

@@ -133,8 +133,8 @@ type HandGradientPass internal (transform: IHandGradient, z: Tensor, tape: obj, 
 
 /// Gradients of a flow's log-likelihood without autograd: every bijector of the transform supplies
 /// its own backward pass (<see cref="IHandGradient"/>). MixerFlow's parts (dequantisation, logit,
-/// patchify, shifts, row- and column-wise liftings, affine couplings with perceptron conditioners,
-/// initialised ActNorm) all do; a flow with any other part, a context or a base other than the
+/// patchify, shifts, row- and column-wise liftings, affine couplings with a soft-clamped scale and a
+/// perceptron conditioner, ActNorm) all do; a flow with any other part, a context or a base other than the
 /// standard normal is not supported, and training then takes autograd's path. The results equal
 /// autograd's up to float rounding (the property tests compare them at random parameters).
 [<AbstractClass; Sealed>]

@@ -69,13 +69,14 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         let x = y * logScale.neg().exp() - bias
         Transformed.Constant(x, scaledSum (logScale.sum()) (-positions))
 
-    /// By hand once initialised (the first, initialising pass runs through autograd):
-    /// dx = dy exp(logScale), dL/dbias = the sum of dx over the shared positions and samples,
+    /// By hand (a first pass in training mode initialises the parameters from its batch, as
+    /// Forward does): dx = dy exp(logScale), dL/dbias = the sum of dx over the shared positions and samples,
     /// dL/dlogScale = the sum of dy * y plus dL/dlogdet for each of the rows' positions.
     interface IHandGradient with
-        member this.HandGradientSupported x = x.is_floating_point() && this.IsInitialized
+        member _.HandGradientSupported x = x.is_floating_point()
         member this.ForwardTaped(x, logDet) =
             this.CheckShape(x, eventShape, "input")
+            if this.training && not this.IsInitialized then this.InitializeFrom x
             let scale = logScale.exp()
             let y = (x +. bias).mul_(scale)
             let perSample = Scalar.op_Implicit(positions * float (HandGradients.rowsPerSample x logDet))

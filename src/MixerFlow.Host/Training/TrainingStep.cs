@@ -47,8 +47,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
 
     /// <summary>
     /// Whether steps take their gradients by hand (<see cref="HandGradient"/>: no autograd graph)
-    /// where the model supports it and no <c>transformLoss</c> is given; otherwise, and always for
-    /// the first step of a model whose ActNorm layers initialise from it, autograd. Defaults to
+    /// where the model supports it and no <c>transformLoss</c> is given; otherwise autograd. Defaults to
     /// <see cref="HandGradient.Enabled"/> (MIXERFLOW_HAND_GRADIENTS=0 turns it off).
     /// </summary>
     public bool HandGradients { get; set; } = HandGradient.Enabled;
