@@ -487,7 +487,15 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
             // Parts before the first with parameters need no backward unless dL/dx is wanted.
             while i >= 0 && (inputGradient || i >= first) do
                 let wanted = inputGradient || i > first
-                g <- (parts.[i] :> obj :?> IHandGradient).BackwardTaped(tapes.[i], g, logDetGradient, wanted)
+                // Each part's temporaries are freed as soon as it is done, and so is the gradient
+                // it was handed (unless it is the chain's own): memory is reused while in cache and
+                // the backward pass does not pile up a step's worth of gradients.
+                let dx =
+                    use scope = torch.NewDisposeScope()
+                    let dx = (parts.[i] :> obj :?> IHandGradient).BackwardTaped(tapes.[i], g, logDetGradient, wanted)
+                    if isNull dx || obj.ReferenceEquals(dx, g) then dx else scope.MoveToOuter(dx)
+                if not (obj.ReferenceEquals(g, dy)) && not (obj.ReferenceEquals(g, dx)) then g.Dispose()
+                g <- dx
                 i <- i - 1
             if inputGradient then g else null
 
