@@ -48,6 +48,25 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     let contiguous = conditioningStart >= 0L && transformedStart >= 0L
     // Affine itself (not a subclass, which may override Forward/Inverse) takes its parameters as slices.
     let isAffine = map.GetType() = typeof<Affine>
+    /// (conditioning part, transformed part) of a batch split by halves: one split, not two narrows
+    /// (its backward is one cat of the two gradients, where each narrow's would fill a zero tensor
+    /// of the whole input and the two would then be added).
+    let halves (t: Tensor) =
+        if conditioningStart = 0L then let p = t.split([| nA; nB |], 1L) in p.[0], p.[1]
+        else let p = t.split([| nB; nA |], 1L) in p.[1], p.[0]
+    /// The batch from its two parts, in the partition's order (halves).
+    let joined (a: Tensor) (b: Tensor) =
+        if conditioningStart = 0L then torch.cat([| a; b |], 1L) else torch.cat([| b; a |], 1L)
+    /// The conditioner's Linear layers if it is a perceptron (Linear, ReLU, ..., Linear, with
+    /// biases), else null: what the hand-written backward covers (in float32, see HandGradientSupported).
+    let perceptronLayers : Linear[] =
+        match net with
+        | :? ReluNetwork as r when r.Layers.Count % 2 = 1 ->
+            let ls = Seq.toArray r.Layers
+            let linears = [| for i in 0 .. 2 .. ls.Length - 1 -> match ls.[i] with :? Linear as l when not (isNull l.bias) -> l | _ -> null |]
+            let relus = [| for i in 1 .. 2 .. ls.Length - 1 -> ls.[i] :? ReLU |]
+            if Array.forall (isNull >> not) linears && Array.forall id relus then linears else null
+        | _ -> null
     do
         this.register_buffer("conditioningIndex", conditioningIndex)
         this.register_buffer("transformedIndex", transformedIndex)
@@ -94,14 +113,8 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
 
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
-        // One split, not two narrows: its backward is one cat of the two gradients, where each
-        // narrow's would fill a zero tensor of the whole input and the two would then be added.
         let xa, xb =
-            if contiguous then
-                if conditioningStart = 0L then
-                    let parts = x.split([| nA; nB |], 1L) in parts.[0], parts.[1]
-                else
-                    let parts = x.split([| nB; nA |], 1L) in parts.[1], parts.[0]
+            if contiguous then halves x
             else x.index_select(1L, conditioningIndex), x.index_select(1L, transformedIndex)
         let struct (yb, logDeriv) =
             if isAffine then
@@ -116,8 +129,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
                 if inverse then map.Inverse(xb, h) else map.Forward(xb, h)
         let y =
             if not contiguous then torch.cat([| xa; yb |], 1L).index_select(1L, mergeIndex)
-            elif conditioningStart = 0L then torch.cat([| xa; yb |], 1L)
-            else torch.cat([| yb; xa |], 1L)
+            else joined xa yb
         Transformed.Elementwise(y, logDeriv)
 
     override this.Forward(x: Tensor) = this.Run(x, null, false)
@@ -125,31 +137,21 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
     override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
 
-    /// The conditioner's Linear layers if it is a float32-computing perceptron (Linear, ReLU, ...,
-    /// Linear, with biases): what the hand-written backward covers.
-    member private _.PerceptronLayers : Linear[] =
-        match net with
-        | :? ReluNetwork as r when not r.ComputeType.HasValue && r.Layers.Count % 2 = 1 ->
-            let ls = Seq.toArray r.Layers
-            let linears = [| for i in 0 .. 2 .. ls.Length - 1 -> match ls.[i] with :? Linear as l when not (isNull l.bias) -> l | _ -> null |]
-            let relus = [| for i in 1 .. 2 .. ls.Length - 1 -> ls.[i] :? ReLU |]
-            if Array.forall (isNull >> not) linears && Array.forall id relus then linears else null
-        | _ -> null
-
     /// The affine coupling with a soft-clamped scale and a perceptron conditioner by hand:
     /// forward y_b = x_b * exp(s) + t, s = c tanh(r / c), (t, r) = net(x_a); backward
     /// dx_b = dy_b exp(s), dt = dy_b, dr = (dx_b x_b + dL/dlogdet) (1 - tanh^2), then the
     /// perceptron's products, each weight gradient accumulated in place (addmm_).
     interface IHandGradient with
-        member this.HandGradientSupported x =
+        member _.HandGradientSupported x =
             isAffine && contiguous && contextFeatures = 0L && x.is_floating_point()
-            && not (map :?> Affine).ScaleBound.IsSigmoid && not (isNull this.PerceptronLayers)
+            && not (map :?> Affine).ScaleBound.IsSigmoid && not (isNull perceptronLayers)
+            && not (net :?> ReluNetwork).ComputeType.HasValue
+            // Frozen parameters get no gradient from autograd; this backward would give them one.
+            && perceptronLayers |> Array.forall (fun l -> l.weight.requires_grad && l.bias.requires_grad)
         member this.ForwardTaped(x, logDet) =
             this.CheckShape(x, eventShape, "input")
-            let xa, xb =
-                if conditioningStart = 0L then let p = x.split([| nA; nB |], 1L) in p.[0], p.[1]
-                else let p = x.split([| nB; nA |], 1L) in p.[1], p.[0]
-            let layers = this.PerceptronLayers
+            let xa, xb = halves x
+            let layers = perceptronLayers
             // The input of each Linear (the first one's is x_a; the others' are ReLU outputs).
             let inputs = Array.zeroCreate<Tensor> layers.Length
             let mutable h = xa
@@ -167,14 +169,11 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
             // t becomes ds/dr = 1 - tanh^2, all the backward needs of it.
             let slope = t.mul_(t).neg_().add_(Scalars.One, Scalars.One)
             let yb = xb.mul(scale).add_(shift, Scalars.One)
-            let y = if conditioningStart = 0L then torch.cat([| xa; yb |], 1L) else torch.cat([| yb; xa |], 1L)
-            struct (y, box (inputs, xb, slope, scale))
-        member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
+            struct (joined xa yb, box (inputs, xb, slope, scale))
+        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
             let inputs, xb, slope, scale = tape :?> (Tensor[] * Tensor * Tensor * Tensor)
-            let layers = this.PerceptronLayers
-            let dya, dyb =
-                if conditioningStart = 0L then let p = dy.split([| nA; nB |], 1L) in p.[0], p.[1]
-                else let p = dy.split([| nB; nA |], 1L) in p.[1], p.[0]
+            let layers = perceptronLayers
+            let dya, dyb = halves dy
             let dxb = dyb.mul(scale)
             // dL/dr = (dL/ds) (1 - tanh^2), dL/ds = dy_b x_b exp(s) + dL/dlogdet.
             let c = Scalar.op_Implicit logDetGradient
@@ -194,9 +193,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
                     dOut <- dOut.mm(l.weight).mul_(input.sign())
                 elif inputGradient then
                     dInput <- torch.addmm(dya, dOut, l.weight, 1.0f, 1.0f)
-            if not inputGradient then null
-            elif conditioningStart = 0L then torch.cat([| dInput; dxb |], 1L)
-            else torch.cat([| dxb; dInput |], 1L)
+            if inputGradient then joined dInput dxb else null
 
     interface IJacobianStructure with
         member _.StructureDescription = "conditioning slices pass unchanged: their rows of dy/dx are identity rows"

@@ -17,22 +17,29 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
         if inner.InputShape.Length <> 1 || inner.OutputShape <> inner.InputShape then
             invalidArg "inner" (sprintf "%s needs a bijector of vectors to vectors of the same length, got %O" name inner)
     do this.register_module("inner", inner)
+    /// [B, P, D] -> [B * copies, inner size]: columns are made rows by a transpose; then every
+    /// row is one more batch element.
+    let fold (x: Tensor) =
+        let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
+        rowsFirst.reshape(x.shape.[0] * copies, inner.InputSize)
+    /// [B * copies, inner size] -> [B, P, D]; columns as a transposed view.
+    let unfold (b: int64) (y: Tensor) =
+        let y = y.reshape(b, copies, inner.InputSize)
+        if alongRows then y else y.transpose(1L, 2L)
     member _.Inner = inner
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, this.InputShape, "input")
         let b = x.shape.[0]
-        // Columns are made rows by a transpose; then every row is one more batch element.
-        let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
-        let flat = rowsFirst.reshape(b * copies, inner.InputSize)
+        let flat = fold x
         // Each sample's context row serves all of its rows (columns).
         let r =
             if isNull context then (if inverse then inner.Inverse flat else inner.Forward flat)
             else
                 let c = context.repeat_interleave(copies, 0L)
                 if inverse then inner.Inverse(flat, c) else inner.Forward(flat, c)
-        let y = r.Value.reshape(b, copies, inner.InputSize)
-        // Left as a transposed view: what comes next reads it as it is (a copy would add a tensor).
-        let y = if alongRows then y else y.transpose(1L, 2L)
+        // A column-wise result is left as a transposed view: what comes next reads it as it is (a
+        // copy would add a tensor).
+        let y = unfold b r.Value
         // The inner log-dets are per row: a sample's rows are consecutive in the folded batch, so
         // [b * copies, ...] pieces stay unsummed (Transformed sums them per sample when read);
         // a per-row log-det [b * copies] becomes one of them; a constant one counts once per row.
@@ -50,23 +57,16 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
         member _.HandGradientSupported x = inner.ContextFeatures = 0L && HandGradients.supported inner x
         member this.ForwardTaped(x, logDet) =
             this.CheckShape(x, this.InputShape, "input")
-            let b = x.shape.[0]
-            let rowsFirst = if alongRows then x else x.transpose(1L, 2L)
-            let flat = rowsFirst.reshape(b * copies, inner.InputSize)
-            let struct (y, tape) = (inner :> obj :?> IHandGradient).ForwardTaped(flat, logDet)
-            let y = y.reshape(b, copies, inner.InputSize)
-            struct ((if alongRows then y else y.transpose(1L, 2L)), tape)
+            let struct (y, tape) = (inner :> obj :?> IHandGradient).ForwardTaped(fold x, logDet)
+            struct (unfold x.shape.[0] y, tape)
         member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            let b = dy.shape.[0]
-            let rowsFirst = if alongRows then dy else dy.transpose(1L, 2L)
-            let flat = rowsFirst.reshape(b * copies, inner.InputSize)
-            let dx = (inner :> obj :?> IHandGradient).BackwardTaped(tape, flat, logDetGradient, inputGradient)
+            let dx = (inner :> obj :?> IHandGradient).BackwardTaped(tape, fold dy, logDetGradient, inputGradient)
             if isNull dx then null
             else
-                let dx = dx.reshape(b, copies, inner.InputSize)
                 // Columns: copied back to [B, P, D] order, so that the steps before (a normalisation,
                 // a row-wise flow) take it as it lies instead of each working on a transposed view.
-                if alongRows then dx else dx.transpose(1L, 2L).contiguous()
+                let dx = unfold dy.shape.[0] dx
+                if alongRows then dx else dx.contiguous()
 
 /// See ColumnWise: one vector bijector over D features applied to every row of [P, D].
 type RowWise(rows: int64, inner: Bijector) =

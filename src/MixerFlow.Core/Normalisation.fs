@@ -73,7 +73,8 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
     /// Forward does): dx = dy exp(logScale), dL/dbias = the sum of dx over the shared positions and samples,
     /// dL/dlogScale = the sum of dy * y plus dL/dlogdet for each of the rows' positions.
     interface IHandGradient with
-        member _.HandGradientSupported x = x.is_floating_point()
+        // Frozen parameters get no gradient from autograd; this backward would give them one.
+        member _.HandGradientSupported x = x.is_floating_point() && bias.requires_grad && logScale.requires_grad
         member this.ForwardTaped(x, logDet) =
             this.CheckShape(x, eventShape, "input")
             if this.training && not this.IsInitialized then this.InitializeFrom x

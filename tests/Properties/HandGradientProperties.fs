@@ -51,7 +51,7 @@ let ``MixerFlow's structure: the taped pass and hand gradients equal autograd's 
     Assert.True(r.WorstError > 0.0, "nothing was compared: " + r.Message)
 
 [<Fact>]
-let ``every part of MixerFlow's structure supports the hand-written backward; a spline coupling or a sigmoid bound does not`` () =
+let ``every part of MixerFlow's structure supports the hand-written backward; a spline coupling, a sigmoid bound, alternating halves or a frozen parameter do not`` () =
     use _ = torch.NewDisposeScope()
     let flow = mixerFlow 2 (Random 3)
     let x = torch.rand(batchShape 2L flow.InputShape)
@@ -62,6 +62,12 @@ let ``every part of MixerFlow's structure supports the hand-written backward; a 
     Assert.False((sigmoid :> obj :?> IHandGradient).HandGradientSupported(torch.randn(2L, 4L)))
     let alternating = new AffineCoupling([| 4L |], Partition.Alternating 4L, Conditioners.Mlp(8L, 1))
     Assert.False((alternating :> obj :?> IHandGradient).HandGradientSupported(torch.randn(2L, 4L)))
+    // A frozen parameter (autograd gives it no gradient) sends the whole flow to autograd.
+    let frozen = flow.parameters() |> Seq.head
+    frozen.requires_grad <- false
+    Assert.False((flow :> obj :?> IHandGradient).HandGradientSupported x)
+    frozen.requires_grad <- true
+    Assert.True((flow :> obj :?> IHandGradient).HandGradientSupported x)
 
 [<Fact>]
 let ``HandGradient on a flow: log p equals LogProb and the gradients equal autograd's of the mean bits per dimension`` () =
