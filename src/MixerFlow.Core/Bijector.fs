@@ -212,6 +212,14 @@ type IHandGradientInverse =
     /// <param name="inputGradient">Whether dL/dy is wanted.</param>
     abstract InverseBackwardTaped: tape: obj * dx: Tensor * logDetGradient: float * inputGradient: bool -> Tensor
 
+/// A bijector that permutes each sample's values (patchify, a cyclic shift, and their inverses):
+/// a chain's hand-written pass runs a run of them as one gather along the flattened sample.
+type IFlatPermutation =
+    /// Gather.[k] is the input value (flat, in row-major order of the input shape) that output
+    /// value k takes; null where this instance is not a permutation after all (an inverse of
+    /// something else).
+    abstract Gather: int64[]
+
 /// Helpers for <see cref="IHandGradient"/> implementations.
 module internal HandGradients =
     /// The bijector's hand gradient if it has one that supports x.
@@ -393,6 +401,12 @@ module Ops =
         TorchSharp.ModuleExtensionMethods.``to``(m, dtype) |> ignore
         TorchSharp.ModuleExtensionMethods.``to``(m, device) |> ignore
 
+/// A step of a chain's hand-written pass: one part, or a run of consecutive permutations
+/// (parts first..last) as one gather.
+type internal HandStep =
+    | Part of int
+    | PermutationRun of first: int * last: int * gather: int64[]
+
 /// A chain of bijectors applied left to right: log-det = sum of the parts' log-dets;
 /// the inverse applies the parts' inverses in reverse order.
 type Chain private (partArray: Bijector[], _dummy: unit) as this =
@@ -402,6 +416,10 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     // tensor below it twice.
     let parts = new ModuleList<Bijector>(partArray)
     do this.register_module("parts", parts)
+    // The hand-written pass's steps and its runs' index tensors (made on first use; not Tensor
+    // fields, which TorchSharp would register as buffers).
+    let mutable handSteps : HandStep[] = null
+    let runIndices = System.Collections.Concurrent.ConcurrentDictionary<struct (int * int * DeviceType * int), Tensor>()
 
     new(parts: Bijector seq) =
         let arr = Seq.toArray parts
@@ -469,34 +487,105 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         | Some i -> i
         | None -> parts.Count
 
+    /// The hand-written pass's steps: consecutive permutations (MixerFlow's unpatchify, shift and
+    /// patchify between layers) composed into one gather, each other part on its own.
+    member private _.HandSteps : HandStep[] =
+        match handSteps with
+        | null ->
+            let gathers = parts |> Seq.map (fun p -> match box p with :? IFlatPermutation as f -> f.Gather | _ -> null) |> Seq.toArray
+            let steps = ResizeArray<HandStep>()
+            let mutable i = 0
+            while i < parts.Count do
+                let mutable j = i
+                while j + 1 < parts.Count && not (isNull gathers.[i]) && not (isNull gathers.[j + 1]) do j <- j + 1
+                if j > i then
+                    // Output k of the run takes input gather.[k]: each part's gather read through the last.
+                    let mutable gather = gathers.[i]
+                    for p in i + 1 .. j do
+                        let g = gathers.[p]
+                        gather <- Array.map (fun k -> gather.[int k]) g
+                    steps.Add(PermutationRun(i, j, gather))
+                else steps.Add(Part i)
+                i <- j + 1
+            handSteps <- steps.ToArray()
+            handSteps
+        | made -> made
+
+    /// A run's index tensor on x's device: the gather itself (variant 0), the same for a [B, P, D]
+    /// input that is a transposed view read as it lies (1), or the inverse permutation (2).
+    member private _.RunIndex(step: int, variant: int, gather: int64[], inputShape: int64[], x: Tensor) : Tensor =
+        let key = struct (step, variant, x.device_type, x.device_index)
+        match runIndices.TryGetValue key with
+        | true, t -> t
+        | _ ->
+            let values =
+                match variant with
+                | 0 -> gather
+                | 1 ->
+                    let p, d = inputShape.[0], inputShape.[1]
+                    gather |> Array.map (fun k -> (k % d) * p + k / d)
+                | _ -> Ops.inversePermutation gather
+            let made = torch.tensor(values, device = torch.Device(x.device_type, x.device_index)).DetachFromDisposeScope()
+            let kept = runIndices.GetOrAdd(key, made)
+            if not (obj.ReferenceEquals(kept, made)) then made.Dispose()
+            kept
+
+    override _.Dispose(disposing: bool) =
+        if disposing then
+            for t in runIndices.Values do t.Dispose()
+            runIndices.Clear()
+        base.Dispose(disposing)
+
     interface IHandGradient with
         member _.HandGradientSupported x = parts |> Seq.forall (fun p -> HandGradients.supported p x)
-        member _.ForwardTaped(x, logDet) =
-            let tapes = Array.zeroCreate<obj> parts.Count
+        member this.ForwardTaped(x, logDet) =
+            let steps = this.HandSteps
+            let tapes = Array.zeroCreate<obj> steps.Length
             let mutable h = x
-            for i in 0 .. parts.Count - 1 do
-                let struct (y, tape) = (parts.[i] :> obj :?> IHandGradient).ForwardTaped(h, logDet)
-                tapes.[i] <- tape
-                h <- y
+            for s in 0 .. steps.Length - 1 do
+                match steps.[s] with
+                | Part i ->
+                    let struct (y, tape) = (parts.[i] :> obj :?> IHandGradient).ForwardTaped(h, logDet)
+                    tapes.[s] <- tape
+                    h <- y
+                | PermutationRun (first, last, gather) ->
+                    parts.[first].CheckShape(h, parts.[first].InputShape, "input")
+                    let b = h.shape.[0]
+                    let inputShape = parts.[first].InputShape
+                    // A [B, P, D] input that is a transposed view is read as it lies.
+                    let transposed = inputShape.Length = 2 && not (h.is_contiguous()) && h.transpose(1L, 2L).is_contiguous()
+                    let flat = if transposed then h.transpose(1L, 2L).reshape(b, -1L) else h.reshape(b, -1L)
+                    let index = this.RunIndex(s, (if transposed then 1 else 0), gather, inputShape, h)
+                    h <- flat.index_select(1L, index).view(Array.append [| b |] parts.[last].OutputShape)
             struct (h, box tapes)
         member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
             let tapes = tape :?> obj[]
+            let steps = this.HandSteps
             let first = this.FirstWithParameters
             let mutable g = dy
-            let mutable i = parts.Count - 1
+            let mutable s = steps.Length - 1
+            let startOf step = match step with Part i -> i | PermutationRun (i, _, _) -> i
             // Parts before the first with parameters need no backward unless dL/dx is wanted.
-            while i >= 0 && (inputGradient || i >= first) do
-                let wanted = inputGradient || i > first
+            while s >= 0 && (inputGradient || startOf steps.[s] >= first) do
+                let wanted = inputGradient || startOf steps.[s] > first
                 // Each part's temporaries are freed as soon as it is done, and so is the gradient
                 // it was handed (unless it is the chain's own): memory is reused while in cache and
                 // the backward pass does not pile up a step's worth of gradients.
                 let dx =
                     use scope = torch.NewDisposeScope()
-                    let dx = (parts.[i] :> obj :?> IHandGradient).BackwardTaped(tapes.[i], g, logDetGradient, wanted)
+                    let dx =
+                        match steps.[s] with
+                        | Part i -> (parts.[i] :> obj :?> IHandGradient).BackwardTaped(tapes.[s], g, logDetGradient, wanted)
+                        | PermutationRun (i, _, gather) ->
+                            if not wanted then null
+                            else
+                                let b = g.shape.[0]
+                                let index = this.RunIndex(s, 2, gather, parts.[i].InputShape, g)
+                                g.reshape(b, -1L).index_select(1L, index).view(Array.append [| b |] parts.[i].InputShape)
                     if isNull dx || obj.ReferenceEquals(dx, g) then dx else scope.MoveToOuter(dx)
                 if not (obj.ReferenceEquals(g, dy)) && not (obj.ReferenceEquals(g, dx)) then g.Dispose()
                 g <- dx
-                i <- i - 1
+                s <- s - 1
             if inputGradient then g else null
 
 /// The inverse of a bijector as a bijector: forward and inverse swapped.
@@ -510,6 +599,11 @@ type Inverted(inner: Bijector) as this =
     override _.Inverse(x: Tensor, context: Tensor) = inner.Forward(x, context)
     override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
+    interface IFlatPermutation with
+        member _.Gather =
+            match box inner with
+            | :? IFlatPermutation as p when not (isNull p.Gather) -> Ops.inversePermutation p.Gather
+            | _ -> null
     interface IHandGradient with
         member _.HandGradientSupported y =
             match box inner with

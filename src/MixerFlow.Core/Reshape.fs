@@ -136,6 +136,8 @@ type Patchify(geometry: PatchGeometry) =
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
         Transformed.VolumePreserving(toImage y)
+    interface IFlatPermutation with
+        member _.Gather = Array.copy forward
     /// A permutation: its backward is the inverse permutation of dL/dy.
     interface IHandGradient with
         member _.HandGradientSupported x = x.is_floating_point()
@@ -169,6 +171,14 @@ type Shift(imageShape: int64[], dy: int64, dx: int64) =
     override this.Inverse(y) =
         this.CheckShape(y, imageShape, "input")
         Transformed.VolumePreserving(y.roll([| -dy; -dx |], [| 2L; 3L |]))
+    /// out[c, h, w] = in[c, (h - dy) mod H, (w - dx) mod W], as roll does.
+    interface IFlatPermutation with
+        member _.Gather =
+            let c, h, w = imageShape.[0], imageShape.[1], imageShape.[2]
+            let wrap (v: int64) (n: int64) = ((v % n) + n) % n
+            [| for ch in 0L .. c - 1L do
+                 for i in 0L .. h - 1L do
+                     for j in 0L .. w - 1L -> ch * h * w + wrap (i - dy) h * w + wrap (j - dx) w |]
     /// A permutation: its backward shifts dL/dy back.
     interface IHandGradient with
         member _.HandGradientSupported x = x.is_floating_point()
