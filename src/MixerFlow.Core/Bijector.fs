@@ -242,6 +242,8 @@ module internal HandGradients =
             let g =
                 match p.grad with
                 | null ->
+                    // A normal tensor even under inference mode: the optimiser updates it in place later.
+                    use _normal = torch.inference_mode(false)
                     let fresh = torch.zeros_like(p)
                     p.grad <- fresh
                     fresh

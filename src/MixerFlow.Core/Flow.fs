@@ -119,13 +119,14 @@ type Flow(transform: Bijector, baseDistribution: BaseDistribution) as this =
 /// backward pass.
 [<Sealed>]
 type HandGradientPass internal (transform: IHandGradient, z: Tensor, tape: obj, logProb: Tensor) =
-    /// log p(x) per sample, [B] (no autograd history).
+    /// log p(x) per sample, [B]: an inference tensor (no autograd history; see HandGradient.Forward).
     member _.LogProb = logProb
     /// Adds to every parameter's <c>grad</c> the gradient of sum_b weight * log p(x_b) (for the mean
     /// bits per dimension over B samples of D dimensions, weight = -1 / (B D ln 2)).
     /// <param name="weight">The loss's derivative with respect to each sample's log p(x).</param>
     member _.Backward(weight: float) =
-        use _noGrad = torch.no_grad()
+        // Inference mode: no autograd bookkeeping at all on the way through LibTorch's dispatcher.
+        use _inference = torch.inference_mode(true)
         // d(weight log N(z; 0, I))/dz = -weight z; each sample's log|det| enters log p with weight 1.
         let negWeight = Scalar.op_Implicit(-weight)
         let dz = try z.mul(negWeight) finally negWeight.Dispose()
@@ -149,13 +150,17 @@ type HandGradient =
     static member Supports(flow: Flow, x: Tensor) =
         not (isNull (box flow)) && not (isNull x) && flow.ContextFeatures = 0L
         && flow.Base.GetType() = typeof<StandardNormal> && HandGradients.supported flow.Transform x
-    /// log p(x) per sample without autograd, with the tape for <see cref="HandGradientPass.Backward"/>.
+    /// log p(x) per sample without autograd (under LibTorch's inference mode), with the tape for
+    /// <see cref="HandGradientPass.Backward"/>.
     /// <param name="flow">A flow that <see cref="Supports"/> x.</param>
     /// <param name="x">The batch.</param>
     static member Forward(flow: Flow, x: Tensor) : HandGradientPass =
         if not (HandGradient.Supports(flow, x)) then
             invalidArg "flow" "HandGradient: this flow has a part without a hand-written backward (see HandGradient.Supports)"
-        use _noGrad = torch.no_grad()
+        // Inference mode rather than no_grad: LibTorch's dispatcher then skips its autograd layer
+        // for every operation (a fashion-mnist step 14.5 -> 14.1 ms). The results are inference
+        // tensors: read them, compute with them, but they cannot be trained through.
+        use _inference = torch.inference_mode(true)
         let transform = flow.Transform :> obj :?> IHandGradient
         let logDet = torch.zeros([| x.shape.[0] |], dtype = x.dtype, device = x.device)
         let struct (z, tape) = transform.ForwardTaped(x, logDet)
