@@ -179,7 +179,8 @@ type IHandGradient =
     /// a floating-point input).
     /// <param name="x">The batch the pass would take.</param>
     abstract HandGradientSupported: x: Tensor -> bool
-    /// The forward map without autograd (run it under <c>no_grad</c>): returns y and a tape for
+    /// The forward map without autograd (run it under <c>no_grad</c> or inference mode, as
+    /// <see cref="HandGradient"/> does): returns y and a tape for
     /// <see cref="BackwardTaped"/>, and adds every sample's log|det dy/dx| in place to
     /// <paramref name="logDet"/>.
     /// <param name="x">A batch whose rows are logDet's samples or a whole multiple of them (a
