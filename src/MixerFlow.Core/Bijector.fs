@@ -16,6 +16,18 @@ module internal Shapes =
         | 1L -> t
         | 2L -> t.sum(1L)
         | d -> t.sum(Array.init (int d - 1) (fun i -> int64 (i + 1)), false, Nullable())
+    /// A batch of [P, D] matrices flattened per sample as it lies in memory, without a copy where
+    /// it can be: a transposed view of a contiguous [B, D, P] (what ColumnWise returns) in its
+    /// [D, P] order (true), anything else in row-major [P, D] order (false).
+    let flatAsLaid (m: Tensor) : struct (Tensor * bool) =
+        let b = m.shape.[0]
+        let featuresFirst = m.transpose(1L, 2L)
+        if featuresFirst.is_contiguous() then struct (featuresFirst.reshape(b, -1L), true)
+        else struct (m.reshape(b, -1L), false)
+    /// Positions k = p D + d of a [P, D] matrix (row-major) as positions in its [D, P] transposed
+    /// layout: what a gather reads from flatAsLaid's transposed case.
+    let transposedPositions (p: int64) (d: int64) (positions: int64[]) =
+        positions |> Array.map (fun k -> (k % d) * p + k / d)
 
 /// TorchSharp Scalars for constants, each created once and kept for the life of the process.
 ///
@@ -223,7 +235,7 @@ type IFlatPermutation =
 
 /// Helpers for <see cref="IHandGradient"/> implementations.
 module internal HandGradients =
-    /// The bijector's hand gradient if it has one that supports x.
+    /// Whether the bijector has a hand-written backward that supports x.
     let supported (b: obj) (x: Tensor) =
         match b with
         | :? IHandGradient as h when h.HandGradientSupported x -> true
@@ -422,6 +434,12 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     // The hand-written pass's steps and its runs' index tensors (made on first use; not Tensor
     // fields, which TorchSharp would register as buffers).
     let mutable handSteps : HandStep[] = null
+    // The first part with parameters: a structural fact once the hand path runs (its parts refuse
+    // frozen parameters), so found once, not by walking the parameters on every backward pass.
+    let firstWithParameters =
+        lazy (match Seq.tryFindIndex HandGradients.hasParameters parts with
+              | Some i -> i
+              | None -> parts.Count)
     let runIndices = System.Collections.Concurrent.ConcurrentDictionary<struct (int * int * DeviceType * int), Tensor>()
 
     new(parts: Bijector seq) =
@@ -483,13 +501,6 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         { Surjective = parts |> Seq.exists (fun p -> p.Traits.Surjective)
           BatchCoupledInTraining = parts |> Seq.exists (fun p -> p.Traits.BatchCoupledInTraining) }
 
-    /// A part's dL/dx is needed when an earlier part has parameters (or the chain's own is wanted);
-    /// a part without parameters whose dL/dx is not needed is skipped (the data-side preprocessing).
-    member private _.FirstWithParameters =
-        match Seq.tryFindIndex HandGradients.hasParameters parts with
-        | Some i -> i
-        | None -> parts.Count
-
     /// The hand-written pass's steps: consecutive permutations (MixerFlow's unpatchify, shift and
     /// patchify between layers) composed into one gather, each other part on its own.
     member private _.HandSteps : HandStep[] =
@@ -500,7 +511,8 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
             let mutable i = 0
             while i < parts.Count do
                 let mutable j = i
-                while j + 1 < parts.Count && not (isNull gathers.[i]) && not (isNull gathers.[j + 1]) do j <- j + 1
+                if not (isNull gathers.[i]) then
+                    while j + 1 < parts.Count && not (isNull gathers.[j + 1]) do j <- j + 1
                 if j > i then
                     // Output k of the run takes input gather.[k]: each part's gather read through the last.
                     let mutable gather = gathers.[i]
@@ -524,9 +536,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
             let values =
                 match variant with
                 | 0 -> gather
-                | 1 ->
-                    let p, d = inputShape.[0], inputShape.[1]
-                    gather |> Array.map (fun k -> (k % d) * p + k / d)
+                | 1 -> Shapes.transposedPositions inputShape.[0] inputShape.[1] gather
                 | _ -> Ops.inversePermutation gather
             let made = torch.tensor(values, device = torch.Device(x.device_type, x.device_index)).DetachFromDisposeScope()
             let kept = runIndices.GetOrAdd(key, made)
@@ -556,15 +566,15 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
                     let b = h.shape.[0]
                     let inputShape = parts.[first].InputShape
                     // A [B, P, D] input that is a transposed view is read as it lies.
-                    let transposed = inputShape.Length = 2 && not (h.is_contiguous()) && h.transpose(1L, 2L).is_contiguous()
-                    let flat = if transposed then h.transpose(1L, 2L).reshape(b, -1L) else h.reshape(b, -1L)
+                    let struct (flat, transposed) =
+                        if inputShape.Length = 2 then Shapes.flatAsLaid h else struct (h.reshape(b, -1L), false)
                     let index = this.RunIndex(s, (if transposed then 1 else 0), gather, inputShape, h)
                     h <- flat.index_select(1L, index).view(Array.append [| b |] parts.[last].OutputShape)
             struct (h, box tapes)
         member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
             let tapes = tape :?> obj[]
             let steps = this.HandSteps
-            let first = this.FirstWithParameters
+            let first = firstWithParameters.Force()
             let mutable g = dy
             let mutable s = steps.Length - 1
             let startOf step = match step with Part i -> i | PermutationRun (i, _, _) -> i

@@ -21,7 +21,8 @@ type Dequantize(eventShape: int64[], levels: int) =
     /// the input's shape. Data-parallel training sets each rank's slice of the noise drawn for the
     /// whole global batch, so N ranks see exactly the noise one process would at N times the batch.
     member val Noise : torch.Tensor = null with get, set
-    override this.Forward(x) =
+    /// (x + u) / levels: the forward map's value (u = 1/2, the given noise or fresh uniform noise).
+    member private this.Dequantized(x: Tensor) =
         this.CheckShape(x, eventShape, "input")
         let y =
             if this.Midpoint then torch.full_like(x, scalar 0.5).add_(x, Scalars.One)
@@ -31,8 +32,9 @@ type Dequantize(eventShape: int64[], levels: int) =
                 x +. this.Noise
             // x + u into the fresh noise (the same sum, one tensor fewer).
             else torch.rand_like(x).add_(x, Scalars.One)
-        Transformed.Constant(y.div_(scalar (float levels)),
-                             torch.full(([||]: int64[]), scalar -logLevels, dtype = x.dtype, device = x.device))
+        y.div_(scalar (float levels))
+    override this.Forward(x) =
+        Transformed.Constant(this.Dequantized x, torch.full(([||]: int64[]), scalar -logLevels, dtype = x.dtype, device = x.device))
     override this.Inverse(y) =
         this.CheckShape(y, eventShape, "input")
         let x = (y * scalar (float levels)).floor().clamp(scalar 0.0, scalar (float (levels - 1)))
@@ -42,11 +44,11 @@ type Dequantize(eventShape: int64[], levels: int) =
     interface IHandGradient with
         member _.HandGradientSupported x = x.is_floating_point()
         member this.ForwardTaped(x, logDet) =
-            let r = this.Forward x
+            let y = this.Dequantized x
             let perSample = Scalar.op_Implicit(-logLevels * float (HandGradients.rowsPerSample x logDet))
             try logDet.add_(perSample, Scalars.One) |> ignore
             finally perSample.Dispose()
-            struct (r.Value, null)
+            struct (y, null)
         member _.BackwardTaped(_tape, dy, _logDetGradient, inputGradient) =
             if inputGradient then dy.div(scalar (float levels)) else null
 

@@ -95,7 +95,7 @@ type Patchify(geometry: PatchGeometry) =
             ch * h * w + (py * ph + i) * w + px * pw + j)
     let inverse = Array.zeroCreate<int64> forward.Length
     do forward |> Array.iteri (fun k i -> inverse.[int i] <- int64 k)
-    let inverseOfTransposed = inverse |> Array.map (fun k -> (k % d) * p + k / d)
+    let inverseOfTransposed = Shapes.transposedPositions p d inverse
     // Index tensors per device, made on first use and freed with the module; not Tensor fields,
     // which TorchSharp would register as buffers. Looked up by the input's device type and index
     // (no Device object or string per call).
@@ -117,12 +117,8 @@ type Patchify(geometry: PatchGeometry) =
         x.reshape(b, -1L).index_select(1L, (indices x).[0]).view(Array.append [| b |] matrix)
     /// Matrix [B, P, D] (contiguous or a transposed view) -> image [B, C, H, W].
     let toImage (y: Tensor) =
-        let b = y.shape.[0]
-        let featuresFirst = y.transpose(1L, 2L)
-        let image =
-            if featuresFirst.is_contiguous() then featuresFirst.reshape(b, -1L).index_select(1L, (indices y).[2])
-            else y.reshape(b, -1L).index_select(1L, (indices y).[1])
-        image.view(Array.append [| b |] shape)
+        let struct (flat, transposed) = Shapes.flatAsLaid y
+        flat.index_select(1L, (indices y).[if transposed then 2 else 1]).view(Array.append [| y.shape.[0] |] shape)
     new(imageShape: int64[], strategy: PatchStrategy, size: int64) = new Patchify(PatchGeometry(imageShape, strategy, size))
     member _.Geometry = geometry
     member _.Strategy = geometry.Strategy
