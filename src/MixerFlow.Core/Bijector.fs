@@ -201,7 +201,10 @@ type IHandGradient =
     abstract ForwardTaped: x: Tensor * logDet: Tensor -> struct (Tensor * obj)
     /// The backward pass of the taped forward: given dL/dy and dL/d(log|det|) (the same for every
     /// sample), adds dL/d(parameter) to each parameter's <c>grad</c> and returns dL/dx, or null
-    /// when <paramref name="inputGradient"/> is false.
+    /// when <paramref name="inputGradient"/> is false. A tape serves one backward pass, taken
+    /// before the part's next taped forward pass: an implementation may keep y, dL/dx and its
+    /// activations in tensors that it overwrites from pass to pass (a coupling does), and refuses a
+    /// spent tape. The y and dL/dx it hands out may be such tensors: read them, do not dispose them.
     /// <param name="tape">What ForwardTaped returned with y.</param>
     /// <param name="dy">dL/dy, y's shape (any layout).</param>
     /// <param name="logDetGradient">dL/d(log|det|) of each sample.</param>
@@ -265,6 +268,23 @@ module internal HandGradients =
             let g = g.DetachFromDisposeScope()
             cell.Value <- struct (g, TensorNative.dataPtr g)
             g
+    let private transposes = System.Runtime.CompilerServices.ConditionalWeakTable<Parameter, struct (Tensor * nativeint) ref>()
+    /// A matrix parameter's transpose (a view, no gradient), kept and handed out again while the
+    /// parameter's data is where it was (one native address comparison per call); the caller must
+    /// not dispose it.
+    let transposeOf (p: Parameter) : Tensor =
+        let current = TensorNative.dataPtr p
+        let cell = transposes.GetValue(p, fun _ -> ref (struct (null, 0n)))
+        let struct (kept, address) = cell.Value
+        if current = address && not (isNull kept) && not kept.IsInvalid then kept
+        else
+            let t =
+                use _normal = torch.inference_mode(false)
+                use _noGrad = torch.no_grad()
+                p.t().DetachFromDisposeScope()
+            if not (isNull kept) then kept.Dispose()
+            cell.Value <- struct (t, current)
+            t
     /// How many of x's rows belong to each of logDet's samples.
     let rowsPerSample (x: Tensor) (logDet: Tensor) =
         let rows, samples = x.shape.[0], logDet.shape.[0]
@@ -276,6 +296,123 @@ module internal HandGradients =
         logDet.add_(values.view(logDet.shape.[0], -1L).sum(1L), Scalars.One) |> ignore
     /// Whether a module holds any parameter that requires a gradient.
     let hasParameters (m: torch.nn.Module) = m.parameters() |> Seq.exists (fun p -> p.requires_grad)
+
+/// Tensors that a hand-written pass (see <see cref="IHandGradient"/>) keeps from one training step
+/// to the next: its activations, gradients and views of them are written in place into the same
+/// tensors every step, so that a step allocates no memory for them and creates no managed Tensor
+/// for them, where a pass of out-of-place operations creates one for every intermediate result.
+/// The tensors fit one batch layout (rows, samples, dtype, device); a pass over another frees them
+/// and makes new ones. A tensor handed out from a workspace (a part's output, or the gradient of its
+/// input) belongs to it: the receiver reads it but must not dispose it (<see cref="Workspace.Owns"/>),
+/// and the part's next pass overwrites it. Not thread-safe: one pass at a time per part, as for
+/// training itself.
+[<Sealed; AllowNullLiteral>]
+type internal Workspace() =
+    static let owned = System.Runtime.CompilerServices.ConditionalWeakTable<Tensor, obj>()
+    static let mark = obj ()
+    [<ThreadStatic; DefaultValue>]
+    static val mutable private scratch : System.Collections.Generic.Dictionary<struct (int * int64 * int64 * torch.ScalarType * DeviceType * int), Tensor>
+    let kept = ResizeArray<Tensor>()
+    let mutable rows = -1L
+    let mutable samples = -1L
+    let mutable dtype = torch.ScalarType.Float32
+    let mutable deviceType = DeviceType.CPU
+    let mutable deviceIndex = -1
+    let mutable generation = 0L
+    /// Whether t belongs to a workspace: whoever is handed it must not dispose it.
+    static member Owns(t: Tensor) = not (isNull t) && fst (owned.TryGetValue t)
+    /// Takes t out of every dispose scope and marks it owned (see Owns); the caller frees it.
+    static member Own(t: Tensor) : Tensor =
+        let t = t.DetachFromDisposeScope()
+        owned.AddOrUpdate(t, mark)
+        t
+    /// Frees a tensor that Own took.
+    static member Free(t: Tensor) =
+        owned.Remove t |> ignore
+        t.Dispose()
+    /// Counts the passes: a tape records the count of its pass and is stale once another began.
+    member _.Generation = generation
+    /// The batch layout of the kept tensors: rows, dtype and device.
+    member _.Rows = rows
+    /// Starts a pass over x (rows of logDet's samples): true when the tensors kept for the last
+    /// pass fit it (the same rows, samples, dtype and device), else they are freed (false) and the
+    /// caller makes new ones with <see cref="Empty"/> and <see cref="Keep"/>.
+    member this.Begin(x: Tensor, logDet: Tensor) =
+        generation <- generation + 1L
+        let r, s, dt, devT, devI = x.shape.[0], logDet.shape.[0], x.dtype, x.device_type, x.device_index
+        if r = rows && s = samples && dt = dtype && devT = deviceType && devI = deviceIndex && kept.Count > 0 then true
+        else
+            this.Clear()
+            rows <- r; samples <- s; dtype <- dt; deviceType <- devT; deviceIndex <- devI
+            false
+    /// Takes t for the workspace: owned, freed with it.
+    member _.Keep(t: Tensor) : Tensor =
+        let t = Workspace.Own t
+        kept.Add t
+        t
+    /// A new tensor of the pass's dtype and device, kept (a normal tensor even under inference mode:
+    /// passes outside inference mode write into it too).
+    member this.Empty(shape: int64[]) : Tensor =
+        use _normal = torch.inference_mode(false)
+        this.Keep(torch.empty(shape, dtype = dtype, device = torch.Device(deviceType, deviceIndex)))
+    /// Ones [n] of the pass's dtype and device, kept: addmv_ with them sums a matrix's rows or
+    /// columns into a tensor in place.
+    member this.Ones(n: int64) : Tensor = this.Empty([| n |]).fill_(Scalars.One)
+    /// A [rows, width] tensor of the pass's layout for temporaries that live within one part's
+    /// backward step: one per shape for all parts on this thread, instead of one per part.
+    /// <param name="slot">Which of the step's temporaries of this shape (0, 1, ...).</param>
+    /// <param name="width">Columns.</param>
+    member _.Scratch(slot: int, width: int64) : Tensor =
+        if isNull Workspace.scratch then
+            Workspace.scratch <- System.Collections.Generic.Dictionary<_, _>()
+        let key = struct (slot, rows, width, dtype, deviceType, deviceIndex)
+        match Workspace.scratch.TryGetValue key with
+        | true, t when not t.IsInvalid -> t
+        | _ ->
+            use _normal = torch.inference_mode(false)
+            let t = Workspace.Own(torch.empty([| rows; width |], dtype = dtype, device = torch.Device(deviceType, deviceIndex)))
+            Workspace.scratch.[key] <- t
+            t
+    /// Frees the shared temporaries of this thread (<see cref="Scratch"/>).
+    static member ClearScratch() =
+        if not (isNull Workspace.scratch) then
+            for t in Workspace.scratch.Values do Workspace.Free t
+            Workspace.scratch.Clear()
+    /// Frees every kept tensor.
+    member _.Clear() =
+        for t in kept do Workspace.Free t
+        kept.Clear()
+        rows <- -1L
+
+/// A part that keeps tensors from one hand-written pass to the next (see Workspace).
+type internal IKeepsWorkspace =
+    /// Frees them (the next pass makes them again).
+    abstract ReleaseWorkspace: unit -> unit
+
+/// Views a part makes of its input (or of the gradient it is handed), kept while that input is the
+/// same workspace tensor (the output of a part before it, which keeps it from step to step), made
+/// afresh otherwise.
+[<Sealed>]
+type internal ViewCache() =
+    let mutable source : Tensor = null
+    let mutable views : Tensor[] = null
+    /// The views make(x) of x: the kept ones when x is the workspace tensor they were made of.
+    member this.Of(x: Tensor, make: Tensor -> Tensor[]) : Tensor[] =
+        if obj.ReferenceEquals(x, source) && not x.IsInvalid then views
+        elif Workspace.Owns x then
+            let made =
+                use _normal = torch.inference_mode(false)
+                make x |> Array.map Workspace.Own
+            this.Clear()
+            source <- x
+            views <- made
+            made
+        else make x
+    /// Frees the kept views.
+    member _.Clear() =
+        if not (isNull views) then for v in views do Workspace.Free v
+        source <- null
+        views <- null
 
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
@@ -596,7 +733,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
                                 let index = this.RunIndex(s, 2, gather, parts.[i].InputShape, g)
                                 g.reshape(b, -1L).index_select(1L, index).view(Array.append [| b |] parts.[i].InputShape)
                     if isNull dx || obj.ReferenceEquals(dx, g) then dx else scope.MoveToOuter(dx)
-                if not (obj.ReferenceEquals(g, dy)) && not (obj.ReferenceEquals(g, dx)) then g.Dispose()
+                if not (obj.ReferenceEquals(g, dy)) && not (obj.ReferenceEquals(g, dx)) && not (Workspace.Owns g) then g.Dispose()
                 g <- dx
                 s <- s - 1
             if inputGradient then g else null

@@ -123,6 +123,9 @@ type HandGradientPass internal (transform: IHandGradient, z: Tensor, tape: obj, 
     member _.LogProb = logProb
     /// Adds to every parameter's <c>grad</c> the gradient of sum_b weight * log p(x_b) (for the mean
     /// bits per dimension over B samples of D dimensions, weight = -1 / (B D ln 2)).
+    /// A pass's backward runs once, before the flow's next hand-written forward pass: its parts
+    /// keep their activations in tensors that the next pass overwrites (see HandGradient.Release);
+    /// a spent pass is refused (InvalidOperationException).
     /// <param name="weight">The loss's derivative with respect to each sample's log p(x).</param>
     member _.Backward(weight: float) =
         // Inference mode: no autograd bookkeeping at all on the way through LibTorch's dispatcher.
@@ -165,6 +168,19 @@ type HandGradient =
         let logDet = torch.zeros([| x.shape.[0] |], dtype = x.dtype, device = x.device)
         let struct (z, tape) = transform.ForwardTaped(x, logDet)
         HandGradientPass(transform, z, tape, logDet.add_(standardNormalLogProb z, Scalars.One))
+    /// Frees the tensors that hand-written passes keep from one step to the next. The couplings
+    /// write their activations and gradients in place into tensors they keep (about one training
+    /// step's activations at the last batch size), so that a step allocates none; after training,
+    /// this hands that memory back. A later pass makes them again. Passes taken before it cannot
+    /// run their backward any more.
+    /// <param name="model">A flow, a bijector or any module holding them.</param>
+    static member Release(model: torch.nn.Module) =
+        if isNull (box model) then nullArg "model"
+        for m in Seq.append [ model ] (model.modules()) do
+            match box m with
+            | :? IKeepsWorkspace as k -> k.ReleaseWorkspace()
+            | _ -> ()
+        Workspace.ClearScratch()
 
 
 /// Ready-made flows over vectors of `features` values (after zuko's `flows`), each a Flow with a

@@ -374,6 +374,8 @@ public sealed class Trainer
             if (AnyRank(observer.ShouldStop(step))) { stoppedEarly = true; break; }
         }
 
+        // The tensors the hand-written passes kept from step to step (a training step's activations).
+        HandGradient.Release(model);
         if (!stoppedEarly && s.Pictures) folder?.SavePictures(model, data.HeldOut, s.Seed);
         // The last step ends an epoch, so its evaluation is the final score; a run that was
         // already finished evaluates once; one stopped early reports its last evaluation, if any.
