@@ -281,6 +281,8 @@ type NativeBackend =
 module internal HugePageGlue =
     [<DllImport("libc", EntryPoint = "execve", SetLastError = true)>]
     extern int execve(string path, nativeint[] argv, nativeint[] envp)
+    [<DllImport("libc", EntryPoint = "malloc_trim")>]
+    extern int malloc_trim(unativeint pad)
 
     let tunable = "glibc.malloc.hugetlb"
     let optOut = "MIXERFLOW_HUGETLB"
@@ -351,6 +353,14 @@ type HugePages =
         elif Environment.GetEnvironmentVariable HugePageGlue.optOut = "0" then "malloc on 4 KB pages (MIXERFLOW_HUGETLB=0)"
         elif not (isNull (HugePageGlue.tunableValue (Environment.GetEnvironmentVariable "GLIBC_TUNABLES"))) then "malloc on 4 KB pages (glibc.malloc.hugetlb=0 given)"
         else "malloc on 4 KB pages"
+
+    /// Hands the memory that malloc keeps for reuse back to the system (glibc's malloc_trim): with
+    /// the tunables of <see cref="RestartWithHugePages"/> the heap never shrinks by itself, so a
+    /// one-off peak (an evaluation over a large batch, pictures) would stay resident for the rest
+    /// of the process. The trainer calls it after each epoch's evaluation; the next training step
+    /// faults its pages in again once. Returns whether memory was released (false off Linux).
+    static member ReleaseFreedMemory() : bool =
+        OperatingSystem.IsLinux() && (try HugePageGlue.malloc_trim 0un <> 0 with :? DllNotFoundException | :? EntryPointNotFoundException -> false)
 
     /// For an executable's first statement: on Linux, when this process did not start with
     /// `glibc.malloc.hugetlb` in GLIBC_TUNABLES, the kernel offers transparent huge pages

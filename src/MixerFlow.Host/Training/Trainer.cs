@@ -369,6 +369,9 @@ public sealed class Trainer
                     folder.SaveCurve($"{cfg.Name}: bits/dim");
                     folder.SaveEpochSamples(model, epochNoise!, (int)Math.Ceiling(step / (double)stepsPerEpoch));
                 }
+                // The evaluation's and the pictures' buffers, freed: back to the system, not left
+                // resident for the rest of the run (malloc keeps freed memory; see HugePages).
+                HugePages.ReleaseFreedMemory();
                 throughput.Restart();
             }
             if (AnyRank(observer.ShouldStop(step))) { stoppedEarly = true; break; }
