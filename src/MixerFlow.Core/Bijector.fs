@@ -332,7 +332,7 @@ type internal Workspace() =
         t.Dispose()
     /// Counts the passes: a tape records the count of its pass and is stale once another began.
     member _.Generation = generation
-    /// The batch layout of the kept tensors: rows, dtype and device.
+    /// The rows of the pass that the kept tensors fit (-1 when none are kept).
     member _.Rows = rows
     /// Starts a pass over x (rows of logDet's samples): true when the tensors kept for the last
     /// pass fit it (the same rows, samples, dtype and device), else they are freed (false) and the

@@ -171,8 +171,9 @@ type HandGradient =
     /// Frees the tensors that hand-written passes keep from one step to the next. The couplings
     /// write their activations and gradients in place into tensors they keep (about one training
     /// step's activations at the last batch size), so that a step allocates none; after training,
-    /// this hands that memory back. A later pass makes them again. Passes taken before it cannot
-    /// run their backward any more.
+    /// this hands that memory back, with the temporaries the couplings share on the calling
+    /// thread. A later pass makes them again. Passes taken before it cannot run their backward any
+    /// more.
     /// <param name="model">A flow, a bijector or any module holding them.</param>
     static member Release(model: torch.nn.Module) =
         if isNull (box model) then nullArg "model"
