@@ -285,12 +285,13 @@ module internal HandGradients =
             if not (isNull kept) then kept.Dispose()
             cell.Value <- struct (t, current)
             t
-    /// How many of x's rows belong to each of logDet's samples.
-    let rowsPerSample (x: Tensor) (logDet: Tensor) =
-        let rows, samples = x.shape.[0], logDet.shape.[0]
+    /// How many of a batch's rows belong to each of a log-det's samples.
+    let rowsPer (rows: int64) (samples: int64) =
         if samples = 0L || rows % samples <> 0L then
             invalidArg "logDet" (sprintf "a log-det of %d samples for a batch of %d rows" samples rows)
         rows / samples
+    /// How many of x's rows belong to each of logDet's samples.
+    let rowsPerSample (x: Tensor) (logDet: Tensor) = rowsPer x.shape.[0] logDet.shape.[0]
     /// Adds per-row sums of `values` ([rows, ...], contiguous) to logDet [samples] in place.
     let addRowSums (logDet: Tensor) (values: Tensor) =
         logDet.add_(values.view(logDet.shape.[0], -1L).sum(1L), Scalars.One) |> ignore
@@ -330,18 +331,29 @@ type internal Workspace() =
     static member Free(t: Tensor) =
         owned.Remove t |> ignore
         t.Dispose()
+    /// A new tensor of the pass's dtype and device (a normal tensor even under inference mode:
+    /// passes outside inference mode write into it too).
+    let empty (shape: int64[]) =
+        use _normal = torch.inference_mode(false)
+        torch.empty(shape, dtype = dtype, device = torch.Device(deviceType, deviceIndex))
     /// Counts the passes: a tape records the count of its pass and is stale once another began.
     member _.Generation = generation
     /// The rows of the pass that the kept tensors fit (-1 when none are kept).
     member _.Rows = rows
-    /// Starts a pass over x (rows of logDet's samples): true when the tensors kept for the last
-    /// pass fit it (the same rows, samples, dtype and device), else they are freed (false) and the
-    /// caller makes new ones with <see cref="Empty"/> and <see cref="Keep"/>.
+    /// The samples of that pass (its log-det's length).
+    member _.Samples = samples
+    /// How many of the pass's rows belong to each sample (checked by Begin).
+    member _.RowsPerSample = rows / samples
+    /// Starts a pass over x (rows of logDet's samples, a whole number of rows per sample, else
+    /// ArgumentException): true when the tensors kept for the last pass fit it (the same rows,
+    /// samples, dtype and device), else they are freed (false) and the caller makes new ones with
+    /// <see cref="Empty"/> and <see cref="Keep"/>.
     member this.Begin(x: Tensor, logDet: Tensor) =
         generation <- generation + 1L
         let r, s, dt, devT, devI = x.shape.[0], logDet.shape.[0], x.dtype, x.device_type, x.device_index
         if r = rows && s = samples && dt = dtype && devT = deviceType && devI = deviceIndex && kept.Count > 0 then true
         else
+            HandGradients.rowsPer r s |> ignore
             this.Clear()
             rows <- r; samples <- s; dtype <- dt; deviceType <- devT; deviceIndex <- devI
             false
@@ -352,9 +364,7 @@ type internal Workspace() =
         t
     /// A new tensor of the pass's dtype and device, kept (a normal tensor even under inference mode:
     /// passes outside inference mode write into it too).
-    member this.Empty(shape: int64[]) : Tensor =
-        use _normal = torch.inference_mode(false)
-        this.Keep(torch.empty(shape, dtype = dtype, device = torch.Device(deviceType, deviceIndex)))
+    member this.Empty(shape: int64[]) : Tensor = this.Keep(empty shape)
     /// Ones [n] of the pass's dtype and device, kept: addmv_ with them sums a matrix's rows or
     /// columns into a tensor in place.
     member this.Ones(n: int64) : Tensor = this.Empty([| n |]).fill_(Scalars.One)
@@ -369,8 +379,7 @@ type internal Workspace() =
         match Workspace.scratch.TryGetValue key with
         | true, t when not t.IsInvalid -> t
         | _ ->
-            use _normal = torch.inference_mode(false)
-            let t = Workspace.Own(torch.empty([| rows; width |], dtype = dtype, device = torch.Device(deviceType, deviceIndex)))
+            let t = Workspace.Own(empty [| rows; width |])
             Workspace.scratch.[key] <- t
             t
     /// Frees the shared temporaries of this thread (<see cref="Scratch"/>).
@@ -413,6 +422,30 @@ type internal ViewCache() =
         if not (isNull views) then for v in views do Workspace.Free v
         source <- null
         views <- null
+
+/// Constant tensors (index tables) made on first use for each key and device, and freed with
+/// their owner (<see cref="Clear"/> from its Dispose); not Tensor fields, which TorchSharp would
+/// register as buffers. Looked up by the device's type and index, with no Device object or string
+/// per call.
+[<Sealed>]
+type internal DeviceTensors<'Key when 'Key : equality>() =
+    let made = System.Collections.Concurrent.ConcurrentDictionary<struct ('Key * DeviceType * int), Tensor[]>()
+    /// The tensors for key on like's device: make's, made there the first time.
+    member _.Get(key: 'Key, like: Tensor, make: torch.Device -> Tensor[]) : Tensor[] =
+        let k = struct (key, like.device_type, like.device_index)
+        match made.TryGetValue k with
+        | true, kept -> kept
+        | _ ->
+            let fresh = make (torch.Device(like.device_type, like.device_index)) |> Array.map (fun t -> t.DetachFromDisposeScope())
+            let kept = made.GetOrAdd(k, fresh)
+            // Two threads may both make them; the loser's are freed, never handed out.
+            if not (obj.ReferenceEquals(kept, fresh)) then for t in fresh do t.Dispose()
+            kept
+    /// Frees them all.
+    member _.Clear() =
+        for kept in made.Values do
+            for t in kept do t.Dispose()
+        made.Clear()
 
 /// An invertible, differentiable map with learnable parameters, batch-first.
 /// Forward: x -> (y, log|det dy/dx|); Inverse: y -> (x, log|det dx/dy|), both per sample.
@@ -577,7 +610,7 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
         lazy (match Seq.tryFindIndex HandGradients.hasParameters parts with
               | Some i -> i
               | None -> parts.Count)
-    let runIndices = System.Collections.Concurrent.ConcurrentDictionary<struct (int * int * DeviceType * int), Tensor>()
+    let runIndices = DeviceTensors<struct (int * int)>()
 
     new(parts: Bijector seq) =
         let arr = Seq.toArray parts
@@ -666,23 +699,18 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
     /// A run's index tensor on x's device: the gather itself (variant 0), the same for a [B, P, D]
     /// input that is a transposed view read as it lies (1), or the inverse permutation (2).
     member private _.RunIndex(step: int, variant: int, gather: int64[], inputShape: int64[], x: Tensor) : Tensor =
-        let key = struct (step, variant, x.device_type, x.device_index)
-        match runIndices.TryGetValue key with
-        | true, t -> t
-        | _ ->
-            let values =
-                match variant with
-                | 0 -> gather
-                | 1 -> Shapes.transposedPositions inputShape.[0] inputShape.[1] gather
-                | _ -> Ops.inversePermutation gather
-            let made = torch.tensor(values, device = torch.Device(x.device_type, x.device_index)).DetachFromDisposeScope()
-            let kept = runIndices.GetOrAdd(key, made)
-            if not (obj.ReferenceEquals(kept, made)) then made.Dispose()
-            kept
+        let made =
+            runIndices.Get(struct (step, variant), x, fun device ->
+                let values =
+                    match variant with
+                    | 0 -> gather
+                    | 1 -> Shapes.transposedPositions inputShape.[0] inputShape.[1] gather
+                    | _ -> Ops.inversePermutation gather
+                [| torch.tensor(values, device = device) |])
+        made.[0]
 
     override _.Dispose(disposing: bool) =
         if disposing then
-            for t in runIndices.Values do t.Dispose()
             runIndices.Clear()
         base.Dispose(disposing)
 

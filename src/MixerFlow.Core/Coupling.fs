@@ -11,7 +11,7 @@ open MixerFlow.Core.Ops
 /// gradients in the backward pass), the conditioner's output [shift | raw], the clamp's slope,
 /// exp(s), y, dL/dx and dL/d(conditioner output), with the views of them that the pass uses.
 [<Sealed; AllowNullLiteral>]
-type internal AffinePass(ws: Workspace, samples: int64, widths: int64[], features: int64, nB: int64,
+type internal AffinePass(ws: Workspace, widths: int64[], features: int64, nB: int64,
                          conditioningStart: int64, transformedStart: int64) =
     let rows = ws.Rows
     let hidden = [| for i in 0 .. widths.Length - 2 -> ws.Empty [| rows; widths.[i] |] |]
@@ -34,8 +34,8 @@ type internal AffinePass(ws: Workspace, samples: int64, widths: int64[], feature
     /// tanh(raw / c), then the clamp's slope 1 - tanh^2.
     member val Slope = ws.Empty [| rows; nB |]
     /// exp(s)'s tensor read as [samples, rows per sample * nB] (s while the log-det is taken).
-    member val ScaleBySample = ws.Keep(scale.view(samples, -1L))
-    member val OnesLogDet = ws.Ones(rows / samples * nB)
+    member val ScaleBySample = ws.Keep(scale.view(ws.Samples, -1L))
+    member val OnesLogDet = ws.Ones(ws.RowsPerSample * nB)
     member val OnesRows = ws.Ones rows
     member val Y = y
     member val Ya = conditioningPart y
@@ -212,7 +212,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
             let layers = perceptronLayers
             if not (workspace.Begin(x, logDet)) || isNull pass then
                 use _normal = torch.inference_mode(false)
-                pass <- AffinePass(workspace, logDet.shape.[0], layers |> Array.map (fun l -> l.weight.shape.[0]),
+                pass <- AffinePass(workspace, layers |> Array.map (fun l -> l.weight.shape.[0]),
                                    eventShape.[0], nB, conditioningStart, transformedStart)
             let p = pass
             let v = inputViews.Of(x, fun x -> [| x.narrow(1L, conditioningStart, nA); x.narrow(1L, transformedStart, nB) |])
@@ -278,11 +278,8 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
             gradViews.Clear()
             pass <- null
 
-    override _.Dispose(disposing: bool) =
-        if disposing then
-            workspace.Clear()
-            inputViews.Clear()
-            gradViews.Clear()
+    override this.Dispose(disposing: bool) =
+        if disposing then (this :> IKeepsWorkspace).ReleaseWorkspace()
         base.Dispose(disposing)
 
     interface IJacobianStructure with

@@ -90,7 +90,7 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
             let scale, y = pass.[0], pass.[1]
             scale.copy_(logScale).exp_() |> ignore
             y.copy_(x).add_(bias, Scalars.One).mul_(scale) |> ignore
-            let perSample = Scalar.op_Implicit(positions * float (HandGradients.rowsPerSample x logDet))
+            let perSample = Scalar.op_Implicit(positions * float workspace.RowsPerSample)
             try logDet.add_(logScale.sum(), perSample) |> ignore
             finally perSample.Dispose()
             struct (y, box struct (pass, workspace.Generation))
@@ -112,8 +112,8 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
             workspace.Clear()
             pass <- null
 
-    override _.Dispose(disposing: bool) =
-        if disposing then workspace.Clear()
+    override this.Dispose(disposing: bool) =
+        if disposing then (this :> IKeepsWorkspace).ReleaseWorkspace()
         base.Dispose(disposing)
 
 /// Invertible batch normalisation (Dinh, Sohl-Dickstein & Bengio 2017, RealNVP, appendix E):

@@ -96,21 +96,10 @@ type Patchify(geometry: PatchGeometry) =
     let inverse = Array.zeroCreate<int64> forward.Length
     do forward |> Array.iteri (fun k i -> inverse.[int i] <- int64 k)
     let inverseOfTransposed = Shapes.transposedPositions p d inverse
-    // Index tensors per device, made on first use and freed with the module; not Tensor fields,
-    // which TorchSharp would register as buffers. Looked up by the input's device type and index
-    // (no Device object or string per call).
-    let indexTensors = System.Collections.Concurrent.ConcurrentDictionary<struct (DeviceType * int), Tensor[]>()
+    // The three index tensors on each device, made on first use and freed with the module.
+    let indexTensors = DeviceTensors<unit>()
     let indices (x: Tensor) =
-        let key = struct (x.device_type, x.device_index)
-        match indexTensors.TryGetValue key with
-        | true, made -> made
-        | _ ->
-            let device = torch.Device(x.device_type, x.device_index)
-            let made = [| for a in [ forward; inverse; inverseOfTransposed ] -> torch.tensor(a, device = device).DetachFromDisposeScope() |]
-            let kept = indexTensors.GetOrAdd(key, made)
-            // Two threads may both make them; the loser's are freed, never handed out.
-            if not (obj.ReferenceEquals(kept, made)) then for t in made do t.Dispose()
-            kept
+        indexTensors.Get((), x, fun device -> [| for a in [ forward; inverse; inverseOfTransposed ] -> torch.tensor(a, device = device) |])
     /// Image [B, C, H, W] -> matrix [B, P, D].
     let toMatrix (x: Tensor) =
         let b = x.shape.[0]
@@ -150,10 +139,7 @@ type Patchify(geometry: PatchGeometry) =
         member _.InverseBackwardTaped(_tape, dx, _logDetGradient, inputGradient) =
             if inputGradient then toMatrix dx else null
     override _.Dispose(disposing: bool) =
-        if disposing then
-            for made in indexTensors.Values do
-                for t in made do t.Dispose()
-            indexTensors.Clear()
+        if disposing then indexTensors.Clear()
         base.Dispose(disposing)
 
 /// A cyclic shift of an image [C, H, W] by (dy, dx) pixels: moves patch borders between
