@@ -77,6 +77,8 @@ Console.WriteLine(mirrorProblem is null
     : $"PyTorch mirror: {mirrorProblem}");
 Console.WriteLine();
 
+// The cores' float32 FMA peak, measured once per round (FmaPeak.cs).
+var fmaPeaks = new List<double>();
 var benches = presets.Select(p => new Bench(Preset(p), batch, sampleBatch, mirrorProblem is null ? mirrorThreads : 0, mirrorBlasThreads)).ToList();
 
 // A preset by name; "cifar10+bfloat16" is the preset with its conditioners computing in bfloat16
@@ -103,6 +105,7 @@ for (int r = 0; r < repeats; r++)
     // A/B/A/B: every round visits every preset; odd rounds go in reverse order.
     var order = r % 2 == 0 ? benches : Enumerable.Reverse(benches).ToList();
     foreach (var b in order) b.Round(mirrorFirst: r % 2 == 1);
+    fmaPeaks.Add(FmaPeak.Measure(threads));
     Console.Error.WriteLine($"[{clock.Elapsed.TotalSeconds:0}s] round {r + 1}/{repeats} done");
 }
 var loadEnd = Machine.LoadAverage();
@@ -118,6 +121,13 @@ foreach (var b in benches) Console.WriteLine(b.FirstCallsLine());
 Console.WriteLine();
 Console.WriteLine("Where a training step goes, ms, medians over all steps: forward (to the loss value), backward (with zeroing the gradients), update (clipping and Adam):");
 foreach (var b in benches) Console.WriteLine(b.PhasesLine());
+Console.WriteLine();
+Console.WriteLine(FmaPeak.Instruction is null
+    ? "How much faster than the mirror a step could be: no FMA instruction on this CPU, so no float32 peak was measured; at the GEMM ceiling:"
+    : $"How much faster than the mirror a step could be: this machine's float32 FMA peak on {threads} thread(s), {FmaPeak.Instruction}, median " +
+      $"{Machine.Median(fmaPeaks):0} GFLOP/s (highest {fmaPeaks.Max():0}, {fmaPeaks.Count} rounds); a step whose GEMMs all ran at the GEMM ceiling (or at the highest " +
+      "peak) and did nothing else, against the mirror's median step:");
+foreach (var b in benches) Console.WriteLine(b.BoundLine(fmaPeaks.Count == 0 ? double.NaN : fmaPeaks.Max()));
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
 if (mirrorProblem is null)
@@ -489,6 +499,26 @@ sealed class Bench : IDisposable
         return $"| `{Config.Name}` | {model.ParameterCount:N0} | {median:N0} ({stepMs.Min():N0}-{stepMs.Max():N0}, {stepMs.Count}) | {mirrorCells} | {Machine.Median(cpuMs):N0} ({Machine.Median(sysMs):N0}) | " +
                $"{ourEval:0.00} | {evalCells} | {ourSample:0.00} | {sampleCells} | {gflop:0.00} | {achieved:0.0} | {ceil:0} | {achieved / ceil:0%} | " +
                $"{(double)created / steps:N0} | {(double)gc0 / steps:0.00}/{(double)gc1 / steps:0.00}/{(double)gc2 / steps:0.00} |";
+    }
+
+    /// <summary>
+    /// The most the mirror's median step could be over ours: our step's GFLOP at the median GEMM
+    /// ceiling, and at <paramref name="fmaPeak"/> (float32 presets only), with nothing else in the step.
+    /// </summary>
+    public string BoundLine(double fmaPeak)
+    {
+        double gflop = 3 * ForwardGflop;
+        double atCeiling = gflop / Machine.Median(ceiling) * 1000, atPeak = gflop / fmaPeak * 1000;
+        bool float32 = Config is not MixerFlowConfig { ConditionerPrecision: not ConditionerPrecision.Float32 };
+        if (mirror is not { StepMs.Count: > 0 } m)
+            return $"- `{Config.Name}`: no mirror; {gflop:0.00} GFLOP per step take {atCeiling:N0} ms at the GEMM ceiling" +
+                   (float32 && !double.IsNaN(atPeak) ? $", {atPeak:N0} ms at the FMA peak" : "");
+        double theirs = Machine.Median(m.StepMs), ours = Machine.Median(stepMs);
+        return $"- `{Config.Name}`: mirror {theirs:N0} ms, ours {ours:N0} ms (mirror / ours {theirs / ours:0.00}); {gflop:0.00} GFLOP at the GEMM ceiling: " +
+               $"{atCeiling:N0} ms, so mirror / ours at most {theirs / atCeiling:0.00}" +
+               (float32 && !double.IsNaN(atPeak) ? $"; at the FMA peak: {atPeak:N0} ms, at most {theirs / atPeak:0.00}" : "; bfloat16 GEMMs, which the float32 FMA peak does not bound") +
+               // No GEMM outruns the cores' peak: a ceiling above it means the peak's loop ran while other work held the cores.
+               (float32 && atPeak > atCeiling ? " (the GEMM ceiling above the FMA peak: the peak was measured while other work held the cores)" : "");
     }
 
     /// <summary>The medians of the training step's phases, ours and the mirror's, and our evaluation's forward pass per batch.</summary>
