@@ -336,8 +336,18 @@ type internal Workspace() =
     let empty (shape: int64[]) =
         use _normal = torch.inference_mode(false)
         torch.empty(shape, dtype = dtype, device = torch.Device(deviceType, deviceIndex))
-    /// Counts the passes: a tape records the count of its pass and is stale once another began.
+    /// Counts the passes and the frees: a tape records the count of its pass and is stale once
+    /// another pass began or the tensors were freed (<see cref="CheckTape"/>).
     member _.Generation = generation
+    /// Refuses (InvalidOperationException) a tape that is spent: already used (<paramref name="used"/>),
+    /// or of a pass before the latest one or before the tensors were freed, whose tensors that
+    /// pass or the free has overwritten.
+    /// <param name="tapeGeneration">The <see cref="Generation"/> the tape's pass recorded.</param>
+    /// <param name="used">Whether the tape has served its backward pass already.</param>
+    /// <param name="owner">The part's name, for the message.</param>
+    member _.CheckTape(tapeGeneration: int64, used: bool, owner: string) =
+        if used || tapeGeneration <> generation then
+            invalidOp (sprintf "%s: this tape is spent (a tape serves one backward pass, before the layer's next taped forward pass)" owner)
     /// The rows of the pass that the kept tensors fit (-1 when none are kept).
     member _.Rows = rows
     /// The samples of that pass (its log-det's length).
@@ -387,11 +397,12 @@ type internal Workspace() =
         if not (isNull Workspace.scratch) then
             for t in Workspace.scratch.Values do Workspace.Free t
             Workspace.scratch.Clear()
-    /// Frees every kept tensor.
+    /// Frees every kept tensor (tapes taken before are spent).
     member _.Clear() =
         for t in kept do Workspace.Free t
         kept.Clear()
         rows <- -1L
+        generation <- generation + 1L
 
 /// A part that keeps tensors from one hand-written pass to the next (see Workspace).
 type internal IKeepsWorkspace =
@@ -780,7 +791,10 @@ type Inverted(inner: Bijector) as this =
     interface IFlatPermutation with
         member _.Gather =
             match box inner with
-            | :? IFlatPermutation as p when not (isNull p.Gather) -> Ops.inversePermutation p.Gather
+            | :? IFlatPermutation as p ->
+                match p.Gather with
+                | null -> null
+                | gather -> Ops.inversePermutation gather
             | _ -> null
     interface IHandGradient with
         member _.HandGradientSupported y =

@@ -238,8 +238,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
             struct (p.Y, box (AffineTape(p, workspace.Generation, xa, xb)))
         member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
             let tape = tape :?> AffineTape
-            if tape.Used || tape.Generation <> workspace.Generation || not (obj.ReferenceEquals(tape.Pass, pass)) then
-                invalidOp (sprintf "%s: this tape is spent (a tape serves one backward pass, before the layer's next taped forward pass)" this.Name)
+            workspace.CheckTape(tape.Generation, tape.Used, this.Name)
             tape.Used <- true
             let p = tape.Pass
             let layers = perceptronLayers

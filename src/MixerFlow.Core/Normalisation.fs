@@ -96,8 +96,7 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
             struct (y, box struct (pass, workspace.Generation))
         member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
             let struct (taped, generation) = tape :?> struct (Tensor[] * int64)
-            if generation <> workspace.Generation || not (obj.ReferenceEquals(taped, pass)) then
-                invalidOp (sprintf "%s: this tape is spent (a tape serves one backward pass, before the layer's next taped forward pass)" this.Name)
+            workspace.CheckTape(generation, false, this.Name)
             let scale, y, dx, product = taped.[0], taped.[1], taped.[2], taped.[3]
             dx.copy_(dy).mul_(scale) |> ignore
             (let g = HandGradients.gradOf bias in g.add_(dx.sum(dims, keepdim = true), Scalars.One) |> ignore)

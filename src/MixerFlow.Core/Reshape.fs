@@ -93,8 +93,7 @@ type Patchify(geometry: PatchGeometry) =
             let py, px = row / (w / pw), row % (w / pw)
             let ch, i, j = col / (ph * pw), (col / pw) % ph, col % pw
             ch * h * w + (py * ph + i) * w + px * pw + j)
-    let inverse = Array.zeroCreate<int64> forward.Length
-    do forward |> Array.iteri (fun k i -> inverse.[int i] <- int64 k)
+    let inverse = inversePermutation forward
     let inverseOfTransposed = Shapes.transposedPositions p d inverse
     // The three index tensors on each device, made on first use and freed with the module.
     let indexTensors = DeviceTensors<unit>()
