@@ -27,9 +27,13 @@ static class FmaPeak
         var calibration = Stopwatch.StartNew();
         Loop(2_000_000);
         long iterations = Math.Max(2_000_000, (long)(2_000_000 * seconds / calibration.Elapsed.TotalSeconds));
+        // One dedicated thread per loop, all started together (a thread pool could run two loops
+        // one after the other on one thread and halve the rate).
         var sums = new float[threads];
+        var workers = Enumerable.Range(0, threads).Select(t => new Thread(() => sums[t] = Loop(iterations))).ToList();
         var clock = Stopwatch.StartNew();
-        Parallel.For(0, threads, new ParallelOptions { MaxDegreeOfParallelism = threads }, t => sums[t] = Loop(iterations));
+        foreach (var w in workers) w.Start();
+        foreach (var w in workers) w.Join();
         double elapsed = clock.Elapsed.TotalSeconds;
         if (sums.Any(float.IsNaN)) throw new InvalidOperationException("FMA loop produced NaN");
         return threads * iterations * FlopsPerIteration / elapsed / 1e9;

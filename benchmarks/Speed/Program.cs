@@ -127,7 +127,7 @@ Console.WriteLine(FmaPeak.Instruction is null
     : $"How much faster than the mirror a step could be: this machine's float32 FMA peak on {threads} thread(s), {FmaPeak.Instruction}, median " +
       $"{Machine.Median(fmaPeaks):0} GFLOP/s (highest {fmaPeaks.Max():0}, {fmaPeaks.Count} rounds); a step whose GEMMs all ran at the GEMM ceiling (or at the highest " +
       "peak) and did nothing else, against the mirror's median step:");
-foreach (var b in benches) Console.WriteLine(b.BoundLine(fmaPeaks.Count == 0 ? double.NaN : fmaPeaks.Max()));
+foreach (var b in benches) Console.WriteLine(b.BoundLine(fmaPeaks.Max()));
 Console.WriteLine();
 Console.WriteLine($"load average at end {loadEnd}; total {clock.Elapsed.TotalSeconds:0} s");
 if (mirrorProblem is null)
@@ -503,22 +503,26 @@ sealed class Bench : IDisposable
 
     /// <summary>
     /// The most the mirror's median step could be over ours: our step's GFLOP at the median GEMM
-    /// ceiling, and at <paramref name="fmaPeak"/> (float32 presets only), with nothing else in the step.
+    /// ceiling, and at <paramref name="fmaPeak"/> (NaN where none was measured) when the ceiling's
+    /// shapes are all float32, with nothing else in the step.
     /// </summary>
     public string BoundLine(double fmaPeak)
     {
         double gflop = 3 * ForwardGflop;
         double atCeiling = gflop / Machine.Median(ceiling) * 1000, atPeak = gflop / fmaPeak * 1000;
-        bool float32 = Config is not MixerFlowConfig { ConditionerPrecision: not ConditionerPrecision.Float32 };
-        if (mirror is not { StepMs.Count: > 0 } m)
-            return $"- `{Config.Name}`: no mirror; {gflop:0.00} GFLOP per step take {atCeiling:N0} ms at the GEMM ceiling" +
-                   (float32 && !double.IsNaN(atPeak) ? $", {atPeak:N0} ms at the FMA peak" : "");
-        double theirs = Machine.Median(m.StepMs), ours = Machine.Median(stepMs);
-        return $"- `{Config.Name}`: mirror {theirs:N0} ms, ours {ours:N0} ms (mirror / ours {theirs / ours:0.00}); {gflop:0.00} GFLOP at the GEMM ceiling: " +
-               $"{atCeiling:N0} ms, so mirror / ours at most {theirs / atCeiling:0.00}" +
-               (float32 && !double.IsNaN(atPeak) ? $"; at the FMA peak: {atPeak:N0} ms, at most {theirs / atPeak:0.00}" : "; bfloat16 GEMMs, which the float32 FMA peak does not bound") +
-               // No GEMM outruns the cores' peak: a ceiling above it means the peak's loop ran while other work held the cores.
-               (float32 && atPeak > atCeiling ? " (the GEMM ceiling above the FMA peak: the peak was measured while other work held the cores)" : "");
+        // The float32 peak bounds float32 products only; the ceiling is timed in each shape's own precision.
+        bool float32 = timedShapes.All(g => g.Kind != FlopCounter.ReducedLinear);
+        double? theirs = mirror is { StepMs.Count: > 0 } m ? Machine.Median(m.StepMs) : null;
+        string peakPart = !float32 ? "; bfloat16 GEMMs, which the float32 FMA peak does not bound"
+            : double.IsNaN(atPeak) ? ""
+            : $"; at the FMA peak: {atPeak:N0} ms" + (theirs is { } t ? $", at most {t / atPeak:0.00}" : "") +
+              // No GEMM outruns the cores' peak: a ceiling above it means the peak's loop ran while other work held the cores.
+              (atPeak > atCeiling ? " (the GEMM ceiling above the FMA peak: the peak was measured while other work held the cores)" : "");
+        if (theirs is not { } mirrorMs)
+            return $"- `{Config.Name}`: no mirror; {gflop:0.00} GFLOP per step take {atCeiling:N0} ms at the GEMM ceiling" + peakPart;
+        double ours = Machine.Median(stepMs);
+        return $"- `{Config.Name}`: mirror {mirrorMs:N0} ms, ours {ours:N0} ms (mirror / ours {mirrorMs / ours:0.00}); {gflop:0.00} GFLOP at the GEMM ceiling: " +
+               $"{atCeiling:N0} ms, so mirror / ours at most {mirrorMs / atCeiling:0.00}" + peakPart;
     }
 
     /// <summary>The medians of the training step's phases, ours and the mirror's, and our evaluation's forward pass per batch.</summary>
