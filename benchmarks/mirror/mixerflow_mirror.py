@@ -351,8 +351,12 @@ def sigmoid_bound(raw):
 
 
 def softplus(x):
-    """Core's Ops.softplus: max(x, 0) + log1p(exp(-|x|)) (torch's softplus has a threshold)."""
-    return x.relu() + x.abs().neg().exp().log1p()
+    """Core's Ops.softplus: -logsigmoid(-x) (torch's softplus has a threshold)."""
+    return -F.logsigmoid(-x)
+
+
+# Core's Spline.derivativeShift: softplus(c) + 1e-3 = 1, so zero parameters give derivative 1.
+DERIVATIVE_SHIFT = math.log(math.exp(1.0 - 1e-3) - 1.0)
 
 
 def _knots(unnormalised, bound, min_size):
@@ -373,7 +377,7 @@ def spline_apply(x, h, bins, bound, inverse=False):
     xc = x.clamp(-bound, bound)
     cumw, w = _knots(uw, bound, 1e-3)
     cumh, hh = _knots(uh, bound, 1e-3)
-    inner = softplus(ud) + 1e-3
+    inner = softplus(ud + DERIVATIVE_SHIFT) + 1e-3
     one = torch.ones_like(inner.narrow(-1, 0, 1))
     d = torch.cat([one, inner, one], -1)
     k = w.shape[-1]

@@ -557,10 +557,14 @@ module Ops =
     /// c - t for a constant c, with cached Scalars.
     [<CompiledName("ScalarMinus")>]
     let scalarMinus (c: float) (t: Tensor) : Tensor = t.neg().add(Scalars.Of c, Scalars.One)
-    /// log(1 + exp(x)), computed stably without TorchSharp's softplus (which creates temporary
-    /// Scalars for beta and threshold): max(x, 0) + log1p(exp(-|x|)).
+    /// log(1 + exp(x)) = -logsigmoid(-x), computed stably without TorchSharp's softplus (which
+    /// creates temporary Scalars for beta and threshold). Its derivative is sigmoid(x) everywhere,
+    /// 1/2 at x = 0: the form max(x, 0) + log1p(exp(-|x|)) has the same values but an autograd
+    /// derivative of 0 at exactly 0 (relu'(0) = sign(0) = 0), which freezes a zero-initialised layer.
     [<CompiledName("Softplus")>]
-    let softplus (x: Tensor) : Tensor = x.relu().add(x.abs().neg().exp().log1p(), Scalars.One)
+    let softplus (x: Tensor) : Tensor =
+        // Negated in place: logsigmoid's backward reads its input, not its output.
+        torch.nn.functional.logsigmoid(x.neg()).neg_()
     /// Sum over every dimension but the batch dimension: [B, ...] -> [B].
     [<CompiledName("SumPerSample")>]
     let sumPerSample (t: Tensor) : Tensor = Shapes.sumPerSample t

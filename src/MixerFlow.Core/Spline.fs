@@ -23,9 +23,15 @@ module Spline =
         let cum = torch.cat([| zero; cum.narrow(-1L, 0L, k - 1L); torch.full_like(zero, scalar bound) |], -1L)
         cum, cum.narrow(-1L, 1L, k) - cum.narrow(-1L, 0L, k)
 
-    /// Derivatives at the K+1 knots from K-1 unnormalised inner values; 1 at both ends.
+    /// The shift c with softplus(c) + minDerivative = 1: zero unnormalised values give inner
+    /// derivatives of exactly 1, so that zero parameters (equal widths and heights) make the
+    /// spline the identity, as in nflows and zuko.
+    let derivativeShift = Math.Log(Math.Exp(1.0 - minDerivative) - 1.0)
+
+    /// Derivatives at the K+1 knots from K-1 unnormalised inner values u:
+    /// softplus(u + c) + minDerivative with c = <see cref="derivativeShift"/>; 1 at both ends.
     let derivatives (unnormalised: Tensor) =
-        let inner = addScalar (softplus unnormalised) minDerivative
+        let inner = addScalar (softplus (addScalar unnormalised derivativeShift)) minDerivative
         let one = torch.ones_like(inner.narrow(-1L, 0L, 1L))
         torch.cat([| one; inner; one |], -1L)
 
