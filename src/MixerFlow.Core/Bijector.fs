@@ -441,13 +441,17 @@ type internal ViewCache() =
 [<Sealed>]
 type internal DeviceTensors<'Key when 'Key : equality>() =
     let made = System.Collections.Concurrent.ConcurrentDictionary<struct ('Key * DeviceType * int), Tensor[]>()
-    /// The tensors for key on like's device: make's, made there the first time.
+    /// The tensors for key on like's device: make's, made there the first time. They are made as
+    /// normal tensors even under inference mode (a hand-written pass): an autograd pass that
+    /// uses them later must be able to save them for its backward.
     member _.Get(key: 'Key, like: Tensor, make: torch.Device -> Tensor[]) : Tensor[] =
         let k = struct (key, like.device_type, like.device_index)
         match made.TryGetValue k with
         | true, kept -> kept
         | _ ->
-            let fresh = make (torch.Device(like.device_type, like.device_index)) |> Array.map (fun t -> t.DetachFromDisposeScope())
+            let fresh =
+                use _normal = torch.inference_mode(false)
+                make (torch.Device(like.device_type, like.device_index)) |> Array.map (fun t -> t.DetachFromDisposeScope())
             let kept = made.GetOrAdd(k, fresh)
             // Two threads may both make them; the loser's are freed, never handed out.
             if not (obj.ReferenceEquals(kept, fresh)) then for t in fresh do t.Dispose()

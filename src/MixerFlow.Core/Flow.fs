@@ -153,6 +153,29 @@ type HandGradient =
     static member Supports(flow: Flow, x: Tensor) =
         not (isNull (box flow)) && not (isNull x) && flow.ContextFeatures = 0L
         && flow.Base.GetType() = typeof<StandardNormal> && HandGradients.supported flow.Transform x
+    /// Why <see cref="Forward"/> cannot take this flow and batch, in a phrase that names the parts
+    /// at fault; null when it can.
+    /// <param name="flow">The flow.</param>
+    /// <param name="x">The batch.</param>
+    static member WhyNot(flow: Flow, x: Tensor) : string =
+        if isNull (box flow) then "there is no flow"
+        elif isNull x then "there is no batch"
+        elif flow.ContextFeatures <> 0L then "the flow is conditional (hand-written gradients take no context)"
+        elif flow.Base.GetType() <> typeof<StandardNormal> then
+            sprintf "its base distribution is %s, not the standard normal" (flow.Base.GetType().Name)
+        elif HandGradients.supported flow.Transform x then null
+        else
+            let missing =
+                flow.Transform.modules()
+                |> Seq.choose (fun m -> match box m with
+                                        | :? Bijector as b when not (box b :? IHandGradient) -> Some (b.GetType().Name)
+                                        | _ -> None)
+                |> Seq.distinct |> List.ofSeq
+            if missing.IsEmpty then
+                "a part's hand-written backward does not take this flow or batch (an elementwise map other than a " +
+                "soft-clamped affine one, a conditioner other than a perceptron, frozen parameters or a batch " +
+                "that is not floating point)"
+            else sprintf "these parts have no hand-written backward: %s" (String.Join(", ", missing))
     /// log p(x) per sample without autograd (under LibTorch's inference mode), with the tape for
     /// <see cref="HandGradientPass.Backward"/>.
     /// <param name="flow">A flow that <see cref="Supports"/> x.</param>

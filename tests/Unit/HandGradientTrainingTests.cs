@@ -106,8 +106,74 @@ public class HandGradientTrainingTests
         var glowBatches = Enumerable.Range(0, 2).Select(_ => randint(0, 256, new long[] { 16, 1, 8, 8 }).to(float32)).ToArray();
         var (_, glowPaths) = Train(glowStep, glowBatches);
         Assert.All(glowPaths, used => Assert.False(used));
+        Assert.Contains("no hand-written backward", glowStep.AutogradReason);
         var (_, step) = Setup("tiny", hand: false);
         var (_, paths) = Train(step, Batches(1, 28).Take(2).ToArray());
         Assert.All(paths, used => Assert.False(used));
+        Assert.Contains("turned off", step.AutogradReason);
+    }
+
+    [Fact]
+    public void A_loss_hook_that_returns_the_loss_keeps_the_hand_path_and_one_that_changes_it_moves_to_autograd()
+    {
+        var batch = Batches(1, 28)[0];
+        var (_, step) = Setup("tiny", hand: true);
+        manual_seed(1);
+        Assert.True(step.Take(batch, 5e-4, loss => loss).Kept);
+        Assert.Equal(GradientPath.HandWritten, step.LastGradientPath);
+        Assert.Null(step.AutogradReason);
+        // A regulariser: autograd alone can differentiate it, from this step on.
+        var outcome = step.Take(batch, 5e-4, loss => loss.add(step.Optimizer.Parameters[0].square().sum(), Ops.Scalar(1e-3)));
+        Assert.True(outcome.Kept, outcome.DroppedBecause);
+        Assert.Equal(GradientPath.Autograd, step.LastGradientPath);
+        Assert.Contains("loss hook", step.AutogradReason);
+        Assert.True(step.Take(batch, 5e-4, loss => loss).Kept);
+        Assert.Equal(GradientPath.Autograd, step.LastGradientPath);
+    }
+
+    [Fact]
+    public void Hand_autograd_and_hand_passes_run_one_after_the_other_on_one_model()
+    {
+        var batch = Batches(1, 28)[0];
+        var (model, step) = Setup("tiny", hand: true);
+        foreach (bool hand in new[] { true, false, true, false })
+        {
+            step.HandGradients = hand;
+            manual_seed(3);
+            var outcome = step.Take(batch, 5e-4);
+            Assert.True(outcome.Kept, outcome.DroppedBecause);
+            Assert.Equal(hand, step.LastUsedHandGradients);
+        }
+        // Sampling and evaluation after them (the index tables made under inference mode before).
+        model.eval();
+        using (no_grad()) Assert.True(double.IsFinite(model.BitsPerDim(batch).mean().item<float>()));
+    }
+
+    [Fact]
+    public void Train_takes_the_hand_written_path_and_says_so()
+    {
+        var folder = Path.Combine(Path.GetTempPath(), "mixerflow-path-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            var (code, output, error) = CliInProcess.Run("train", "--preset", "tiny", "--steps", "4", "--batch-size", "16", "--out", folder);
+            Assert.True(code == 0, error);
+            Assert.Contains("gradients: hand-written", output);
+            var summary = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "summary.json")));
+            Assert.Equal("hand-written", summary.RootElement.GetProperty("gradientPath").GetString());
+        }
+        finally { if (Directory.Exists(folder)) Directory.Delete(folder, true); }
+    }
+
+    [Fact]
+    public void Train_says_why_it_takes_autograd()
+    {
+        var folder = Path.Combine(Path.GetTempPath(), "mixerflow-path-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            var (code, output, error) = CliInProcess.Run("train", "--preset", "tiny", "--set", "channelFlow=maf", "--steps", "2", "--batch-size", "16", "--out", folder);
+            Assert.True(code == 0, error);
+            Assert.Contains("gradients: autograd (because these parts have no hand-written backward", output);
+        }
+        finally { if (Directory.Exists(folder)) Directory.Delete(folder, true); }
     }
 }

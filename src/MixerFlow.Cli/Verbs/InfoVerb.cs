@@ -45,7 +45,8 @@ public static class InfoVerb
             if (i >= 2) times.Add(sw.Elapsed.TotalMilliseconds);
         }
         times.Sort();
-        output.WriteLine($"training step at batch {batch}: {times[times.Count / 2]:0} ms (median of {steps}, {TorchSharp.torch.get_num_threads()} threads)");
+        output.WriteLine($"training step at batch {batch}: {times[times.Count / 2]:0} ms (median of {steps}, {TorchSharp.torch.get_num_threads()} threads; " +
+                         $"gradients: {step.GradientPathDescription})");
     }
 
     public static void Describe(ImageFlow model, TextWriter output)

@@ -11,7 +11,7 @@ namespace MixerFlow.Host.Training;
 public sealed record TrainSummary(
     string Model, long Parameters, long Steps, int Epochs, double FinalTrainBpd, double HeldOutBpd,
     double HeldOutStdErr, double BestHeldOutBpd, double ImagesPerSecond, double WallSeconds,
-    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly);
+    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly, string GradientPath = "");
 
 /// <summary>
 /// The training loop: Adam with a <see cref="LearningRateSchedule"/>, one guarded
@@ -260,6 +260,7 @@ public sealed class Trainer
         var throughput = Stopwatch.StartNew();
         long imagesSinceReport = 0;
         bool stoppedEarly = false;
+        string gradientPath = "";
         int[] order = [];
         int orderEpoch = -1;
         // The same base noise is decoded after every epoch (samples/epoch-NNN.png): a generator of
@@ -313,6 +314,11 @@ public sealed class Trainer
                 }
             }
 
+            if (trainingStep.GradientPathDescription != gradientPath)
+            {
+                gradientPath = trainingStep.GradientPathDescription;
+                report.OnMessage($"gradients: {gradientPath}");
+            }
             if (!outcome.Kept)
             {
                 dropped++;
@@ -387,7 +393,7 @@ public sealed class Trainer
             : Evaluation.BitsPerDim(model, data.HeldOut, EvaluationBatch, device, communicator: ranks);
         var summary = new TrainSummary(cfg.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
             lastTrainBpd, finalHeld, finalSe, Math.Min(best, finalHeld), imagesPerSecond, wall.Elapsed.TotalSeconds,
-            dropped, rollbacks, data.Description, folder?.Path ?? runPath, stoppedEarly);
+            dropped, rollbacks, data.Description, folder?.Path ?? runPath, stoppedEarly, gradientPath);
         if (!stoppedEarly) folder?.SaveSummary(summary);
         report.OnMessage($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
                            $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {dropped} dropped steps; run folder {summary.RunFolder}");

@@ -8,6 +8,15 @@ namespace MixerFlow.Host.Training;
 /// <summary>The outcome of one optimiser step: kept, or dropped by a guard (and why).</summary>
 public readonly record struct StepOutcome(bool Kept, double BitsPerDim, string? DroppedBecause);
 
+/// <summary>How a training step took its gradients.</summary>
+public enum GradientPath
+{
+    /// <summary>Hand-written backward passes (<see cref="HandGradient"/>): no autograd graph.</summary>
+    HandWritten,
+    /// <summary>LibTorch's autograd.</summary>
+    Autograd,
+}
+
 /// <summary>Wall time of a training step's phases (see <see cref="TrainingStep.LastPhases"/>).</summary>
 /// <param name="Forward">The forward pass up to the loss value on the host.</param>
 /// <param name="Backward">Zeroing the gradients and the backward pass.</param>
@@ -47,13 +56,35 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
 
     /// <summary>
     /// Whether steps take their gradients by hand (<see cref="HandGradient"/>: no autograd graph)
-    /// where the model supports it and no <c>transformLoss</c> is given; otherwise autograd. Defaults to
-    /// <see cref="HandGradient.Enabled"/> (MIXERFLOW_HAND_GRADIENTS=0 turns it off).
+    /// where the model supports it; otherwise autograd. Defaults to <see cref="HandGradient.Enabled"/>
+    /// (MIXERFLOW_HAND_GRADIENTS=0 turns it off).
     /// </summary>
     public bool HandGradients { get; set; } = HandGradient.Enabled;
 
     /// <summary>Whether the last step took its gradients by hand (see <see cref="HandGradients"/>).</summary>
-    public bool LastUsedHandGradients { get; private set; }
+    public bool LastUsedHandGradients => LastGradientPath == GradientPath.HandWritten;
+
+    /// <summary>The gradient path of the last step (autograd before the first).</summary>
+    public GradientPath LastGradientPath { get; private set; } = GradientPath.Autograd;
+
+    /// <summary>Why the last step took autograd's path rather than the hand-written one; null when it did not.</summary>
+    public string? AutogradReason { get; private set; } = "no step taken yet";
+
+    /// <summary>The last step's gradient path in words: "hand-written" or "autograd (because ...)".</summary>
+    public string GradientPathDescription =>
+        LastGradientPath == GradientPath.HandWritten ? "hand-written" : $"autograd (because {AutogradReason})";
+
+    const string LossHookReason = "the loss hook (transformLoss, ITrainingObserver.TransformLoss) changed the loss, " +
+                                  "and only autograd differentiates what it added";
+    // Set once a loss hook returned another tensor than the loss: later steps go to autograd directly.
+    bool lossHookChangesLoss;
+
+    /// <summary>Why a step on this batch would take autograd's path (null: the hand-written one).</summary>
+    string? WhyAutograd(Tensor batch) =>
+        !HandGradients ? "hand-written gradients are turned off (TrainingStep.HandGradients, MIXERFLOW_HAND_GRADIENTS=0)"
+        : !model.training ? "the model is in evaluation mode"
+        : lossHookChangesLoss ? LossHookReason
+        : HandGradient.WhyNot(model, batch);
 
     /// <summary>
     /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
@@ -74,12 +105,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             buffers.Restore();
             return new StepOutcome(false, bpd, why);
         }
-        var hand = HandGradients && transformLoss is null && model.training && HandGradient.Supports(model, batch)
-            ? HandGradient.Forward(model, batch)
-            : null;
-        LastUsedHandGradients = hand is not null;
-        var loss = hand is null ? model.BitsPerDim(batch).mean() : Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean();
-        if (transformLoss is not null) loss = transformLoss(loss);
+        var (hand, loss) = Forward(batch, transformLoss, buffers);
         double bpd = loss.item<float>();
         if (ranks.Size > 1)
         {
@@ -117,5 +143,34 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         optimizer.Step();
         LastPhases = LastPhases with { Update = System.Diagnostics.Stopwatch.GetElapsedTime(backwardDone) };
         return new StepOutcome(true, bpd, null);
+    }
+
+    /// <summary>
+    /// The forward pass up to the loss: hand-written where <see cref="WhyAutograd"/> finds nothing
+    /// against it, else through autograd. A loss hook that returns the loss itself keeps the
+    /// hand-written path; one that returns another tensor sends this step (its forward pass taken
+    /// again, the buffers put back first) and every later one to autograd, which alone can
+    /// differentiate what the hook added.
+    /// </summary>
+    (HandGradientPass? Hand, Tensor Loss) Forward(Tensor batch, Func<Tensor, Tensor>? transformLoss, BufferSnapshot buffers)
+    {
+        AutogradReason = WhyAutograd(batch);
+        if (AutogradReason is null)
+        {
+            var hand = HandGradient.Forward(model, batch);
+            var loss = Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean();
+            var transformed = transformLoss is null ? loss : transformLoss(loss);
+            if (ReferenceEquals(transformed, loss))
+            {
+                LastGradientPath = GradientPath.HandWritten;
+                return (hand, loss);
+            }
+            lossHookChangesLoss = true;
+            AutogradReason = LossHookReason;
+            buffers.Restore();
+        }
+        LastGradientPath = GradientPath.Autograd;
+        var autogradLoss = model.BitsPerDim(batch).mean();
+        return (null, transformLoss is null ? autogradLoss : transformLoss(autogradLoss));
     }
 }
