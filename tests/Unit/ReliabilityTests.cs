@@ -6,7 +6,7 @@ using MixerFlow.Host.Training;
 namespace MixerFlow.Unit;
 
 /// <summary>
-/// Damaged and crafted files are refused by name: checksummed checkpoints (version 3), truncated
+/// Damaged and crafted files are refused by name: checksummed checkpoints (version 3 and later), truncated
 /// checkpoint headers, configurations beyond the size bounds, and a run folder held by another run.
 /// </summary>
 public sealed class ReliabilityTests : IDisposable
@@ -27,11 +27,11 @@ public sealed class ReliabilityTests : IDisposable
     // ---------------------------------------------------------------- checksums
 
     [Fact]
-    public void A_saved_checkpoint_is_version_3_and_loads()
+    public void A_saved_checkpoint_is_version_4_and_loads()
     {
         var path = SavedTiny();
         var (_, header) = Checkpoint.Load(path);
-        Assert.Equal(3, header.FileVersion);
+        Assert.Equal(4, header.FileVersion);
         Assert.Equal(17, header.Step);
     }
 

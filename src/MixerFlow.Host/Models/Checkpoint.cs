@@ -1,5 +1,6 @@
 using System.Security.Cryptography;
 using System.Text;
+using MixerFlow.Core;
 using MixerFlow.Host.Files;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -26,9 +27,14 @@ public static class Checkpoint
     /// section (the model's tensors; the optimiser's state when the header says there is one) as
     /// its length (Int64), its SHA-256 and its bytes. Every checksum is verified before anything
     /// of its section is used, so a damaged file is refused by name instead of loading silently.
+    /// 4: spline knot derivatives as softplus(u + c) + 1e-3 with c = <see cref="Spline.derivativeShift"/>
+    /// (zero parameters give derivative 1), where earlier versions had softplus(u) + 1e-3. A
+    /// spline model of an earlier version is converted as it loads: c is subtracted from the
+    /// conditioner biases that produce u, so that it computes exactly what it computed before.
     /// </remarks>
-    const int Version = 3;
+    const int Version = 4;
     const int OldestReadable = 1;
+    const int FirstShiftedSplineDerivatives = 4;
     const int FirstChecksummed = 3;
     const int HashBytes = 32;
 
@@ -249,6 +255,7 @@ public static class Checkpoint
         try
         {
             LoadState(model, tensors, path, header.FileVersion);
+            if (header.FileVersion < FirstShiftedSplineDerivatives) ShiftSplineDerivatives(model);
             if (header.HasOptimizer) optimizer?.LoadState(optimiser);
         }
         catch (Exception e) when (e is not UserError)
@@ -298,4 +305,29 @@ public static class Checkpoint
     }
 
     const string ReferenceBuffer = "baseDistribution.reference";
+
+    /// <summary>
+    /// Converts the spline couplings of a model read from a file before version 4 to the shifted
+    /// knot-derivative parameterisation: the conditioner's last layer produces, for each of the
+    /// nB transformed values, the map's parameters as blocks of nB outputs (parameter j at outputs
+    /// j nB ... (j + 1) nB - 1); the inner derivatives are parameters 2K ... 3K - 2, and their biases
+    /// lose c, so that softplus(u - c + c) is the softplus(u) of before.
+    /// </summary>
+    static void ShiftSplineDerivatives(ImageFlow model)
+    {
+        using var _ = no_grad();
+        foreach (var coupling in model.modules().OfType<Coupling>())
+        {
+            if (coupling.Map is not RationalQuadratic spline) continue;
+            var last = coupling.Conditioner.modules().Where(m => m is TorchSharp.Modules.Linear or TorchSharp.Modules.Conv2d).LastOrDefault();
+            var bias = last switch
+            {
+                TorchSharp.Modules.Linear l => l.bias,
+                TorchSharp.Modules.Conv2d c => c.bias,
+                _ => null,
+            } ?? throw new InvalidOperationException($"{coupling.Name}: a spline coupling's conditioner without a last layer with a bias");
+            long nB = coupling.Partition.Transformed.Length;
+            bias.narrow(0, 2L * spline.Bins * nB, (spline.Bins - 1L) * nB).sub_(Ops.Scalar(Spline.derivativeShift));
+        }
+    }
 }
