@@ -23,17 +23,8 @@ internal static class FileContent
         return gzip ? new GZipStream(file, CompressionMode.Decompress) : file;
     }
 
-    static FileStream OpenFile(string path)
-    {
-        try
-        {
-            return File.OpenRead(path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new UserError($"cannot read '{path}': {e.Message}", e);
-        }
-    }
+    /// <summary>A data file, opened only when it is a regular file (a pipe or a device is refused before it is opened).</summary>
+    static FileStream OpenFile(string path) => Files.InputFile.Open(path, long.MaxValue, "a data file");
 
     /// <summary>Up to <paramref name="count"/> leading content bytes (fewer when the content is shorter).</summary>
     public static byte[] Head(string path, int count, out bool gzip)

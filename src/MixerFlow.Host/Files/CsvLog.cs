@@ -111,6 +111,7 @@ public sealed class CsvLog
     /// keyed by the header's column names.</summary>
     public static IReadOnlyList<Dictionary<string, string>> Read(string path)
     {
+        InputFile.RefuseSpecial(path, "a CSV log");
         var rows = new List<Dictionary<string, string>>();
         string[]? header = null;
         foreach (var line in File.ReadLines(path, Encoding.UTF8))
