@@ -64,6 +64,58 @@ public sealed class HostileInputTests(TinyRunFixture fixture) : IClassFixture<Ti
         foreach (var w in words) Assert.Contains(w, lines[0], StringComparison.OrdinalIgnoreCase);
     }
 
+    // ------------------------------------------------------------------ outputs
+
+    [Fact]
+    public void Sample_export_and_embed_refuse_an_out_that_is_a_pipe_or_a_link_to_a_device_and_leave_it_as_it_was()
+    {
+        var pipe = Fifo("out.png");
+        var devNull = Link("null.png", "/dev/null");
+        foreach (var target in new[] { pipe, devNull })
+        {
+            AssertRefused(Within(pipe, "sample", "--checkpoint", fixture.Checkpoint, "--count", "4", "--out", target), target, "not a regular file");
+            AssertRefused(Within(pipe, "export", "--checkpoint", fixture.Checkpoint, "--out", target), target, "not a regular file");
+            AssertRefused(Within(pipe, "embed", "--checkpoint", fixture.Checkpoint, "--data", fixture.Images, "--out", target), target, "not a regular file");
+        }
+        Assert.Equal(EntryKind.Pipe, InputFile.Kind(pipe));
+        Assert.Equal("/dev/null", new FileInfo(devNull).LinkTarget);
+        Assert.Equal(EntryKind.CharacterDevice, InputFile.Kind("/dev/null"));
+    }
+
+    [Fact]
+    public void An_atomic_write_over_a_pipe_is_refused_and_the_pipe_is_kept()
+    {
+        var pipe = Fifo("metrics.json");
+        var e = Assert.Throws<UserError>(() => AtomicFile.WriteAllText(pipe, "{}"));
+        Assert.Contains("named pipe", e.Message);
+        Assert.Equal(EntryKind.Pipe, InputFile.Kind(pipe));
+        Assert.Empty(Directory.GetFiles(dir).Where(f => f != pipe));
+    }
+
+    [Fact]
+    public void Sample_and_export_refuse_an_out_that_is_the_checkpoint_however_it_is_spelled()
+    {
+        var checkpoint = Path.Combine(dir, "model.ckpt");
+        File.Copy(fixture.Checkpoint, checkpoint);
+        var before = File.ReadAllBytes(checkpoint);
+        var link = Link("link.ckpt", checkpoint);
+        var folderLink = Link("here", dir);
+        var spellings = new[]
+        {
+            (checkpoint, checkpoint),
+            (checkpoint, Path.Combine(dir, ".", "sub", "..", "model.ckpt")),
+            (link, checkpoint),
+            (checkpoint, Path.Combine(folderLink, "model.ckpt")),
+        };
+        foreach (var (ckpt, @out) in spellings)
+        {
+            AssertRefused(CliInProcess.Run("sample", "--checkpoint", ckpt, "--count", "4", "--out", @out), @out, "same file as --checkpoint");
+            AssertRefused(CliInProcess.Run("export", "--checkpoint", ckpt, "--out", @out), @out, "same file as --checkpoint");
+        }
+        Assert.Equal(before, File.ReadAllBytes(checkpoint));
+        Assert.Equal(checkpoint, new FileInfo(link).LinkTarget);
+    }
+
     // ------------------------------------------------------------------ inputs that are pipes
 
     [Fact]

@@ -8,6 +8,8 @@ namespace MixerFlow.Host.Files;
 /// If the writer throws, the temporary file is removed and the target is left as it was; a
 /// refusal of the file system (a full disk, a read-only folder, a folder in the target's place)
 /// becomes an <see cref="IOException"/> whose one-line message names the target and the reason.
+/// A target that exists but is not a regular file (a named pipe, a device such as /dev/null) is
+/// refused with a <see cref="UserError"/> before anything is written: the rename would replace it.
 /// </summary>
 public static class AtomicFile
 {
@@ -16,6 +18,7 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(write);
         var target = Path.GetFullPath(path);
+        OutputPath.RefuseSpecialTarget(target, "an output");
         string? temp = null;
         try
         {
@@ -48,6 +51,7 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(writeToPath);
         var target = Path.GetFullPath(path);
+        OutputPath.RefuseSpecialTarget(target, "an output");
         string? temp = null;
         try
         {

@@ -26,6 +26,8 @@ public sealed class CsvLog
             throw new ArgumentException("a CSV log needs at least one column", nameof(columns));
         Path = System.IO.Path.GetFullPath(path);
         _columns = (string[])columns.Clone();
+        // A pipe or a device in the log's place would hold the program for ever or swallow the rows.
+        OutputPath.RefuseSpecialTarget(Path, "a CSV log");
         if (File.Exists(Path))
         {
             using var reader = new StreamReader(Path, Encoding.UTF8);
