@@ -163,4 +163,32 @@ public sealed class HostileInputTests(TinyRunFixture fixture) : IClassFixture<Ti
         var r = CliInProcess.Run("info", "--config", big);
         AssertRefused(r, big, $"more than the {InputFile.TextLimit:N0}");
     }
+
+    [Fact]
+    public void Gzip_cifar_batches_count_their_decompressed_bytes_together_and_stop_at_the_limit()
+    {
+        // Three records per batch; the limit holds five, so the second batch passes it. The third,
+        // 64 MiB of zeros in 64 KiB, is never reached.
+        var records = new byte[3 * CifarFormat.RecordBytes];
+        var batches = new[]
+        {
+            Gzip("data_batch_1.bin", records),
+            Gzip("data_batch_2.bin", records),
+            Gzip("data_batch_3.bin", new byte[64 << 20]),
+        };
+        long limit = 5L * CifarFormat.RecordBytes;
+        Assert.Equal(3, CifarFormat.Read(batches[..1], limit).Count);
+        var e = Assert.Throws<UserError>(() => CifarFormat.Read(batches, limit));
+        Assert.Contains(batches[1], e.Message);
+        Assert.Contains($"{limit:N0} that CIFAR-10 batches may hold together", e.Message);
+    }
+
+    string Gzip(string name, byte[] content)
+    {
+        var path = Path.Combine(dir, name);
+        using var file = File.Create(path);
+        using var gz = new GZipStream(file, CompressionLevel.Fastest);
+        gz.Write(content);
+        return path;
+    }
 }
