@@ -191,4 +191,29 @@ public sealed class HostileInputTests(TinyRunFixture fixture) : IClassFixture<Ti
         gz.Write(content);
         return path;
     }
+
+    // ------------------------------------------------------------------ names and temporary files
+
+    [Fact]
+    public void A_model_name_that_would_leave_runs_is_refused_naming_the_key_and_the_rule()
+    {
+        foreach (var name in new[] { Path.Combine(dir, "escaped"), "../escaped", ".." })
+        {
+            var r = CliInProcess.Run("train", "--preset", "tiny", "--steps", "1", "--set", $"name={name}");
+            AssertRefused(r, name, "name:", SafeName.Rule);
+        }
+        Assert.Empty(Directory.GetFileSystemEntries(dir));
+        Assert.Empty(Directory.GetDirectories(Directory.GetCurrentDirectory(), "escaped-*"));
+    }
+
+    [Theory]
+    [InlineData(".")]
+    [InlineData("..")]
+    [InlineData(".hidden")]
+    public void An_experiment_run_name_that_is_not_a_plain_folder_name_is_refused(string name)
+    {
+        var json = $$"""{ "steps": 1, "runs": [ { "name": "{{name}}", "preset": "tiny" } ] }""";
+        var e = Assert.Throws<UserError>(() => ExperimentSpec.Parse(json, "spec.json", dir));
+        Assert.Contains($"name: '{name}' must be {SafeName.Rule}", e.Message);
+    }
 }

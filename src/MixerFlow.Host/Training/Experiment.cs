@@ -113,7 +113,7 @@ public sealed partial record ExperimentSpec
     {
         if (r.ValueKind != JsonValueKind.Object) throw new UserError($"{where}: must be an object with \"name\" and \"preset\" or \"config\"");
         var name = Text(r, "name", where) ?? throw new UserError($"{where}: name: required");
-        if (!RunName().IsMatch(name)) throw new UserError($"{where}: name: '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it names the run's folder)");
+        if (!SafeName.IsSafe(name)) throw new UserError($"{where}: name: '{name}' must be {SafeName.Rule} (it names the run's folder)");
         where = $"{where.Split(": runs[")[0]}: run '{name}'";
         Unknown(r, RunKeys, where);
         var preset = Text(r, "preset", where);
@@ -144,9 +144,6 @@ public sealed partial record ExperimentSpec
         var model = ConfigOverrides.Apply(baseConfig, set, $"{where}: set");
         return new ExperimentRun(name, model, set, Seeds(r, where) ?? defaultSeeds);
     }
-
-    [GeneratedRegex("^[A-Za-z0-9._-]{1,64}$")]
-    private static partial Regex RunName();
 
     static void Unknown(JsonElement o, string[] known, string where)
     {
