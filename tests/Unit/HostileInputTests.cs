@@ -216,4 +216,20 @@ public sealed class HostileInputTests(TinyRunFixture fixture) : IClassFixture<Ti
         var e = Assert.Throws<UserError>(() => ExperimentSpec.Parse(json, "spec.json", dir));
         Assert.Contains($"name: '{name}' must be {SafeName.Rule}", e.Message);
     }
+
+    [Fact]
+    public void Only_the_programs_own_temporary_files_are_removed_not_a_users_file_named_alike()
+    {
+        var ours = AtomicFile.TempPathFor(Path.Combine(dir, "last.ckpt"));
+        var users = new[]
+        {
+            Path.Combine(dir, $".notes.{Guid.NewGuid():N}.tmp.txt"),
+            Path.Combine(dir, $".last.{Guid.NewGuid():N}.tmp.ckpt"),
+            Path.Combine(dir, ".probe.0123456789abcdef0123456789abcdef.tmp"),
+        };
+        foreach (var f in users.Append(ours)) File.WriteAllText(f, "keep");
+        var removed = AtomicFile.RemoveStaleTemps(dir);
+        Assert.Equal([Path.GetFileName(ours)], removed);
+        Assert.All(users, f => Assert.True(File.Exists(f), f));
+    }
 }

@@ -122,9 +122,9 @@ public static class OutputPath
 
     static void Probe(string path, string folder, string what)
     {
-        // A name of AtomicFile's temporary-file form, so a probe left by a killed process is
-        // removed like any other interrupted write.
-        var probe = Path.Combine(folder, $".probe.{Guid.NewGuid():N}.tmp");
+        // One of AtomicFile's temporary names, so a probe left by a killed process is removed
+        // like any other interrupted write.
+        var probe = AtomicFile.TempPathFor(Path.Combine(folder, "probe"));
         try
         {
             // One byte, flushed: a full disk is refused here, not after the work.
