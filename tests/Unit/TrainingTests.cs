@@ -221,8 +221,8 @@ public class TrainingTests
         {
             // Checkpoint at 15, a metrics row at 20, stopped at 25: the row at 20 is recomputed.
             new Trainer(Options(dir, 30, checkpointEvery: 15), new Hooks(stopAfter: 25)).Run();
-            var stale = Path.Combine(dir, $".last.{Guid.NewGuid():N}.tmp.ckpt");
-            var staleJson = Path.Combine(dir, $".summary.{Guid.NewGuid():N}.tmp.json");
+            var stale = MixerFlow.Host.Files.AtomicFile.TempPathFor(Path.Combine(dir, "last.ckpt"));
+            var staleJson = MixerFlow.Host.Files.AtomicFile.TempPathFor(Path.Combine(dir, "summary.json"));
             var other = Path.Combine(dir, ".notes.tmp");
             foreach (var f in new[] { stale, staleJson, other }) File.WriteAllText(f, "x");
             new Trainer(Options(dir, 30, resume: true, checkpointEvery: 15)).Run();

@@ -128,7 +128,7 @@ public static class ModelVerbs
     {
         ArgumentNullException.ThrowIfNull(o);
         var plan = SampleFiles(o);
-        foreach (var (_, path, _) in plan) OutputPath.CheckFile(path, "--out");
+        foreach (var (_, path, _) in plan) OutputPath.CheckFile(path, "--out", ("--checkpoint", o.Checkpoint));
         var model = Load(o.Checkpoint, Device.Cpu);
         manual_seed(o.Seed);
         foreach (var (t, path, inFile) in plan)
@@ -152,7 +152,7 @@ public static class ModelVerbs
     public static int Interpolate(InterpolateCommand o, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(o);
-        OutputPath.CheckFile(o.Out, "--out");
+        OutputPath.CheckFile(o.Out, "--out", ("--checkpoint", o.Checkpoint), ("--from", o.From), ("--to", o.To));
         var model = Load(o.Checkpoint, Device.Cpu);
         var c = model.Config;
         var from = ImageFolderFormat.ReadFile(o.From, c.Channels, c.Height, c.Width);
@@ -173,7 +173,7 @@ public static class ModelVerbs
     public static int Export(ExportCommand o, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(o);
-        OutputPath.CheckFile(o.Out, "--out");
+        OutputPath.CheckFile(o.Out, "--out", ("--checkpoint", o.Checkpoint));
         var model = Load(o.Checkpoint, Device.Cpu);
         model.ExportSafetensors(o.Out);
         output.WriteLine($"wrote {model.state_dict().Count} tensors ({model.ParameterCount:N0} parameters of '{model.Config.Name}') to {o.Out}");
@@ -183,7 +183,7 @@ public static class ModelVerbs
     public static int Embed(EmbedCommand o, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(o);
-        OutputPath.CheckFile(o.Out, "--out");
+        OutputPath.CheckFile(o.Out, "--out", ("--checkpoint", o.Checkpoint), ("--data", o.Data));
         var model = Load(o.Checkpoint, Device.Cpu);
         var c = model.Config;
         var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);

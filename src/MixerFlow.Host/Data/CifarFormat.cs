@@ -21,9 +21,27 @@ internal static class CifarFormat
         return true;
     }
 
-    /// <summary>The batch files, concatenated in the order given.</summary>
-    public static ImageDataset Read(IReadOnlyList<string> paths) =>
-        Assemble(paths.Select(p => (p, ReadBatch(p))).ToList());
+    /// <summary>The most record bytes the batches of one data set may hold together (decompressed): one array's worth.</summary>
+    public static readonly long MaxTotalBytes = Array.MaxLength;
+
+    /// <summary>
+    /// The batch files, concatenated in the order given. Their decompressed bytes are counted across
+    /// the files, and reading stops as soon as the total passes <paramref name="limit"/> (by default
+    /// <see cref="MaxTotalBytes"/>), so batches too large together are refused before they are all in memory.
+    /// </summary>
+    public static ImageDataset Read(IReadOnlyList<string> paths, long? limit = null)
+    {
+        long total = limit ?? MaxTotalBytes, read = 0;
+        var contents = new List<(string, byte[])>();
+        foreach (var p in paths)
+        {
+            var bytes = ReadBatch(p, total - read,
+                $"the {total - read:N0} bytes left of the {total:N0} that CIFAR-10 batches may hold together ({contents.Count} batch(es) before it)");
+            read += bytes.Length;
+            contents.Add((p, bytes));
+        }
+        return Assemble(contents);
+    }
 
     /// <summary>Batches already read (and checked with <see cref="Looks"/> or <see cref="ReadBatch"/>) as one dataset.</summary>
     public static ImageDataset Assemble(IReadOnlyList<(string Path, byte[] Bytes)> contents)
@@ -47,9 +65,11 @@ internal static class CifarFormat
         return new ImageDataset(pixels, (int)count, Channels, Side, Side, labels, source);
     }
 
-    public static byte[] ReadBatch(string path)
+    /// <summary>One batch file, checked record by record; its content may hold at most <paramref name="limit"/> bytes
+    /// (worded as <paramref name="limitText"/> in the message).</summary>
+    public static byte[] ReadBatch(string path, long limit, string? limitText = null)
     {
-        var bytes = FileContent.ReadAll(path, Array.MaxLength, out _);
+        var bytes = FileContent.ReadAll(path, limit, out _, limitText);
         if (bytes.Length == 0 || bytes.Length % RecordBytes != 0)
             throw new UserError(
                 $"'{path}' is not a CIFAR-10 binary batch: it holds {bytes.Length} bytes, which is not a whole number " +

@@ -23,17 +23,8 @@ internal static class FileContent
         return gzip ? new GZipStream(file, CompressionMode.Decompress) : file;
     }
 
-    static FileStream OpenFile(string path)
-    {
-        try
-        {
-            return File.OpenRead(path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new UserError($"cannot read '{path}': {e.Message}", e);
-        }
-    }
+    /// <summary>A data file, opened only when it is a regular file (a pipe or a device is refused before it is opened).</summary>
+    static FileStream OpenFile(string path) => Files.InputFile.Open(path, long.MaxValue, "a data file");
 
     /// <summary>Up to <paramref name="count"/> leading content bytes (fewer when the content is shorter).</summary>
     public static byte[] Head(string path, int count, out bool gzip)
@@ -91,20 +82,26 @@ internal static class FileContent
         return buffer;
     }
 
-    /// <summary>The whole content, refusing anything over <paramref name="limit"/> bytes.</summary>
-    public static byte[] ReadAll(string path, long limit, out bool gzip)
+    /// <summary>
+    /// The whole content, refusing anything over <paramref name="limit"/> bytes: a plain file by its
+    /// size before reading, gzip content as soon as its decompressed bytes pass the limit.
+    /// <paramref name="limitText"/> words the limit in the message (default: "N bytes").
+    /// </summary>
+    public static byte[] ReadAll(string path, long limit, out bool gzip, string? limitText = null)
     {
         using var s = Open(path, out gzip);
+        bool isGzip = gzip;
+        UserError TooMuch() =>
+            new($"'{path}' {(isGzip ? "decompresses to" : "holds")} more than {limitText ?? $"{limit:N0} bytes"}, too much to load");
+        if (s is FileStream plain && plain.Length > limit) throw TooMuch();
         using var copy = new MemoryStream();
         var chunk = new byte[1 << 20];
-        bool isGzip = gzip;
         Guarded(path, gzip, () =>
         {
             int n;
             while ((n = s.Read(chunk, 0, chunk.Length)) > 0)
             {
-                if (copy.Length + n > limit)
-                    throw new UserError($"'{path}' {(isGzip ? "decompresses to" : "holds")} more than {limit:N0} bytes, too much to load");
+                if (copy.Length + n > limit) throw TooMuch();
                 copy.Write(chunk, 0, n);
             }
             return 0;

@@ -10,6 +10,9 @@ internal static class ImageFolderFormat
     /// <summary>Larger images are refused before decoding: a small file can declare a huge canvas.</summary>
     public const int MaxSide = 4096;
 
+    /// <summary>The largest image file read: 256 MiB, well above any PNG or JPEG of <see cref="MaxSide"/> pixels a side.</summary>
+    public const long MaxFileBytes = 256L << 20;
+
     public sealed record Result(ImageDataset Images, string[]? Classes, int Skipped);
 
     /// <summary>The PNG/JPEG files directly inside <paramref name="folder"/>, in name order; other files are counted.</summary>
@@ -103,14 +106,17 @@ internal static class ImageFolderFormat
     static void Decode<TPixel>(string path, int height, int width, byte[] pixels, int offset, Store<TPixel> store)
         where TPixel : unmanaged, IPixel<TPixel>
     {
+        // Opened only when it is a regular file of a bounded size: a pipe or a device is refused unopened.
+        using var file = Files.InputFile.Open(path, MaxFileBytes, "an image file");
         try
         {
-            var info = Image.Identify(path)
+            var info = Image.Identify(file)
                        ?? throw new UserError($"'{path}' looks like a PNG/JPEG file but cannot be decoded");
             if (info.Width > MaxSide || info.Height > MaxSide)
                 throw new UserError(
                     $"'{path}' is {info.Width}x{info.Height} pixels; images larger than {MaxSide}x{MaxSide} are refused");
-            using var image = Image.Load<TPixel>(path);
+            file.Position = 0;
+            using var image = Image.Load<TPixel>(file);
             if (image.Width != width || image.Height != height)
                 image.Mutate(x => x.Resize(new ResizeOptions
                 {

@@ -8,6 +8,8 @@ namespace MixerFlow.Host.Files;
 /// If the writer throws, the temporary file is removed and the target is left as it was; a
 /// refusal of the file system (a full disk, a read-only folder, a folder in the target's place)
 /// becomes an <see cref="IOException"/> whose one-line message names the target and the reason.
+/// A target that exists but is not a regular file (a named pipe, a device such as /dev/null) is
+/// refused with a <see cref="UserError"/> before anything is written: the rename would replace it.
 /// </summary>
 public static class AtomicFile
 {
@@ -16,6 +18,7 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(write);
         var target = Path.GetFullPath(path);
+        OutputPath.RefuseSpecialTarget(target, "an output");
         string? temp = null;
         try
         {
@@ -48,6 +51,7 @@ public static class AtomicFile
     {
         ArgumentNullException.ThrowIfNull(writeToPath);
         var target = Path.GetFullPath(path);
+        OutputPath.RefuseSpecialTarget(target, "an output");
         string? temp = null;
         try
         {
@@ -85,23 +89,38 @@ public static class AtomicFile
             s.Write(bytes, 0, bytes.Length);
         });
 
-    /// <summary>A fresh temporary name beside the target, keeping its extension so that
-    /// path-based writers which look at the extension still behave.</summary>
+    /// <summary>
+    /// A fresh temporary name beside the target, <c>.NAME.&lt;R&gt;&lt;C&gt;.tmp[EXT]</c>: R is 16 random hex
+    /// digits and C the first 16 hex digits of a SHA-256 over a text of this program's, NAME, R and
+    /// EXT, a mark that only this program writes, so that <see cref="IsTempName"/> tells its own
+    /// temporaries from a user's file named alike. The extension is kept so that path-based writers
+    /// which look at it still behave.
+    /// </summary>
     internal static string TempPathFor(string target)
     {
         var folder = Path.GetDirectoryName(target) ?? ".";
         Directory.CreateDirectory(folder);
         var name = Path.GetFileNameWithoutExtension(target);
         var ext = Path.GetExtension(target);
-        return Path.Combine(folder, $".{name}.{Guid.NewGuid():N}.tmp{ext}");
+        var random = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(8));
+        return Path.Combine(folder, $".{name}.{random}{Mark(name, random, ext)}.tmp{ext}");
     }
 
+    static string Mark(string name, string random, string ext) =>
+        Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(
+            Encoding.UTF8.GetBytes($"MixerFlow temporary file\0{name}\0{random}\0{ext}")))[..16];
+
     /// <summary>Whether <paramref name="fileName"/> (a name, not a path) is one of <see cref="TempPathFor"/>'s
-    /// temporary names: <c>.NAME.&lt;32 hex digits&gt;.tmp[EXT]</c>, as a killed write leaves behind.</summary>
-    public static bool IsTempName(string fileName) => TempName.IsMatch(fileName);
+    /// temporary names, as a killed write leaves behind: of its form and carrying its mark.</summary>
+    public static bool IsTempName(string fileName)
+    {
+        ArgumentNullException.ThrowIfNull(fileName);
+        var m = TempName.Match(fileName);
+        return m.Success && m.Groups["mark"].Value == Mark(m.Groups["name"].Value, m.Groups["random"].Value, m.Groups["ext"].Value);
+    }
 
     static readonly System.Text.RegularExpressions.Regex TempName =
-        new(@"^\..*\.[0-9a-f]{32}\.tmp(\.[^.]*)?$", System.Text.RegularExpressions.RegexOptions.CultureInvariant);
+        new(@"^\.(?<name>.*)\.(?<random>[0-9a-f]{16})(?<mark>[0-9a-f]{16})\.tmp(?<ext>\.[^.]*)?$", System.Text.RegularExpressions.RegexOptions.CultureInvariant);
 
     /// <summary>Removes the temporary files that killed writes left in <paramref name="folder"/>; returns their names.</summary>
     public static IReadOnlyList<string> RemoveStaleTemps(string folder)

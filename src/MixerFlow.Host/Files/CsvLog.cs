@@ -26,6 +26,8 @@ public sealed class CsvLog
             throw new ArgumentException("a CSV log needs at least one column", nameof(columns));
         Path = System.IO.Path.GetFullPath(path);
         _columns = (string[])columns.Clone();
+        // A pipe or a device in the log's place would hold the program for ever or swallow the rows.
+        OutputPath.RefuseSpecialTarget(Path, "a CSV log");
         if (File.Exists(Path))
         {
             using var reader = new StreamReader(Path, Encoding.UTF8);
@@ -111,6 +113,7 @@ public sealed class CsvLog
     /// keyed by the header's column names.</summary>
     public static IReadOnlyList<Dictionary<string, string>> Read(string path)
     {
+        InputFile.RefuseSpecial(path, "a CSV log");
         var rows = new List<Dictionary<string, string>>();
         string[]? header = null;
         foreach (var line in File.ReadLines(path, Encoding.UTF8))

@@ -2,7 +2,8 @@ namespace MixerFlow.Host.Files;
 
 /// <summary>
 /// Checks, before any work is done, that an output can be written where the user asked: a file
-/// output is not an existing folder, a run folder is not an existing file, and the folder that
+/// output is not an existing folder, a pipe or a device, nor (however spelled) one of the command's
+/// inputs; a run folder is not an existing file; and the folder that
 /// will receive it (the nearest one that exists) accepts a new file. A refusal is a
 /// <see cref="UserError"/> that names the path and the problem in one line.
 /// Also turns the file system's refusals into short reasons ("the file system is read-only",
@@ -23,7 +24,69 @@ public static class OutputPath
         var full = Path.GetFullPath(path);
         if (Directory.Exists(full))
             throw new UserError($"{path}: is a folder; {what} must name a file (for example {Path.Combine(path, "out" + Path.GetExtension(path))})");
+        RefuseSpecialTarget(path, what);
         Probe(path, NearestFolder(path, Path.GetDirectoryName(full)), what);
+    }
+
+    /// <summary>
+    /// <see cref="CheckFile(string, string)"/>, and also refuses a path that names the same file as one of
+    /// <paramref name="inputs"/> (an option and the path it gave, for example <c>("--checkpoint", path)</c>;
+    /// a null path, an option not given, is skipped),
+    /// however it is spelled (<c>./x</c>, a symbolic link), so that an output never replaces an input.
+    /// </summary>
+    /// <exception cref="UserError">The path cannot be written, or it is one of the inputs.</exception>
+    public static void CheckFile(string path, string what, params (string Option, string? Path)[] inputs)
+    {
+        CheckFile(path, what);
+        foreach (var (option, input) in inputs ?? [])
+            if (input is not null && SameFile(path, input))
+                throw new UserError($"{path}: is the same file as {option} {input}; {what} would replace it: choose another {what}");
+    }
+
+    /// <summary>
+    /// Refuses an existing <paramref name="path"/> that is not a regular file (a named pipe, a device
+    /// such as /dev/null, a socket): writing the program's output would replace it by a regular file.
+    /// </summary>
+    /// <exception cref="UserError">The path names a pipe, a device or a socket.</exception>
+    public static void RefuseSpecialTarget(string path, string what)
+    {
+        var kind = InputFile.Kind(path);
+        if (InputFile.IsSpecial(kind))
+            throw new UserError($"{path}: is {InputFile.Describe(kind)}, not a regular file; {what} must name a regular file or a new path (nothing was written)");
+    }
+
+    /// <summary>Whether <paramref name="a"/> and <paramref name="b"/> both exist and are the same entry once every symbolic link on them is resolved.</summary>
+    public static bool SameFile(string a, string b)
+    {
+        ArgumentNullException.ThrowIfNull(a);
+        ArgumentNullException.ThrowIfNull(b);
+        if (InputFile.Kind(a) == EntryKind.Missing || InputFile.Kind(b) == EntryKind.Missing) return false;
+        var comparison = OperatingSystem.IsLinux() ? StringComparison.Ordinal : StringComparison.OrdinalIgnoreCase;
+        return string.Equals(Resolved(a), Resolved(b), comparison);
+    }
+
+    /// <summary>The absolute path with every symbolic link on it resolved, from the root down (a loop of links is left as it is).</summary>
+    internal static string Resolved(string path)
+    {
+        var full = Path.GetFullPath(path);
+        for (int hops = 0; hops < 64; hops++)
+        {
+            var root = Path.GetPathRoot(full) ?? "";
+            var parts = full[root.Length..].Split(Path.DirectorySeparatorChar, StringSplitOptions.RemoveEmptyEntries);
+            var at = root;
+            int i = 0;
+            for (; i < parts.Length; i++)
+            {
+                var next = Path.Combine(at, parts[i]);
+                var target = new FileInfo(next).LinkTarget;
+                if (target is null) { at = next; continue; }
+                // The link's target, taken from the link's folder, then the rest of the path.
+                full = Path.GetFullPath(Path.Combine(Path.GetFullPath(target, at), string.Join(Path.DirectorySeparatorChar, parts[(i + 1)..])));
+                break;
+            }
+            if (i == parts.Length) return at;
+        }
+        return full;
     }
 
     /// <summary>
@@ -59,9 +122,9 @@ public static class OutputPath
 
     static void Probe(string path, string folder, string what)
     {
-        // A name of AtomicFile's temporary-file form, so a probe left by a killed process is
-        // removed like any other interrupted write.
-        var probe = Path.Combine(folder, $".probe.{Guid.NewGuid():N}.tmp");
+        // One of AtomicFile's temporary names, so a probe left by a killed process is removed
+        // like any other interrupted write.
+        var probe = AtomicFile.TempPathFor(Path.Combine(folder, "probe"));
         try
         {
             // One byte, flushed: a full disk is refused here, not after the work.

@@ -169,18 +169,16 @@ public static class Checkpoint
         return new BinaryReader(new MemoryStream(bytes, writable: false), Encoding.UTF8);
     }
 
-    static FileStream Open(string path)
+    static FileStream Open(string path, long limit = long.MaxValue)
     {
         if (Directory.Exists(path))
             throw new UserError(File.Exists(Path.Combine(path, "last.ckpt"))
                 ? $"{path}: is a folder, not a checkpoint file; a run folder's checkpoints are {Path.Combine(path, "last.ckpt")} and {Path.Combine(path, "best.ckpt")}"
                 : $"{path}: is a folder, not a checkpoint file");
         if (!File.Exists(path)) throw new UserError($"{path}: checkpoint file not found");
-        try { return File.OpenRead(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new UserError($"{path}: cannot read the checkpoint ({OutputPath.Reason(e)})", e);
-        }
+        // A regular file only (a pipe or a device such as /dev/zero is refused before it is opened);
+        // its sections' lengths are checked against the file's length before they are read.
+        return InputFile.Open(path, limit, "a checkpoint");
     }
 
     /// <summary>
@@ -190,7 +188,8 @@ public static class Checkpoint
     /// </summary>
     public static byte[] ReadBytes(string path)
     {
-        using var fs = Open(path);
+        // Refused by its size before it is read: the whole file must fit one array.
+        using var fs = Open(path, Array.MaxLength);
         using var ms = new MemoryStream();
         try { fs.CopyTo(ms); }
         catch (IOException e) { throw new UserError($"{path}: cannot read the checkpoint ({OutputPath.Reason(e)})", e); }

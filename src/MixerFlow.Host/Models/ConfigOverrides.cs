@@ -104,7 +104,7 @@ public static class ConfigOverrides
             throw new UserError($"config '{path}': no such file (and not a preset: {string.Join(", ", Presets.Names)})");
         }
         if (path.EndsWith(".ckpt", StringComparison.OrdinalIgnoreCase)) return Checkpoint.ReadConfig(path);
-        return ModelConfig.FromJson(LeadingJson(File.ReadAllText(path)), path);
+        return ModelConfig.FromJson(LeadingJson(Files.InputFile.ReadAllText(path, Files.InputFile.TextLimit, "a configuration file")), path);
     }
 
     /// <summary>The leading JSON value of <paramref name="text"/> (all of it when that does not parse: the parser then reports the error).</summary>

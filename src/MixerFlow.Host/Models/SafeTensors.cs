@@ -90,8 +90,7 @@ public static class SafeTensors
         ArgumentNullException.ThrowIfNull(path);
         if (!BitConverter.IsLittleEndian) throw new PlatformNotSupportedException("safetensors import needs a little-endian machine");
         byte[] all;
-        try { all = File.ReadAllBytes(path); }
-        catch (IOException e) { throw new UserError($"{path}: cannot read the safetensors file: {e.Message}", e); }
+        all = Files.InputFile.ReadAllBytes(path, Array.MaxLength, "a safetensors file");
         if (all.Length < 8) throw new UserError($"{path}: not a safetensors file (shorter than its 8-byte header length)");
         long n = BitConverter.ToInt64(all, 0);
         if (n < 2 || n > MaxHeaderBytes || 8 + n > all.Length) throw new UserError($"{path}: not a safetensors file (header length {n} for a file of {all.Length} bytes)");

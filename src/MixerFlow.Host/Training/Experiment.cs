@@ -63,7 +63,7 @@ public sealed partial record ExperimentSpec
     {
         ArgumentNullException.ThrowIfNull(path);
         if (!File.Exists(path)) throw new UserError($"{path}: no such experiment spec file");
-        return Parse(File.ReadAllText(path), path, Path.GetDirectoryName(Path.GetFullPath(path)) ?? ".");
+        return Parse(InputFile.ReadAllText(path, InputFile.TextLimit, "an experiment spec"), path, Path.GetDirectoryName(Path.GetFullPath(path)) ?? ".");
     }
 
     /// <summary>Parses and validates a spec; <paramref name="source"/> names it in errors, relative paths are taken from <paramref name="baseDirectory"/>.</summary>
@@ -113,7 +113,7 @@ public sealed partial record ExperimentSpec
     {
         if (r.ValueKind != JsonValueKind.Object) throw new UserError($"{where}: must be an object with \"name\" and \"preset\" or \"config\"");
         var name = Text(r, "name", where) ?? throw new UserError($"{where}: name: required");
-        if (!RunName().IsMatch(name)) throw new UserError($"{where}: name: '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it names the run's folder)");
+        if (!SafeName.IsSafe(name)) throw new UserError($"{where}: name: '{name}' must be {SafeName.Rule} (it names the run's folder)");
         where = $"{where.Split(": runs[")[0]}: run '{name}'";
         Unknown(r, RunKeys, where);
         var preset = Text(r, "preset", where);
@@ -144,9 +144,6 @@ public sealed partial record ExperimentSpec
         var model = ConfigOverrides.Apply(baseConfig, set, $"{where}: set");
         return new ExperimentRun(name, model, set, Seeds(r, where) ?? defaultSeeds);
     }
-
-    [GeneratedRegex("^[A-Za-z0-9._-]{1,64}$")]
-    private static partial Regex RunName();
 
     static void Unknown(JsonElement o, string[] known, string where)
     {
@@ -297,7 +294,7 @@ public sealed class Experiment
         if (earlier is not null && File.Exists(resultPath))
         {
             log.WriteLine($"{label}: finished earlier, not retrained");
-            return JsonSerializer.Deserialize<ExperimentSeedResult>(File.ReadAllText(resultPath), Json)
+            return JsonSerializer.Deserialize<ExperimentSeedResult>(InputFile.ReadAllText(resultPath, InputFile.TextLimit, "a run's result file"), Json)
                    ?? throw new UserError($"{resultPath}: empty");
         }
         var wall = Stopwatch.StartNew();
@@ -345,7 +342,7 @@ public sealed class Experiment
         if (File.Exists(settingsPath))
         {
             TrainingSettings saved;
-            try { saved = TrainingSettings.FromJson(File.ReadAllText(settingsPath)); }
+            try { saved = TrainingSettings.FromJson(InputFile.ReadAllText(settingsPath, InputFile.TextLimit, "a run's settings.json")); }
             catch (JsonException e) { throw new UserError($"{label}: '{settingsPath}' cannot be read: {e.Message}", e); }
             var now = spec.SettingsFor(run, seed, folder, false);
             static string D(string? d) => d is null ? "the bundled data" : Path.GetFullPath(d);
@@ -358,7 +355,7 @@ public sealed class Experiment
         var configPath = Path.Combine(folder, "config.json");
         if (File.Exists(configPath))
         {
-            using var saved = JsonDocument.Parse(File.ReadAllText(configPath));
+            using var saved = JsonDocument.Parse(InputFile.ReadAllText(configPath, InputFile.TextLimit, "a run's config.json"));
             using var now = JsonDocument.Parse(run.Model.ToJson());
             foreach (var p in now.RootElement.EnumerateObject())
                 if (!saved.RootElement.TryGetProperty(p.Name, out var v) || v.GetRawText() != p.Value.GetRawText())

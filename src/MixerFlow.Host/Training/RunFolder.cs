@@ -156,7 +156,7 @@ public sealed class RunFolder
     {
         var path = SummaryFile(folder);
         if (!File.Exists(path)) return null;
-        return JsonSerializer.Deserialize<TrainSummary>(File.ReadAllText(path),
+        return JsonSerializer.Deserialize<TrainSummary>(InputFile.ReadAllText(path, InputFile.TextLimit, "a run's summary.json"),
             new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.CamelCase, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals });
     }
 

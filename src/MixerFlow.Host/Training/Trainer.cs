@@ -135,7 +135,7 @@ public sealed class Trainer
         if (root && s.Resume && File.Exists(RunFolder.SettingsFile(runPath)))
         {
             TrainingSettings saved;
-            try { saved = TrainingSettings.FromJson(File.ReadAllText(RunFolder.SettingsFile(runPath))); }
+            try { saved = TrainingSettings.FromJson(MixerFlow.Host.Files.InputFile.ReadAllText(RunFolder.SettingsFile(runPath), MixerFlow.Host.Files.InputFile.TextLimit, "a run's settings.json")); }
             catch (System.Text.Json.JsonException e) { throw new UserError($"'{RunFolder.SettingsFile(runPath)}' cannot be read: {e.Message}", e); }
             s = s.ForResume(saved);
             if (s.Ranks != ranks.Size)

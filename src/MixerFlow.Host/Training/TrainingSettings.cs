@@ -116,6 +116,9 @@ public sealed record TrainingSettings
         if (ExtendSteps < 0) p.Add($"extendSteps: must be >= 0, got {ExtendSteps}");
         if (ExtendSteps > 0 && !Resume) p.Add("extendSteps: only extends a resumed run");
         if (Resume && RunFolder is null) p.Add("resume: needs the run folder to continue");
+        if (RunFolder is null && !Files.SafeName.IsSafe(Model.Name))
+            p.Add($"name: '{Model.Name}' would name the run folder under runs/, but a name must be {Files.SafeName.Rule}; " +
+                  "set another with --set name=NAME, or choose the run folder with --out");
         return p;
     }
 
