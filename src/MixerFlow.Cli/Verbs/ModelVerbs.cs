@@ -28,12 +28,14 @@ public static class ModelVerbs
     /// prints one line naming the step, the checkpoint and how to resume, and exits with 130 (SIGINT)
     /// or 143 (SIGTERM); a second one exits at once. A run that keeps diverging exits with 2.
     /// </summary>
-    /// The run folder is checked first (not an existing file, writable), so a refusal comes before
-    /// any data is loaded or step taken.
+    /// The settings and the run folder are checked first (not an existing file, writable), so a
+    /// refusal comes before any data is loaded or step taken.
     public static int Train(TrainingSettings settings, TextWriter output)
     {
         ArgumentNullException.ThrowIfNull(settings);
-        // The default run folder is made under runs/ (Trainer names it).
+        // The settings first (an empty --out is refused by name), then the folder; the default run
+        // folder is made under runs/ (Trainer names it).
+        var trainer = new Trainer(settings, new ProgressReporter(output));
         OutputPath.CheckFolder(settings.RunFolder ?? "runs", settings.Resume ? "--resume" : "--out");
         using var cts = new CancellationTokenSource();
         int signal = 0; // the first signal received: 2 (SIGINT) or 15 (SIGTERM)
@@ -54,7 +56,7 @@ public static class ModelVerbs
         catch (PlatformNotSupportedException) { }
         try
         {
-            new Trainer(settings, new ProgressReporter(output)).Run(cts.Token);
+            trainer.Run(cts.Token);
             return 0;
         }
         catch (TrainingInterruptedException e)

@@ -151,8 +151,19 @@ public static class Checkpoint
             s.Position = end + HashBytes;
             if (!SHA256.HashData(bytes).AsSpan().SequenceEqual(stored)) throw Damaged(path, "header");
         }
+        CheckFields(path, step, epoch, best);
         var config = ModelConfig.FromJson(json, path);
         return new Header(config, step, epoch, best, hasOptimizer, version);
+    }
+
+    /// <summary>Refuses header values no run writes (a file altered and checksummed again, or written by another program).</summary>
+    static void CheckFields(string path, long step, int epoch, double best)
+    {
+        string? bad = step < 0 ? $"step: must be >= 0, got {step}"
+            : epoch < 0 ? $"epoch: must be >= 0, got {epoch}"
+            : double.IsNaN(best) ? "best held-out bits/dim: must be a number, got NaN"
+            : null;
+        if (bad is not null) throw new UserError($"{path}: invalid checkpoint header: {bad}");
     }
 
     /// <summary>Reads a checksummed section whole and verifies it before any of it is used.</summary>

@@ -104,7 +104,27 @@ public static class ConfigOverrides
             throw new UserError($"config '{path}': no such file (and not a preset: {string.Join(", ", Presets.Names)})");
         }
         if (path.EndsWith(".ckpt", StringComparison.OrdinalIgnoreCase)) return Checkpoint.ReadConfig(path);
-        return ModelConfig.FromJson(LeadingJson(Files.InputFile.ReadAllText(path, Files.InputFile.TextLimit, "a configuration file")), path);
+        var json = LeadingJson(Files.InputFile.ReadAllText(path, Files.InputFile.TextLimit, "a configuration file"));
+        var config = ModelConfig.FromJson(json, path);
+        CheckKeys(json, config, path);
+        return config;
+    }
+
+    /// <summary>
+    /// Refuses a key of a configuration file that no field reads (a misspelt "layer" would otherwise
+    /// be ignored and the default trained), listing the valid keys. Accepted besides the family's
+    /// fields: "kind", a run folder's "training" object, and the other family's fields, which
+    /// version-1 files carry for both families.
+    /// </summary>
+    static void CheckKeys(string json, ModelConfig config, string path)
+    {
+        using var doc = System.Text.Json.JsonDocument.Parse(json);
+        var known = new HashSet<string>(Fields(typeof(MixerFlowConfig)).Concat(Fields(typeof(GlowConfig))).Select(f => f.Key), StringComparer.Ordinal)
+            { "kind", "training" };
+        var unknown = doc.RootElement.EnumerateObject().Select(p => p.Name).Where(n => !known.Contains(n)).ToList();
+        if (unknown.Count > 0)
+            throw new UserError($"{path}: unknown key{(unknown.Count > 1 ? "s" : "")} {string.Join(", ", unknown.Select(u => $"'{u}'"))} " +
+                                $"for a {Family(config)} model; valid keys: kind, {string.Join(", ", Keys(config))}");
     }
 
     /// <summary>The leading JSON value of <paramref name="text"/> (all of it when that does not parse: the parser then reports the error).</summary>

@@ -67,6 +67,21 @@ public abstract record ModelConfig
     /// <summary>A rough count of the model's parameters (only its order of magnitude matters).</summary>
     protected abstract double EstimatedParameters();
 
+    /// <summary>
+    /// A rough count of the float32 values one image's training step keeps for the backward pass
+    /// (the conditioners' hidden activations and the flow's intermediate tensors).
+    /// </summary>
+    protected abstract double EstimatedActivationsPerImage();
+
+    /// <summary>
+    /// A rough estimate, in bytes, of the memory a float32 training step at
+    /// <paramref name="batchSize"/> images needs: the weights, their gradients and Adam's two
+    /// moments (4 values per parameter) plus the activations of the batch. Only its order of
+    /// magnitude matters; call it on a configuration without <see cref="Problems"/>.
+    /// </summary>
+    public double EstimatedTrainingBytes(int batchSize) =>
+        sizeof(float) * (4 * EstimatedParameters() + (double)batchSize * EstimatedActivationsPerImage());
+
     /// <summary>The fields that set the model's size, named when the parameter bound is exceeded.</summary>
     protected abstract string SizeFields { get; }
 
@@ -169,7 +184,9 @@ public sealed record MixerFlowConfig : ModelConfig
         if (hidden) Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
         if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
         {
-            if (InRange(p, "splineBins", SplineBins, 1, MaxSplineBins))
+            if (!(SplineBound > 0 && SplineBound <= MaxSplineBound))
+                p.Add($"splineBound: must lie in (0, {MaxSplineBound}], got {SplineBound}");
+            else if (InRange(p, "splineBins", SplineBins, 1, MaxSplineBins))
                 Validated(p, "splineBins / splineBound", () => new RationalQuadratic(SplineBins, SplineBound));
         }
     }
@@ -180,6 +197,11 @@ public sealed record MixerFlowConfig : ModelConfig
     public const int MaxHiddenDepth = 16;
     public const int MaxSplineBins = 1024;
     public const int MaxClasses = 100000;
+    /// <summary>
+    /// The largest spline interval [-splineBound, splineBound]: the spline's knots are float32, and
+    /// far larger bounds give non-finite losses within a few steps (1e8 did on the tiny preset) and 1e39 overflows float32.
+    /// </summary>
+    public const double MaxSplineBound = 1e4;
 
     protected override string SizeFields => "layers / innerSteps / hiddenWidth / hiddenDepth / classes";
 
@@ -190,6 +212,19 @@ public sealed record MixerFlowConfig : ModelConfig
         double Mlp(double inputs) =>
             (inputs + Classes) * HiddenWidth + Math.Max(0, HiddenDepth - 1) * (double)HiddenWidth * HiddenWidth + HiddenWidth * inputs * outputs;
         return (double)Layers * InnerSteps * (Mlp(g.Features) + Mlp(g.Patches));
+    }
+
+    /// <summary>
+    /// Per layer and inner step: the channel-mixing conditioner runs on every patch and the
+    /// patch-mixing one on every feature, each keeping its hidden layers (before and after the
+    /// activation) and its outputs; the flow keeps a few image-sized tensors besides.
+    /// </summary>
+    protected override double EstimatedActivationsPerImage()
+    {
+        var g = Geometry;
+        double outputs = (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline) ? 3.0 * SplineBins + 1 : 2;
+        double hidden = 2.0 * HiddenWidth * Math.Max(1, HiddenDepth) * (g.Patches + g.Features);
+        return (double)Layers * InnerSteps * (hidden + (outputs + 4) * Dimensions) + 8.0 * Layers * Dimensions;
     }
 
     /// <summary>Runs a Core constructor; its ArgumentException becomes a problem named after <paramref name="field"/>.</summary>
@@ -241,6 +276,21 @@ public sealed record GlowConfig : ModelConfig
         {
             c *= 4;
             total += (double)StepsPerLevel * (9 * c / 2 * GlowWidth + (double)GlowWidth * GlowWidth + 9 * GlowWidth * c + c * c);
+            c /= 2;
+        }
+        return total;
+    }
+
+    /// <summary>Per step of each level: the coupling network's two hidden feature maps of glowWidth
+    /// (before and after the activation) and a few tensors of the level's shape.</summary>
+    protected override double EstimatedActivationsPerImage()
+    {
+        double total = 0, c = Channels, pixels = (double)Height * Width;
+        for (int l = 0; l < Levels; l++)
+        {
+            c *= 4;
+            pixels /= 4;
+            total += StepsPerLevel * pixels * (4.0 * GlowWidth + 8 * c);
             c /= 2;
         }
         return total;

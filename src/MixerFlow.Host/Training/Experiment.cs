@@ -87,7 +87,7 @@ public sealed partial record ExperimentSpec
                 LearningRate = Number(root, "learningRate", source) ?? d.LearningRate,
                 WarmupSteps = (int)(Integer(root, "warmupSteps", source, 0, 100_000_000) ?? d.WarmupSteps),
                 CheckpointEvery = (int)(Integer(root, "checkpointEvery", source, 1, 100_000_000) ?? d.CheckpointEvery),
-                Threads = (int)(Integer(root, "threads", source, 0, 1024) ?? d.Threads),
+                Threads = (int)(Integer(root, "threads", source, 0, TrainingSettings.MaxThreads) ?? d.Threads),
                 ProbeTrainImages = (int)(Integer(root, "probeTrainImages", source, 0, 10_000_000) ?? d.ProbeTrainImages),
                 ProbeTestImages = (int)(Integer(root, "probeTestImages", source, 0, 10_000_000) ?? d.ProbeTestImages),
                 SamplesPerRun = (int)(Integer(root, "samplesPerRun", source, 1, 64) ?? d.SamplesPerRun),
@@ -105,6 +105,9 @@ public sealed partial record ExperimentSpec
             }
             foreach (var dup in list.GroupBy(r => r.Name, StringComparer.OrdinalIgnoreCase).Where(g => g.Count() > 1))
                 throw new UserError($"{source}: run '{dup.Key}': name: used by {dup.Count()} runs; run names must differ");
+            // What training would refuse, refused before the first run trains.
+            foreach (var run in list)
+                TrainingLimits.Check(run.Model, spec.BatchSize, $"{source}: run '{run.Name}'");
             return spec with { Runs = list };
         }
     }

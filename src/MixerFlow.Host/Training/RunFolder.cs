@@ -17,7 +17,7 @@ namespace MixerFlow.Host.Training;
 /// best.ckpt, samples-t*.png, reconstructions.png and summary.json. Every file is written
 /// atomically (or appended and flushed row by row), so a crash leaves the previous version.
 /// </summary>
-public sealed class RunFolder
+public sealed partial class RunFolder
 {
     public const string LastCheckpoint = "last.ckpt";
     public const string BestCheckpoint = "best.ckpt";
@@ -38,7 +38,9 @@ public sealed class RunFolder
     {
         Path = path;
         Directory.CreateDirectory(path);
-        metrics = new CsvLog(System.IO.Path.Combine(path, "metrics.csv"), MetricColumns);
+        var file = System.IO.Path.Combine(path, MetricsFile);
+        try { metrics = new CsvLog(file, MetricColumns); }
+        catch (InvalidDataException e) { throw new UserError($"{file}: damaged: {e.Message.Replace(System.IO.Path.GetFullPath(file), "", StringComparison.Ordinal).Trim()}", e); }
     }
 
     public const string LockFile = ".lock";
@@ -122,18 +124,38 @@ public sealed class RunFolder
         }
     }
 
-    /// <summary>Reads the curves of metrics.csv up to <paramref name="step"/> (for a resumed run).</summary>
+    /// <summary>
+    /// Reads the curves of metrics.csv up to <paramref name="step"/> (for a resumed run, before
+    /// <see cref="TrimMetrics"/>). A row whose step is not a whole number, or a row up to
+    /// <paramref name="step"/> whose bits/dim is not a number, is a <see cref="UserError"/> naming the
+    /// file, the row and the column.
+    /// </summary>
     public void ReadCurves(long step)
     {
         if (!File.Exists(metrics.Path)) return;
+        int index = 0;
         foreach (var row in CsvLog.Read(metrics.Path))
         {
-            long s = long.Parse(row["step"], CultureInfo.InvariantCulture);
+            index++;
+            if (!long.TryParse(row["step"], NumberStyles.Integer, CultureInfo.InvariantCulture, out long s))
+                throw DamagedRow(index, "step", row["step"], "a whole number");
             if (s > step) continue;
-            if (row["train_bpd"] != "") TrainCurve.Add((s, double.Parse(row["train_bpd"], CultureInfo.InvariantCulture)));
-            if (row["heldout_bpd"] != "") HeldOutCurve.Add((s, double.Parse(row["heldout_bpd"], CultureInfo.InvariantCulture)));
+            if (Number(row, "train_bpd", index) is double t) TrainCurve.Add((s, t));
+            if (Number(row, "heldout_bpd", index) is double h) HeldOutCurve.Add((s, h));
         }
     }
+
+    /// <summary>An optional number of a metrics.csv row (empty: none).</summary>
+    double? Number(IReadOnlyDictionary<string, string> row, string column, int index)
+    {
+        var text = row[column];
+        if (text == "") return null;
+        return double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var v) ? v : throw DamagedRow(index, column, text, "a number");
+    }
+
+    UserError DamagedRow(int index, string column, string value, string expected) =>
+        new($"{metrics.Path}: data row {index}: {column}: expected {expected}, got '{value}'; metrics.csv is damaged " +
+            "(delete or fix that row to resume)");
 
     /// <summary>The run's saved settings (settings.json).</summary>
     public string SettingsPath => SettingsFile(Path);
@@ -151,16 +173,24 @@ public sealed class RunFolder
     /// <summary>Removes temporary files of killed atomic writes (AtomicFile's own names only).</summary>
     public IReadOnlyList<string> RemoveStaleTemps() => AtomicFile.RemoveStaleTemps(Path);
 
-    /// <summary>summary.json of a finished run, or null.</summary>
+    /// <summary>summary.json of a finished run, or null; a <see cref="UserError"/> naming the file when it is damaged.</summary>
     public static TrainSummary? ReadSummary(string folder)
     {
         var path = SummaryFile(folder);
         if (!File.Exists(path)) return null;
-        return JsonSerializer.Deserialize<TrainSummary>(InputFile.ReadAllText(path, InputFile.TextLimit, "a run's summary.json"),
-            new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.CamelCase, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals });
+        try
+        {
+            return JsonSerializer.Deserialize<TrainSummary>(InputFile.ReadAllText(path, InputFile.TextLimit, "a run's summary.json"),
+                       new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.CamelCase, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals })
+                   ?? throw new JsonException("it holds null");
+        }
+        catch (JsonException e)
+        {
+            throw new UserError($"{path}: damaged ({e.Message.Split(" Path:")[0]}); delete it and resume the run to write it again", e);
+        }
     }
 
-    public void WriteConfig(ModelConfig config) => AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), config.ToJson());
+    public void WriteConfig(ModelConfig config) => AtomicFile.WriteAllText(System.IO.Path.Combine(Path, ConfigFile), config.ToJson());
 
     /// <summary>
     /// config.json: the model's configuration and a "training" object stating how it is trained:
@@ -181,7 +211,7 @@ public sealed class RunFolder
             ["schedule"] = $"linear warmup over {settings.WarmupSteps} steps to {settings.LearningRate}, then cosine decay to 0.1 x that at step {settings.Steps}; per optimiser step of the global batch, whatever the number of ranks",
             ["seed"] = settings.Seed,
         };
-        AtomicFile.WriteAllText(System.IO.Path.Combine(Path, "config.json"), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+        AtomicFile.WriteAllText(System.IO.Path.Combine(Path, ConfigFile), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
     }
 
     /// <summary>A row of metrics.csv; the training or held-out value may be missing.</summary>

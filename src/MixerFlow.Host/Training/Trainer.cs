@@ -24,7 +24,12 @@ public sealed record TrainSummary(
 /// last checkpoint (a fresh run writes one at step 0) at half the learning rate, and a run that
 /// needs more than <see cref="TrainingSettings.MaxRollbacks"/> rollbacks ends with a
 /// <see cref="TrainingDivergedException"/>. <see cref="Run(CancellationToken)"/> stops cleanly when
-/// cancelled, saving last.ckpt first (<see cref="TrainingInterruptedException"/>).
+/// cancelled, saving last.ckpt first (<see cref="TrainingInterruptedException"/>). A run that kept
+/// no step at all (every loss non-finite) ends with a <see cref="TrainingDivergedException"/> that
+/// names the model configuration as the likely cause. Before anything is made, a fresh run's folder
+/// must hold no run (<see cref="RunFolder.CheckFresh"/>), a resumed one's settings.json, config.json
+/// and checkpoint must agree (<see cref="RunFolder.ReadSettings"/>, <see cref="RunFolder.CheckCheckpoint"/>),
+/// and the model must fit in memory (<see cref="TrainingLimits"/>).
 /// </summary>
 /// <remarks>
 /// <b>Data-parallel.</b> Under MPI (<c>mpiexec -n N</c>; see <see cref="Communicator.FromEnvironment"/>)
@@ -130,14 +135,12 @@ public sealed class Trainer
         // Model, optimiser and step: fresh, or from the run folder's last checkpoint.
         string runPath = s.RunFolder ?? Path.Combine("runs", $"{s.Model.Name}-{DateTime.Now:yyyyMMdd-HHmmss}");
         string? resumeFrom = s.Resume ? Path.Combine(runPath, LastCheckpoint) : null;
-        // A resumed run continues under the settings it was started with (settings.json), which
-        // given settings may not contradict; folders written before settings.json use the given ones.
-        if (root && s.Resume && File.Exists(RunFolder.SettingsFile(runPath)))
+        // A fresh run starts in a new or empty folder; a resumed one continues under the settings it
+        // was started with (settings.json), which given settings may not contradict.
+        if (root && !s.Resume) RunFolder.CheckFresh(runPath);
+        if (root && s.Resume)
         {
-            TrainingSettings saved;
-            try { saved = TrainingSettings.FromJson(MixerFlow.Host.Files.InputFile.ReadAllText(RunFolder.SettingsFile(runPath), MixerFlow.Host.Files.InputFile.TextLimit, "a run's settings.json")); }
-            catch (System.Text.Json.JsonException e) { throw new UserError($"'{RunFolder.SettingsFile(runPath)}' cannot be read: {e.Message}", e); }
-            s = s.ForResume(saved);
+            s = s.ForResume(RunFolder.ReadSettings(runPath));
             if (s.Ranks != ranks.Size)
                 throw new UserError($"resume {runPath}: the run was trained on {s.Ranks} process(es) at batch {s.BatchSize} each " +
                                     $"(global batch {s.GlobalBatchSize}), now started on {ranks.Size}; resume with mpiexec -n {s.Ranks} " +
@@ -173,8 +176,11 @@ public sealed class Trainer
         byte[]? state = null, fileBytes = null;
         if (!root) state = ranks.Broadcast(null);
         else if (resumeFrom is not null) fileBytes = Checkpoint.ReadBytes(resumeFrom); // read once: configuration, then tensors
-        var model = new ImageFlow(state is not null ? Checkpoint.ReadConfig(state, "rank 0's state")
-                                  : fileBytes is not null ? Checkpoint.ReadConfig(fileBytes, resumeFrom!) : s.Model);
+        var modelConfig = state is not null ? Checkpoint.ReadConfig(state, "rank 0's state")
+                          : fileBytes is not null ? Checkpoint.ReadConfig(fileBytes, resumeFrom!) : s.Model;
+        if (fileBytes is not null) RunFolder.CheckCheckpoint(runPath, resumeFrom!, modelConfig);
+        TrainingLimits.Check(modelConfig, s.BatchSize, resumeFrom ?? $"model '{modelConfig.Name}'");
+        var model = new ImageFlow(modelConfig);
         var cfg = model.Config;
         model.MoveTo(device, float32);
         Model = model;
@@ -189,12 +195,13 @@ public sealed class Trainer
         }
         if (ranks.Size > 1)
         {
-            if (root) ranks.Broadcast(Checkpoint.ToBytes(model, finished is not null ? -1 : resumed?.Step ?? 0, resumed?.Epoch ?? 0,
-                                                         resumed?.BestHeldOutBpd ?? double.PositiveInfinity, adam));
+            // A finished run is handed over without optimiser state: the others then return its summary.
+            if (root) ranks.Broadcast(Checkpoint.ToBytes(model, resumed?.Step ?? 0, resumed?.Epoch ?? 0,
+                                                         resumed?.BestHeldOutBpd ?? double.PositiveInfinity, finished is not null ? null : adam));
             else
             {
                 var header = Checkpoint.LoadInto(state!, "rank 0's state", model, adam);
-                if (header.Step < 0)
+                if (!header.HasOptimizer)
                     return RunFolder.ReadSummary(runPath) ?? new TrainSummary(cfg.Name, model.ParameterCount, 0, 0, double.NaN, double.NaN,
                         double.NaN, double.NaN, 0, 0, 0, 0, "", runPath, false);
                 if (s.Resume) resumed = header;
@@ -225,9 +232,9 @@ public sealed class Trainer
             if (resumed is not null)
             {
                 report.OnMessage($"resuming {resumeFrom} at step {resumed.Step}");
+                folder.ReadCurves(resumed.Step); // checks the rows before any is dropped
                 int trimmed = folder.TrimMetrics(resumed.Step);
                 if (trimmed > 0) report.OnMessage($"metrics.csv: dropped {trimmed} rows after step {resumed.Step}");
-                folder.ReadCurves(resumed.Step);
             }
         }
         if (ranks.Size > 1) report.OnMessage($"data-parallel on {ranks.Size} MPI ranks ({ranks.Description}): batch {s.BatchSize} per rank, global batch {globalBatch}");
@@ -254,7 +261,8 @@ public sealed class Trainer
         }
 
         var guard = new DivergenceGuard();
-        int dropped = 0, rollbacks = 0, consecutiveBad = 0;
+        int dropped = 0, rollbacks = 0, consecutiveBad = 0, kept = 0;
+        string? lastDropped = null;
         double lrScale = 1.0, lastTrainBpd = double.NaN, runningBpd = double.NaN, imagesPerSecond = 0;
         (double Bpd, double StdErr)? lastHeldOut = null;
         var throughput = Stopwatch.StartNew();
@@ -323,11 +331,12 @@ public sealed class Trainer
             {
                 dropped++;
                 consecutiveBad++;
+                lastDropped = outcome.DroppedBecause;
                 report.OnMessage($"step {step}: {outcome.DroppedBecause}, step dropped ({dropped} so far)");
                 if (consecutiveBad >= s.RollbackAfter)
                 {
                     if (rollbacks >= s.MaxRollbacks)
-                        throw new TrainingDivergedException(
+                        throw kept == 0 ? NoStepKept(cfg.Name, dropped, lastDropped, step, rollbacks) : new TrainingDivergedException(
                             $"training diverged: {s.RollbackAfter} steps in a row dropped at step {step} (last: {outcome.DroppedBecause}) " +
                             $"after {rollbacks} rollbacks, each halving the learning rate; nothing after the last checkpoint was kept " +
                             $"and no summary was written; train again with a lower --lr than {s.LearningRate}", step, rollbacks);
@@ -345,6 +354,7 @@ public sealed class Trainer
                 continue;
             }
             consecutiveBad = 0;
+            kept++;
             guard.Keep(step, outcome.BitsPerDim);
             step++;
             imagesSinceReport += idx.Length; // the global batch: images/s of all ranks together
@@ -385,6 +395,7 @@ public sealed class Trainer
 
         // The tensors the hand-written passes kept from step to step (a training step's activations).
         HandGradient.Release(model);
+        if (kept == 0 && dropped > 0) throw NoStepKept(cfg.Name, dropped, lastDropped, step, rollbacks);
         if (!stoppedEarly && s.Pictures) folder?.SavePictures(model, data.HeldOut, s.Seed);
         // The last step ends an epoch, so its evaluation is the final score; a run that was
         // already finished evaluates once; one stopped early reports its last evaluation, if any.
@@ -399,6 +410,12 @@ public sealed class Trainer
                            $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {dropped} dropped steps; run folder {summary.RunFolder}");
         return summary;
     }
+
+    /// <summary>A run in which every step was dropped: the losses were not finite from the start, which the learning rate does not explain.</summary>
+    static TrainingDivergedException NoStepKept(string model, int dropped, string? last, long step, int rollbacks) =>
+        new($"no step was kept: all {dropped} steps taken were dropped (last: {last}){(rollbacks > 0 ? $", {rollbacks} rollbacks at lower learning rates included" : "")}; " +
+            $"losses that are not finite from the first step point at the model configuration '{model}' (for example an extreme " +
+            "splineBound or alpha) or at the data, not at the learning rate; nothing was trained and no summary was written", step, rollbacks);
 
     /// <summary>Whether any rank says yes (one allreduce under MPI; the value itself for one process).</summary>
     bool AnyRank(bool mine)

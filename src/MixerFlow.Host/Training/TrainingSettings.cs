@@ -21,11 +21,18 @@ public sealed record TrainingSettings
     /// <summary>A data file or folder (IDX, CIFAR-10 batches, PNG/JPEG folder); null for the bundled Fashion-MNIST test split.</summary>
     public string? Data { get; init; }
 
-    /// <summary>The run folder; null for <c>runs/&lt;model&gt;-&lt;time&gt;</c>.</summary>
+    /// <summary>
+    /// The run folder; null for <c>runs/&lt;model&gt;-&lt;time&gt;</c>. A fresh run needs a new or empty
+    /// folder: one that holds a run is refused (continue it with <see cref="Resume"/>).
+    /// </summary>
     [JsonIgnore]
     public string? RunFolder { get; init; }
 
-    /// <summary>Continue the run in <see cref="RunFolder"/> from its last checkpoint.</summary>
+    /// <summary>
+    /// Continue the run in <see cref="RunFolder"/> from its last checkpoint, under the folder's
+    /// settings.json; a folder without it, or whose checkpoint is of another model than its
+    /// config.json, is refused.
+    /// </summary>
     [JsonIgnore]
     public bool Resume { get; init; }
 
@@ -69,8 +76,11 @@ public sealed record TrainingSettings
     /// <summary>"cpu" or "cuda".</summary>
     public string Device { get; init; } = "cpu";
 
-    /// <summary>LibTorch CPU threads; 0 keeps LibTorch's default.</summary>
+    /// <summary>LibTorch CPU threads; 0 keeps LibTorch's default; at most <see cref="MaxThreads"/>.</summary>
     public int Threads { get; init; }
+
+    /// <summary>The most LibTorch CPU threads a run (or an experiment spec) may ask for.</summary>
+    public const int MaxThreads = 1024;
 
     /// <summary>Steps between checkpoints (last.ckpt).</summary>
     public int CheckpointEvery { get; init; } = 200;
@@ -108,7 +118,7 @@ public sealed record TrainingSettings
         if (WarmupSteps < 0) p.Add($"warmupSteps: must be >= 0, got {WarmupSteps}");
         if (!(ClipNorm > 0)) p.Add($"clipNorm: must be > 0, got {ClipNorm}");
         if (Device is not ("cpu" or "cuda")) p.Add($"device: must be cpu or cuda, got '{Device}'");
-        if (Threads < 0) p.Add($"threads: must be >= 0, got {Threads}");
+        if (Threads < 0 || Threads > MaxThreads) p.Add($"threads: must lie in [0, {MaxThreads}] (0: LibTorch's default), got {Threads}");
         if (Ranks < 1) p.Add($"ranks: must be >= 1, got {Ranks}");
         if (CheckpointEvery < 1) p.Add($"checkpointEvery: must be >= 1, got {CheckpointEvery}");
         if (RollbackAfter < 1) p.Add($"rollbackAfter: must be >= 1, got {RollbackAfter}");
@@ -119,6 +129,7 @@ public sealed record TrainingSettings
         if (RunFolder is null && !Files.SafeName.IsSafe(Model.Name))
             p.Add($"name: '{Model.Name}' would name the run folder under runs/, but a name must be {Files.SafeName.Rule}; " +
                   "set another with --set name=NAME, or choose the run folder with --out");
+        if (RunFolder is not null && string.IsNullOrWhiteSpace(RunFolder)) p.Add("runFolder (--out / --resume): must not be empty");
         return p;
     }
 
