@@ -152,8 +152,9 @@ public class MpiTests
         Assert.True(same < 1e-5, $"2 ranks x 8 against 1 process x 16: relative difference {same:E2}\n{log}");
         // The check can fail: one process at batch 8 (half the data per step) trains another model.
         Assert.True(other > 1e-3, $"2 ranks x 8 against 1 process x 8: relative difference only {other:E2}");
-        // The sharded, reduced held-out score is the one-process score.
-        Assert.Equal(Summary(one).HeldOutBpd, Summary(two).HeldOutBpd, 4);
+        // The sharded, reduced held-out score is the one-process score, up to float32 summation order
+        // (a tolerance, not rounding to 4 places: 32.589066 and 32.589048 round apart).
+        Assert.Equal(Summary(one).HeldOutBpd, Summary(two).HeldOutBpd, tolerance: 1e-4);
 
         // The run states its global batch and schedule.
         var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(two, "config.json")))!["training"]!;
