@@ -49,7 +49,7 @@ type InfoArgs =
     | Preset of name: string
     | Checkpoint of file: string
     | Config of file: string
-    | [<CustomCommandLine("--set")>] Override of key_value: string
+    | [<CustomCommandLine("--set")>] Override of ``key=value``: string
     | Time_Step
     interface IArgParserTemplate with
         member a.Usage =
@@ -63,7 +63,7 @@ type InfoArgs =
 type TrainArgs =
     | Preset of name: string
     | Config of file: string
-    | [<CustomCommandLine("--set")>] Override of key_value: string
+    | [<CustomCommandLine("--set")>] Override of ``key=value``: string
     | Data of dir: string
     | Out of dir: string
     | Epochs of count: int
@@ -308,7 +308,7 @@ type CommandLine =
         | MainArgs.Sample s ->
             let temps =
                 s.TryPostProcessResult(SampleArgs.Temperature, fun ts ->
-                    if ts.IsEmpty || ts |> List.exists (fun t -> not (t >= 0.0 && t <= 10.0)) then failwithf "needs values in [0, 10], got %A" ts
+                    if ts.IsEmpty || ts |> List.exists (fun t -> not (t >= 0.0 && t <= 10.0)) then failwithf "needs values in [0, 10], got %s" (String.Join(" ", ts))
                     else ts)
                 |> Option.defaultValue [ 0.7 ]
                 |> List.toArray
@@ -361,14 +361,32 @@ type CommandLine =
                   Out = e.GetResult(ExperimentArgs.Out, defaultValue = IO.Path.Combine("runs", IO.Path.GetFileNameWithoutExtension spec)) }
         | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
-    /// Parses the arguments; never throws for bad input.
+    /// The verbs' names as typed (train, eval, ...).
+    static member private Verbs =
+        Reflection.FSharpType.GetUnionCases typeof<MainArgs>
+        |> Array.filter (fun c -> c.GetFields().Length = 1)
+        |> Array.map (fun c -> c.Name.ToLowerInvariant())
+
+    /// An Argu error as one line: its first line (Argu follows it with the usage), without Argu's
+    /// "ERROR" prefix, and where the full usage is: `mixerflow VERB --help` for the verb given.
+    static member private ErrorLine(argv: string[], message: string) =
+        let first =
+            message.Split([| '\r'; '\n' |], StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+            |> Array.tryHead |> Option.defaultValue "bad arguments"
+        let text = if first.StartsWith "ERROR" then first.Substring(5).TrimStart(':', ' ') else first
+        let text = text.TrimEnd('.')
+        let verb = argv |> Array.tryFind (fun a -> Array.contains a CommandLine.Verbs) |> Option.map (fun v -> v + " ")
+        sprintf "error: %s (see mixerflow %s--help)" text (defaultArg verb "")
+
+    /// Parses the arguments; never throws for bad input. An error is one line (exit code 2);
+    /// --help gives the full usage (exit code 0).
     static member Parse(argv: string[]) : ParsedCommand =
         try
             let r = CommandLine.Parser.ParseCommandLine(argv, raiseOnUsage = true)
             ParsedCommand(Some(CommandLine.ToCommand r), null, 0, r.Contains MainArgs.Verbose)
         with
         | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(None, e.Message, 0)
-        | :? ArguParseException as e -> ParsedCommand(None, e.Message, 2)
+        | :? ArguParseException as e -> ParsedCommand(None, CommandLine.ErrorLine(argv, e.Message), 2)
         // A configuration that cannot be resolved (--config file, --set key=value): one line.
         | :? MixerFlow.Host.UserError as e -> ParsedCommand(None, "error: " + e.Message, 2)
         | :? System.IO.IOException as e -> ParsedCommand(None, "error: " + e.Message, 2)

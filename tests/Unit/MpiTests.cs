@@ -115,6 +115,21 @@ public class MpiTests
         return diff / scale;
     }
 
+    /// <summary>Whether the process has gone (or is a zombie awaiting its parent) within the limit.</summary>
+    static bool Ended(int pid, TimeSpan limit)
+    {
+        for (var until = DateTime.UtcNow + limit; DateTime.UtcNow < until; Thread.Sleep(50))
+        {
+            try
+            {
+                var stat = File.ReadAllText($"/proc/{pid}/stat");
+                if (stat[(stat.LastIndexOf(')') + 2)..].StartsWith('Z')) return true;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return true; }
+        }
+        return false;
+    }
+
     static TrainSummary Summary(string dir) => RunFolder.ReadSummary(dir) ?? throw new Xunit.Sdk.XunitException($"no summary.json in {dir}");
 
     [MpiFact]
@@ -137,8 +152,9 @@ public class MpiTests
         Assert.True(same < 1e-5, $"2 ranks x 8 against 1 process x 16: relative difference {same:E2}\n{log}");
         // The check can fail: one process at batch 8 (half the data per step) trains another model.
         Assert.True(other > 1e-3, $"2 ranks x 8 against 1 process x 8: relative difference only {other:E2}");
-        // The sharded, reduced held-out score is the one-process score.
-        Assert.Equal(Summary(one).HeldOutBpd, Summary(two).HeldOutBpd, 4);
+        // The sharded, reduced held-out score is the one-process score, up to float32 summation order
+        // (a tolerance, not rounding to 4 places: 32.589066 and 32.589048 round apart).
+        Assert.Equal(Summary(one).HeldOutBpd, Summary(two).HeldOutBpd, tolerance: 1e-4);
 
         // The run states its global batch and schedule.
         var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(two, "config.json")))!["training"]!;
@@ -169,13 +185,14 @@ public class MpiTests
                 try { if (File.Exists(last) && Checkpoint.Load(last).Header.Step >= 10) break; }
                 catch (UserError) { } // being replaced
             }
+            int survivor = job.RankPid(0);
             Process.GetProcessById(job.RankPid(1)).Kill();
-            int code = job.Wait(TimeSpan.FromMinutes(1));
+            int code = job.Wait(TimeSpan.FromMinutes(2));
             string log = job.Output;
+            // The job fails and the launcher ends the other rank. Its wording (which rank it names
+            // first, "Killed (signal 9)" or an exit code) varies with timing, so it is not asserted.
             Assert.True(code != 0, log);
-            // mpiexec says which process died and how, and ends the others.
-            Assert.Contains("BAD TERMINATION", log);
-            Assert.Contains("Killed (signal 9)", log);
+            Assert.True(Ended(survivor, TimeSpan.FromSeconds(30)), $"rank 0 (pid {survivor}) still runs after the job ended\n{log}");
             Assert.False(File.Exists(Path.Combine(killed, "summary.json")), log);
         }
         var header = Checkpoint.Load(last).Header; // whole: its checksums verify

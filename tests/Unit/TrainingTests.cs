@@ -290,7 +290,7 @@ public class TrainingTests
     }
 }
 
-/// <summary>Every verb rejects a bad argument with exit code 2 and a message.</summary>
+/// <summary>Every verb rejects a bad argument with exit code 2 and a one-line message.</summary>
 public class CommandLineTests
 {
     [Theory]
@@ -320,7 +320,8 @@ public class CommandLineTests
         Console.SetError(err);
         try { Assert.Equal(2, MixerFlow.Cli.Program.Main(args)); }
         finally { Console.SetError(saved); }
-        Assert.False(string.IsNullOrWhiteSpace(err.ToString()));
+        var line = Assert.Single(err.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+        Assert.StartsWith("error: ", line);
     }
 
     [Theory]
