@@ -148,9 +148,12 @@ public sealed class HostileInputTests(TinyRunFixture fixture) : IClassFixture<Ti
         var zeroCkpt = Link("zero.ckpt", "/dev/zero");
         AssertRefused(CliInProcess.Run("eval", "--checkpoint", zeroCkpt), zeroCkpt, "character device");
 
+        // A run folder whose settings and configuration are whole: its checkpoint is what is refused.
         var run = Path.Combine(dir, "run");
-        Directory.CreateDirectory(run);
+        var trained = CliInProcess.Run("train", "--preset", "tiny", "--steps", "1", "--batch-size", "8", "--out", run);
+        Assert.True(trained.Code == 0, trained.Err);
         var last = Path.Combine(run, Trainer.LastCheckpoint);
+        File.Delete(last);
         File.CreateSymbolicLink(last, "/dev/zero");
         AssertRefused(CliInProcess.Run("train", "--resume", run), last, "character device");
     }

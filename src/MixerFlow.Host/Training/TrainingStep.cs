@@ -74,16 +74,10 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     public string GradientPathDescription =>
         LastGradientPath == GradientPath.HandWritten ? "hand-written" : $"autograd (because {AutogradReason})";
 
-    const string LossHookReason = "the loss hook (transformLoss, ITrainingObserver.TransformLoss) changed the loss, " +
-                                  "and only autograd differentiates what it added";
-    // Set once a loss hook returned another tensor than the loss: later steps go to autograd directly.
-    bool lossHookChangesLoss;
-
     /// <summary>Why a step on this batch would take autograd's path (null: the hand-written one).</summary>
     string? WhyAutograd(Tensor batch) =>
         !HandGradients ? "hand-written gradients are turned off (TrainingStep.HandGradients, MIXERFLOW_HAND_GRADIENTS=0)"
         : !model.training ? "the model is in evaluation mode"
-        : lossHookChangesLoss ? LossHookReason
         : HandGradient.WhyNot(model, batch);
 
     /// <summary>
@@ -105,7 +99,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
             buffers.Restore();
             return new StepOutcome(false, bpd, why);
         }
-        var (hand, loss) = Forward(batch, transformLoss, buffers);
+        var (hand, lossLeaf, loss) = Forward(batch, transformLoss);
         double bpd = loss.item<float>();
         if (ranks.Size > 1)
         {
@@ -123,7 +117,7 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         optimizer.ZeroGrad();
         // The mean bits/dim is -sum_b log p_b / (B D ln 2): each log p_b's weight in it.
         if (hand is null) loss.backward();
-        else hand.Backward(-1.0 / (batch.shape[0] * model.Config.Dimensions * Math.Log(2.0)));
+        else hand.Backward(-1.0 / (batch.shape[0] * model.Config.Dimensions * Math.Log(2.0)) * LossHookSlope(loss, lossLeaf!));
         if (ranks.Size > 1)
         {
             var gradients = optimizer.GradientBuffer();
@@ -147,30 +141,35 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
 
     /// <summary>
     /// The forward pass up to the loss: hand-written where <see cref="WhyAutograd"/> finds nothing
-    /// against it, else through autograd. A loss hook that returns the loss itself keeps the
-    /// hand-written path; one that returns another tensor sends this step (its forward pass taken
-    /// again, the buffers put back first) and every later one to autograd, which alone can
-    /// differentiate what the hook added.
+    /// against it, else through autograd. On the hand-written path the loss hook is handed the mean
+    /// bits/dim as a leaf that requires a gradient (returned too), so that whatever the hook makes
+    /// of it is differentiated by the chain rule (<see cref="LossHookSlope"/>).
     /// </summary>
-    (HandGradientPass? Hand, Tensor Loss) Forward(Tensor batch, Func<Tensor, Tensor>? transformLoss, BufferSnapshot buffers)
+    (HandGradientPass? Hand, Tensor? LossLeaf, Tensor Loss) Forward(Tensor batch, Func<Tensor, Tensor>? transformLoss)
     {
         AutogradReason = WhyAutograd(batch);
         if (AutogradReason is null)
         {
+            LastGradientPath = GradientPath.HandWritten;
             var hand = HandGradient.Forward(model, batch);
-            var loss = Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean();
-            var transformed = transformLoss is null ? loss : transformLoss(loss);
-            if (ReferenceEquals(transformed, loss))
-            {
-                LastGradientPath = GradientPath.HandWritten;
-                return (hand, loss);
-            }
-            lossHookChangesLoss = true;
-            AutogradReason = LossHookReason;
-            buffers.Restore();
+            var leaf = Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean().detach().requires_grad_(true);
+            return (hand, leaf, transformLoss is null ? leaf : transformLoss(leaf));
         }
         LastGradientPath = GradientPath.Autograd;
-        var autogradLoss = model.BitsPerDim(batch).mean();
-        return (null, transformLoss is null ? autogradLoss : transformLoss(autogradLoss));
+        var loss = model.BitsPerDim(batch).mean();
+        return (null, null, transformLoss is null ? loss : transformLoss(loss));
+    }
+
+    /// <summary>
+    /// d(loss)/d(mean bits/dim) for a hand-written step: 1 where the loss hook returned the mean
+    /// itself; else autograd's backward through what the hook made of it (gradients of terms it
+    /// added, e.g. a regulariser on the parameters, go into the parameters' gradients on the way),
+    /// whose slope the hand-written backward then scales by.
+    /// </summary>
+    static double LossHookSlope(Tensor loss, Tensor leaf)
+    {
+        if (ReferenceEquals(loss, leaf)) return 1.0;
+        loss.backward();
+        return leaf.grad is { } slope ? slope.item<float>() : 0.0;
     }
 }
