@@ -28,7 +28,10 @@ public interface ITrainingObserver
 
     /// <summary>
     /// The loss of step <paramref name="step"/> before the backward pass; the returned tensor is
-    /// what is minimised (add a regulariser here, or return the loss unchanged).
+    /// what is minimised (add a regulariser here, or return the loss unchanged). Called once per
+    /// step. On the hand-written gradient path the loss handed in is a leaf that requires a
+    /// gradient: autograd differentiates what the hook makes of it, and the hand-written backward
+    /// is scaled by that slope, so a hook never switches the fast path off.
     /// </summary>
     Tensor TransformLoss(long step, Tensor loss) => loss;
 
