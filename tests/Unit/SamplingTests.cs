@@ -54,6 +54,22 @@ public class SamplingTests : IDisposable
     }
 
     [Fact]
+    public void Interpolation_keeps_no_Scalar_for_the_life_of_the_process()
+    {
+        // Core's cache of constant Scalars (Scalars.Of): every value put there stays for good.
+        var cache = typeof(MixerFlow.Core.Scalars).GetField("cache", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Static)!;
+        int Cached() => ((System.Collections.ICollection)cache.GetValue(null)!).Count;
+        manual_seed(5);
+        var model = new ImageFlow(Presets.Get("tiny"));
+        var data = DatasetLoader.Load(null, 1, 28, 28, 7).HeldOut;
+        model.Interpolate(data.Batch([0]), data.Batch([1]), steps: 3);
+        int before = Cached();
+        // Other images, other weights: none of them may join the cache.
+        model.Interpolate(data.Batch([2]), data.Batch([3]), steps: 11);
+        Assert.Equal(before, Cached());
+    }
+
+    [Fact]
     public void A_written_image_reads_back_with_its_pixels()
     {
         var images = DatasetLoader.Load(null, 1, 28, 28, 7).HeldOut.Batch([3]);

@@ -143,7 +143,11 @@ public sealed class ImageFlow : Flow
                 (double wa, double wb) = spherical && Math.Sin(omega) > 1e-6
                     ? (Math.Sin((1 - t) * omega) / Math.Sin(omega), Math.Sin(t * omega) / Math.Sin(omega))
                     : (1 - t, t);
-                rows.Add(Ops.Add(za.mul(Ops.Scalar(wa)), zb.mul(Ops.Scalar(wb))));
+                // Per-call weights: Scalars that live until the native calls return, not entries of
+                // the process-lifetime cache of constants (Ops.Scalar), which would keep every one.
+                Scalar sa = wa, sb = wb;
+                try { rows.Add(Ops.Add(za.mul(sa), zb.mul(sb))); }
+                finally { sa.Dispose(); sb.Dispose(); }
             }
             var z = stack(rows).reshape(steps, Config.Channels, Config.Height, Config.Width);
             return Decode(z).MoveToOuterDisposeScope();
