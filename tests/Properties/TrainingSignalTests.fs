@@ -57,6 +57,29 @@ let ``the scale bounds' autograd derivatives match central differences`` () =
         let gap = gradientGap (fun t -> bound.LogScale t) (Array.append (points 2) [| -2.0; 2.0 |])
         Assert.True(gap < 1e-6, sprintf "%O: %g" bound gap)
 
+[<Fact>]
+let ``the logit's and the affine and additive maps' autograd derivatives match central differences`` () =
+    // Logit: output and log-derivative, on [0, 1] with both ends, in both directions.
+    let logit = new Logit([| 1L |], 0.05)
+    let unit = [| 0.0; 1.0; 1e-9; 1.0 - 1e-9; 0.5; 0.25; 0.9 |]
+    let forward (x: Tensor) = let r = logit.Forward(x.unsqueeze(1L)) in r.Value.squeeze(1L).add(r.LogDet, Scalars.One)
+    let inverse (y: Tensor) = let r = logit.Inverse(y.unsqueeze(1L)) in r.Value.squeeze(1L).add(r.LogDet, Scalars.One)
+    Assert.True(gradientGap forward unit < 1e-6)
+    Assert.True(gradientGap inverse (points 4) < 1e-6)
+    // The coupling maps in x and in their parameters (h = shift, raw log-scale), both directions.
+    for map in [ Affine() :> ElementwiseMap; Affine(ScaleBound.Sigmoid); Additive() ] do
+        let k = int map.ParamsPerElement
+        let xs = points 5
+        let h0 = Array.init (xs.Length * k) (fun i -> if i % 3 = 0 then 0.0 else 0.7 * sin (float i))
+        let h = (f64 h0).reshape(int64 xs.Length, int64 k)
+        for inverse in [ false; true ] do
+            let run (x: Tensor) (hh: Tensor) =
+                let struct (y, ld) = if inverse then map.Inverse(x, hh) else map.Forward(x, hh)
+                y.add(ld, Scalars.One)
+            Assert.True(gradientGap (fun x -> run x h) xs < 1e-6, sprintf "%O in x, inverse %b" map inverse)
+            let inParameters (flat: Tensor) = run (f64 xs) (flat.reshape(int64 xs.Length, int64 k))
+            Assert.True(gradientGap inParameters h0 < 1e-6, sprintf "%O in h, inverse %b" map inverse)
+
 /// Spline parameters: random, or all zero (what a zero-initialised conditioner gives).
 let private splineParameters (bins: int) (n: int) (scale: float) (seed: int64) =
     torch.manual_seed seed |> ignore
