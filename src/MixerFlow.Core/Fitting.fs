@@ -46,68 +46,75 @@ type FitResult internal (steps: int, skippedSteps: int, stoppedEarly: bool, init
     /// Every report, in order.
     member _.History = history
 
+/// The values a <see cref="FitOptions"/> holds; each `With...` copies them with one changed.
+type internal FitSettings =
+    { Steps: int; BatchSize: int; LearningRate: float; MaxGradientNorm: float; Seed: int
+      HeldOut: torch.Tensor; HeldOutContext: torch.Tensor; EvaluateEvery: int; Patience: int
+      RestoreBest: bool; Progress: Action<FitProgress> }
+
 /// The settings of <see cref="Fitting.Fit"/>: immutable; each `With...` returns a changed copy
 /// (`FitOptions.Default.WithSteps(2000).WithHeldOut(heldOut).WithPatience(5)`).
 [<Sealed; AllowNullLiteral>]
-type FitOptions private (steps: int, batchSize: int, learningRate: float, maxGradientNorm: float, seed: int,
-                         heldOut: torch.Tensor, heldOutContext: torch.Tensor, evaluateEvery: int, patience: int,
-                         restoreBest: bool, progress: Action<FitProgress>) =
+type FitOptions private (s: FitSettings) =
     static let check name ok (value: obj) expected =
         if not ok then invalidArg name (sprintf "%s must be %s, got %O" name expected value)
-    static let defaults = FitOptions(1000, 256, 1e-3, 10.0, 0, null, null, 100, Int32.MaxValue, true, null)
+    static let defaults =
+        FitOptions({ Steps = 1000; BatchSize = 256; LearningRate = 1e-3; MaxGradientNorm = 10.0; Seed = 0
+                     HeldOut = null; HeldOutContext = null; EvaluateEvery = 100; Patience = Int32.MaxValue
+                     RestoreBest = true; Progress = null })
 
     /// 1000 steps of batch 256, learning rate 1e-3, gradient norm clipped at 10, seed 0, no held-out data,
     /// a report every 100 steps, no early stopping, no progress callback.
     static member Default = defaults
 
     /// Optimiser steps to take (at most; early stopping may end sooner).
-    member _.Steps = steps
+    member _.Steps = s.Steps
     /// Samples per step (at most the number of samples); the data are shuffled each pass.
-    member _.BatchSize = batchSize
+    member _.BatchSize = s.BatchSize
     /// Adam's learning rate (constant).
-    member _.LearningRate = learningRate
+    member _.LearningRate = s.LearningRate
     /// The largest global gradient norm kept; larger gradients are scaled down. Infinity: no clipping.
-    member _.MaxGradientNorm = maxGradientNorm
+    member _.MaxGradientNorm = s.MaxGradientNorm
     /// Seed of the batch order.
-    member _.Seed = seed
+    member _.Seed = s.Seed
     /// Held-out data [M, eventShape...], or null.
-    member _.HeldOut = heldOut
+    member _.HeldOut = s.HeldOut
     /// The held-out data's context [M, contextFeatures] for a conditional flow, or null.
-    member _.HeldOutContext = heldOutContext
+    member _.HeldOutContext = s.HeldOutContext
     /// Steps between reports (and held-out evaluations).
-    member _.EvaluateEvery = evaluateEvery
+    member _.EvaluateEvery = s.EvaluateEvery
     /// Held-out evaluations in a row without improvement tolerated; the next one stops the fit.
     /// Int32.MaxValue (the default): never stop early.
-    member _.Patience = patience
+    member _.Patience = s.Patience
     /// With held-out data: set the flow back to its best parameters (and buffers) at the end.
-    member _.RestoreBest = restoreBest
+    member _.RestoreBest = s.RestoreBest
     /// Called with each report on the fitting thread, or null.
-    member _.Progress = progress
+    member _.Progress = s.Progress
 
     /// A copy with <see cref="Steps"/> changed.
     /// <param name="value">At least 1.</param>
     member _.WithSteps(value: int) =
         check "steps" (value >= 1) value "at least 1"
-        FitOptions(value, batchSize, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with Steps = value })
     /// A copy with <see cref="BatchSize"/> changed.
     /// <param name="value">At least 1.</param>
     member _.WithBatchSize(value: int) =
         check "batchSize" (value >= 1) value "at least 1"
-        FitOptions(steps, value, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with BatchSize = value })
     /// A copy with <see cref="LearningRate"/> changed.
     /// <param name="value">A positive finite number.</param>
     member _.WithLearningRate(value: float) =
         check "learningRate" (value > 0.0 && Double.IsFinite value) value "a positive finite number"
-        FitOptions(steps, batchSize, value, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with LearningRate = value })
     /// A copy with <see cref="MaxGradientNorm"/> changed.
     /// <param name="value">Positive; Double.PositiveInfinity turns clipping off.</param>
     member _.WithMaxGradientNorm(value: float) =
         check "maxGradientNorm" (value > 0.0) value "positive"
-        FitOptions(steps, batchSize, learningRate, value, seed, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with MaxGradientNorm = value })
     /// A copy with <see cref="Seed"/> changed.
     /// <param name="value">Any seed.</param>
     member _.WithSeed(value: int) =
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, value, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with Seed = value })
     /// A copy with held-out data for an unconditional flow (null: none).
     /// <param name="data">[M, eventShape...].</param>
     member this.WithHeldOut(data: torch.Tensor) = this.WithHeldOut(data, null)
@@ -116,26 +123,26 @@ type FitOptions private (steps: int, batchSize: int, learningRate: float, maxGra
     /// <param name="context">[M, contextFeatures], or null for an unconditional flow.</param>
     member _.WithHeldOut(data: torch.Tensor, context: torch.Tensor) =
         check "context" (isNull context || not (isNull data)) "a context" "null without held-out data"
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, seed, data, context, evaluateEvery, patience, restoreBest, progress)
+        FitOptions({ s with HeldOut = data; HeldOutContext = context })
     /// A copy with <see cref="EvaluateEvery"/> changed.
     /// <param name="value">At least 1.</param>
     member _.WithEvaluateEvery(value: int) =
         check "evaluateEvery" (value >= 1) value "at least 1"
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, value, patience, restoreBest, progress)
+        FitOptions({ s with EvaluateEvery = value })
     /// A copy with <see cref="Patience"/> changed (it needs held-out data to act).
     /// <param name="value">At least 0: 0 stops at the first evaluation without improvement.</param>
     member _.WithPatience(value: int) =
         check "patience" (value >= 0) value "at least 0"
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, value, restoreBest, progress)
+        FitOptions({ s with Patience = value })
     /// A copy with <see cref="RestoreBest"/> changed.
     /// <param name="value">Whether to restore the best parameters at the end.</param>
     member _.WithRestoreBest(value: bool) =
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, patience, value, progress)
+        FitOptions({ s with RestoreBest = value })
     /// A copy that calls `callback` with each report (null: none). In F#, a lambda will do:
     /// `options.WithProgress(fun p -> printfn "%O" p)`.
     /// <param name="callback">Called on the fitting thread.</param>
     member _.WithProgress(callback: Action<FitProgress>) =
-        FitOptions(steps, batchSize, learningRate, maxGradientNorm, seed, heldOut, heldOutContext, evaluateEvery, patience, restoreBest, callback)
+        FitOptions({ s with Progress = callback })
     /// A copy that reports to `progress` (null: none). `Progress&lt;T&gt;` posts its reports to the
     /// thread pool or the captured synchronisation context, so they may arrive after Fit has returned.
     /// <param name="progress">The receiver of the reports.</param>
