@@ -82,9 +82,10 @@ public static partial class InputFile
     /// the input in the message (for example <c>--config</c>).
     /// </summary>
     /// <exception cref="UserError">The path is not a regular file.</exception>
-    public static void RefuseSpecial(string path, string what)
+    public static void RefuseSpecial(string path, string what) => RefuseSpecial(path, Kind(path), what);
+
+    static void RefuseSpecial(string path, EntryKind kind, string what)
     {
-        var kind = Kind(path);
         if (IsSpecial(kind))
             throw new UserError($"{path}: is {Describe(kind)}, not a regular file; {what} must be a regular file");
     }
@@ -100,7 +101,7 @@ public static partial class InputFile
         var kind = Kind(path);
         if (kind == EntryKind.Missing) throw new UserError($"{path}: no such file; {what} must be an existing regular file");
         if (kind == EntryKind.Folder) throw new UserError($"{path}: is a folder; {what} must be a regular file");
-        RefuseSpecial(path, what);
+        RefuseSpecial(path, kind, what);
         FileStream stream;
         try { stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read); }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)

@@ -355,7 +355,7 @@ public sealed class Experiment
             if (saved.WarmupSteps != now.WarmupSteps) diffs.Add($"warmupSteps: trained with {saved.WarmupSteps}, the spec says {now.WarmupSteps}");
             if (D(saved.Data) != D(now.Data)) diffs.Add($"data: trained on {D(saved.Data)}, the spec says {D(now.Data)}");
         }
-        var configPath = Path.Combine(folder, "config.json");
+        var configPath = Path.Combine(folder, RunFolder.ConfigFile);
         if (File.Exists(configPath))
         {
             using var saved = JsonDocument.Parse(InputFile.ReadAllText(configPath, InputFile.TextLimit, "a run's config.json"));

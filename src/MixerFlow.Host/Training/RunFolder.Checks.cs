@@ -14,7 +14,7 @@ public sealed partial class RunFolder
     public const string MetricsFile = "metrics.csv";
 
     /// <summary>The files a run writes; a folder holding any of them holds a run.</summary>
-    static readonly string[] RunFiles = [ConfigFile, "settings.json", MetricsFile, LastCheckpoint, BestCheckpoint, "summary.json"];
+    static readonly string[] RunFiles = [ConfigFile, SettingsFileName, MetricsFile, LastCheckpoint, BestCheckpoint, SummaryFileName];
 
     /// <summary>
     /// Refuses to start a fresh run in <paramref name="folder"/> when it already holds one (any of

@@ -160,8 +160,12 @@ public sealed partial class RunFolder
     /// <summary>The run's saved settings (settings.json).</summary>
     public string SettingsPath => SettingsFile(Path);
 
-    public static string SettingsFile(string folder) => System.IO.Path.Combine(folder, "settings.json");
-    public static string SummaryFile(string folder) => System.IO.Path.Combine(folder, "summary.json");
+    public static string SettingsFile(string folder) => System.IO.Path.Combine(folder, SettingsFileName);
+    public static string SummaryFile(string folder) => System.IO.Path.Combine(folder, SummaryFileName);
+    /// <summary>The run's resolved training settings, which a resume continues under.</summary>
+    public const string SettingsFileName = "settings.json";
+    /// <summary>The finished run's summary.</summary>
+    public const string SummaryFileName = "summary.json";
 
     /// <summary>Writes the run's resolved settings as settings.json (atomically).</summary>
     public void WriteSettings(TrainingSettings settings) => AtomicFile.WriteAllText(SettingsPath, settings.ToJson());
