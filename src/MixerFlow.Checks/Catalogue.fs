@@ -27,18 +27,22 @@ module Catalogue =
     /// instance in the save/load check gets a different permutation unless it is loaded.
     let private torchSeed () = int (torch.randint(0L, 1_000_000L, [| 1L |]).item<int64>())
 
+    [<CompiledName("ActNorm")>]
     let actNorm =
         spec "actnorm" (fun r ->
             let s = anyShape r
             if s.Length = 3 && r.Next 2 = 0 then new ActNorm(s, [| 0 |]) else new ActNorm(s))
+    [<CompiledName("BatchNorm")>]
     let batchNorm =
         spec "batchnorm" (fun r ->
             let s = anyShape r
             if s.Length = 3 && r.Next 2 = 0 then new BatchNormFlow(s, [| 0 |]) else new BatchNormFlow(s))
+    [<CompiledName("AffineCoupling")>]
     let affineCoupling =
         spec "affine-coupling" (fun r ->
             let d = between r 2 8
             new AffineCoupling([| d |], partition r d, mlp r, pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.SoftClamp 1.0; ScaleBound.Sigmoid |]))
+    [<CompiledName("AffineCouplingConv")>]
     let affineCouplingConv =
         spec "affine-coupling-conv" (fun r ->
             let c = 2L * between r 1 2
@@ -46,10 +50,12 @@ module Catalogue =
     /// The affine coupling with a conditioner computing its products in bfloat16
     /// (Conditioners.Mlp with a compute type): in float32 the reduced path runs (the float64 checks
     /// see the plain network, which ignores it there).
+    [<CompiledName("AffineCouplingBfloat16")>]
     let affineCouplingBfloat16 =
         spec "affine-coupling-bfloat16" (fun r ->
             let d = between r 2 8
             new AffineCoupling([| d |], partition r d, Conditioners.Mlp(between r 4 12, r.Next(1, 3), torch.ScalarType.BFloat16)))
+    [<CompiledName("AdditiveCoupling")>]
     let additiveCoupling =
         spec "additive-coupling" (fun r ->
             let d = between r 2 8
@@ -58,6 +64,7 @@ module Catalogue =
     let private splineCouplingBuild (r: Random) : Bijector =
         let d = between r 2 6
         new SplineCoupling([| d |], partition r d, mlp r, r.Next(2, 7), float (between r 1 3))
+    [<CompiledName("SplineCoupling")>]
     let splineCoupling =
         specWith "spline-coupling" splineCouplingBuild
             // Wider than the spline's interval, so that both tails are exercised.
@@ -87,6 +94,7 @@ module Catalogue =
                 let s = b :?> SplineCoupling
                 torch.tensor([| -s.Bound; s.Bound; -1e3; 1e3; 0.0 |], dtype = torch.float64).unsqueeze(1L).expand(5L, b.InputShape.[0]).contiguous()))
 
+    [<CompiledName("Maf")>]
     let maf = spec "maf" (fun r -> new MaskedAutoregressive(between r 2 6, between r 6 12, r.Next(1, 3)))
     /// One of the elementwise maps, with random options.
     let private anyMap (r: Random) : ElementwiseMap =
@@ -96,10 +104,12 @@ module Catalogue =
         | _ -> RationalQuadratic(r.Next(2, 6), float (between r 1 3))
     /// Wider than the splines' interval, so that both tails are exercised.
     let private wide = Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5)
+    [<CompiledName("Coupling")>]
     let coupling =
         specWith "coupling-generic" (fun r ->
             let d = between r 2 6
             new Coupling([| d |], partition r d, mlp r, anyMap r)) wide null null
+    [<CompiledName("SplineMaf")>]
     let splineMaf =
         specWith "spline-maf" (fun r ->
             new MaskedAutoregressive(between r 2 5, between r 6 12, r.Next(1, 3), RationalQuadratic(r.Next(2, 6), float (between r 1 3)))) wide null null
@@ -107,33 +117,45 @@ module Catalogue =
     /// torch generator: a fresh instance differs unless loaded).
     let private withContext (inner: Bijector) : Bijector =
         new FixedContext(inner, torch.randn(inner.ContextFeatures)) :> Bijector
+    [<CompiledName("ConditionalCoupling")>]
     let conditionalCoupling =
         specWith "conditional-coupling" (fun r ->
             let d = between r 2 6
             withContext (new Coupling([| d |], partition r d, mlp r, anyMap r, between r 1 3))) wide null null
+    [<CompiledName("ConditionalMaf")>]
     let conditionalMaf =
         specWith "conditional-maf" (fun r ->
             withContext (new MaskedAutoregressive(between r 1 4, between r 6 12, r.Next(1, 3), anyMap r, between r 1 3))) wide null null
+    [<CompiledName("PermutationReverse")>]
     let permutationReverse = spec "permutation-reverse" (fun r -> Permutation.Reverse(anyShape r))
+    [<CompiledName("PermutationRandom")>]
     let permutationRandom =
         spec "permutation-random" (fun r ->
             let s = anyShape r
             Permutation.Random((if s.[0] < 2L then [| 4L |] else s), torchSeed ()))
+    [<CompiledName("LuLinear")>]
     let luLinear = spec "lu-linear" (fun r -> LULinear.Vector(between r 2 6))
+    [<CompiledName("Conv1x1")>]
     let conv1x1 = spec "conv1x1" (fun r -> LULinear.Conv1x1(between r 2 4, between r 1 3, between r 1 3))
+    [<CompiledName("Squeeze")>]
     let squeeze = spec "squeeze" (fun r -> new Squeeze(imageShape r))
     let private patchify strategy name =
         spec name (fun r ->
             let c, h, w = between r 1 2, between r 1 2, between r 1 2
             let p = between r 1 2
             new Patchify([| c; h * p; w * p |], strategy, p))
+    [<CompiledName("PatchifySquare")>]
     let patchifySquare = patchify PatchStrategy.Square "patchify-square"
+    [<CompiledName("PatchifyBands")>]
     let patchifyBands = patchify PatchStrategy.Bands "patchify-bands"
+    [<CompiledName("PatchifyStripes")>]
     let patchifyStripes = patchify PatchStrategy.Stripes "patchify-stripes"
+    [<CompiledName("Shift")>]
     let shift =
         spec "shift" (fun r ->
             let s = [| between r 1 2; between r 2 5; between r 2 5 |]
             new Shift(s, between r -3 3, between r -3 3))
+    [<CompiledName("Reshape")>]
     let reshape =
         spec "reshape" (fun r ->
             let image = imageShape r
@@ -144,14 +166,17 @@ module Catalogue =
         | 0 -> new AffineCoupling([| d |], partition r d, mlp r)
         | 1 -> new MaskedAutoregressive(d, between r 4 8, 1)
         | _ -> new Chain([ new ActNorm([| d |]) :> Bijector; new AdditiveCoupling([| d |], partition r d, mlp r) ])
+    [<CompiledName("RowWise")>]
     let rowWise =
         spec "row-wise" (fun r ->
             let d = between r 2 4
             new RowWise(between r 2 4, vectorFlow r d))
+    [<CompiledName("ColumnWise")>]
     let columnWise =
         spec "column-wise" (fun r ->
             let p = between r 2 4
             new ColumnWise(between r 2 4, vectorFlow r p))
+    [<CompiledName("Partial")>]
     let partial =
         spec "partial" (fun r ->
             let c = between r 2 4
@@ -161,10 +186,12 @@ module Catalogue =
                 if r.Next 2 = 0 then new Chain([ new Squeeze([| k; h; w |]) :> Bijector; new ActNorm([| 4L * k; h / 2L; w / 2L |]); new Inverted(new Squeeze([| k; h; w |])) ])
                 else LULinear.Conv1x1(k, h, w) :> Bijector
             new Partial([| c; h; w |], k, inner))
+    [<CompiledName("SplitPrior")>]
     let splitPrior =
         spec "split-prior" (fun r ->
             let c = 2L * between r 1 2
             new AffineCoupling([| c; between r 2 3; between r 2 3 |], Partition.Halves c, Conditioners.ZeroConv()))
+    [<CompiledName("Dequantize")>]
     let dequantize =
         specWith "dequantize" (fun r -> new Dequantize(anyShape r))
             (Func<Bijector, int64, Tensor>(fun b n -> torch.randint(0L, 256L, batchShape n b.InputShape).to_type(torch.float32)))
@@ -172,6 +199,7 @@ module Catalogue =
                 let n = b.InputSize
                 torch.stack([| torch.zeros(b.InputShape); torch.full(b.InputShape, scalar 255.0) |])))
             null
+    [<CompiledName("Logit")>]
     let logit =
         specWith "logit" (fun r -> new Logit(anyShape r, pick r [| 0.05; 0.01; 1e-3 |]))
             (Func<Bijector, int64, Tensor>(fun b n -> torch.rand(batchShape n b.InputShape)))
@@ -179,6 +207,7 @@ module Catalogue =
                 torch.stack([| for v in [ 0.0; 1.0; 1e-12; 1.0 - 1e-12 ] -> torch.full(b.InputShape, scalar v, dtype = torch.float64) |])))
             (Func<Bijector, Tensor>(fun b ->
                 torch.stack([| for v in [ -40.0; 40.0; -1e4; 1e4 ] -> torch.full(b.InputShape, scalar v, dtype = torch.float64) |])))
+    [<CompiledName("Chain")>]
     let chain =
         spec "chain" (fun r ->
             let d = between r 2 6
@@ -188,29 +217,33 @@ module Catalogue =
                   LULinear.Vector d
                   Permutation.Random([| d |], torchSeed ())
                   new SplineCoupling([| d |], partition r d, mlp r) ]))
+    [<CompiledName("Inverted")>]
     let inverted = spec "inverted-maf" (fun r -> new Inverted(new MaskedAutoregressive(between r 2 5, 8L, 1)))
 
     /// Every built-in family, in catalogue order.
-    let all : BijectorSpec list =
-        [ actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
-          permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-          patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
-          coupling; splineMaf; conditionalCoupling; conditionalMaf ]
+    [<CompiledName("All")>]
+    let all : Collections.Generic.IReadOnlyList<BijectorSpec> =
+        [| actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
+           permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
+           patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
+           coupling; splineMaf; conditionalCoupling; conditionalMaf |]
 
     /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
     /// assembly, what the catalogue must cover.
-    let bijectorTypes (assembly: Reflection.Assembly) : Type list =
+    [<CompiledName("BijectorTypes")>]
+    let bijectorTypes (assembly: Reflection.Assembly) : Collections.Generic.IReadOnlyList<Type> =
         assembly.GetTypes()
         |> Array.filter (fun t ->
             (t.IsPublic || t.IsNestedPublic) && not t.IsAbstract && not t.IsGenericTypeDefinition
             && typeof<Bijector>.IsAssignableFrom t)
         |> Array.sortBy (fun t -> t.FullName)
-        |> Array.toList
+        :> _
 
     /// The runtime types of every bijector that the catalogue's specs build for shape seeds
     /// 0 .. seeds - 1, inner parts of chains and wrappers included (torch seeded alike, since
     /// some specs draw choices from it).
-    let coveredTypes (seeds: int) : Type list =
+    [<CompiledName("CoveredTypes")>]
+    let coveredTypes (seeds: int) : Collections.Generic.IReadOnlyList<Type> =
         [ for s in all do
                 for seed in 0 .. seeds - 1 do
                     use _ = torch.NewDisposeScope()
@@ -218,9 +251,12 @@ module Catalogue =
                     for b in PropertyChecks.allBijectors (s.Build.Invoke(Random seed)) -> b.GetType() ]
         |> List.distinct
         |> List.sortBy (fun t -> t.FullName)
+        |> List.toArray
+        :> _
 
     /// Looks a family up by name; the error lists the names that exist.
-    let find (name: string) =
-        match all |> List.tryFind (fun s -> String.Equals(s.Name, name, StringComparison.OrdinalIgnoreCase)) with
+    [<CompiledName("Find")>]
+    let find (name: string) : BijectorSpec =
+        match all |> Seq.tryFind (fun s -> String.Equals(s.Name, name, StringComparison.OrdinalIgnoreCase)) with
         | Some s -> s
-        | None -> invalidArg "name" (sprintf "no built-in bijector named '%s'; known: %s" name (String.Join(", ", all |> List.map (fun s -> s.Name))))
+        | None -> invalidArg "name" (sprintf "no built-in bijector named '%s'; known: %s" name (String.Join(", ", all |> Seq.map (fun s -> s.Name))))

@@ -25,19 +25,7 @@ public static class Program
         }
         try
         {
-            return parsed.Command switch
-            {
-                Command.Train t => ModelVerbs.Train(t.settings, Console.Out),
-                Command.Eval e => ModelVerbs.Eval(e.Item, Console.Out),
-                Command.Sample s => ModelVerbs.Sample(s.Item, Console.Out),
-                Command.Embed e => ModelVerbs.Embed(e.Item, Console.Out),
-                Command.Check c => CheckVerb.Run(c.Item, Console.Out),
-                Command.Info i => InfoVerb.Run(i.Item, Console.Out),
-                Command.Interpolate p => ModelVerbs.Interpolate(p.Item, Console.Out),
-                Command.Export x => ModelVerbs.Export(x.Item, Console.Out),
-                Command.Experiment e => ExperimentVerb.Run(e.Item, Console.Out),
-                _ => throw new InvalidOperationException($"command {parsed.Command} has no handler"),
-            };
+            return parsed.Command.Accept(new VerbHandler(Console.Out));
         }
         catch (UserError e)
         {
@@ -65,6 +53,21 @@ public static class Program
             Console.Error.WriteLine(parsed.Verbose ? e.ToString() : "(run with --verbose for the stack trace)");
             return 1;
         }
+    }
+
+    /// <summary>Each verb's handler: a verb added to <see cref="ICommandHandler{TResult}"/> without a
+    /// method here does not compile.</summary>
+    sealed class VerbHandler(TextWriter output) : ICommandHandler<int>
+    {
+        public int Train(TrainCommand command) => ModelVerbs.Train(command.Settings, output);
+        public int Eval(EvalCommand command) => ModelVerbs.Eval(command, output);
+        public int Sample(SampleCommand command) => ModelVerbs.Sample(command, output);
+        public int Embed(EmbedCommand command) => ModelVerbs.Embed(command, output);
+        public int Info(InfoCommand command) => InfoVerb.Run(command, output);
+        public int Check(CheckCommand command) => CheckVerb.Run(command, output);
+        public int Interpolate(InterpolateCommand command) => ModelVerbs.Interpolate(command, output);
+        public int Export(ExportCommand command) => ModelVerbs.Export(command, output);
+        public int Experiment(ExperimentCommand command) => ExperimentVerb.Run(command, output);
     }
 
     /// <summary>A message on one line: line breaks become "; ".</summary>

@@ -197,50 +197,96 @@ type MainArgs =
             | Experiment _ -> "train several models under one budget and compare them: results.csv/.md, held-out curves, samples side by side."
             | Check _ -> "run the property checks (inverse, log-det vs autograd Jacobian, ...) on the built-in bijectors."
 
+/// A handler of the parsed verbs, one method per verb: a handler that lacks a verb does not
+/// compile. `ICommand.Accept` calls the method of its verb.
+type ICommandHandler<'Result> =
+    /// `train`.
+    abstract Train: command: TrainCommand -> 'Result
+    /// `eval`.
+    abstract Eval: command: EvalCommand -> 'Result
+    /// `sample`.
+    abstract Sample: command: SampleCommand -> 'Result
+    /// `embed`.
+    abstract Embed: command: EmbedCommand -> 'Result
+    /// `info`.
+    abstract Info: command: InfoCommand -> 'Result
+    /// `check`.
+    abstract Check: command: CheckCommand -> 'Result
+    /// `interpolate`.
+    abstract Interpolate: command: InterpolateCommand -> 'Result
+    /// `export`.
+    abstract Export: command: ExportCommand -> 'Result
+    /// `experiment`.
+    abstract Experiment: command: ExperimentCommand -> 'Result
+
+/// A parsed verb with its arguments.
+and [<AllowNullLiteral>] ICommand =
+    /// Calls the handler's method for this verb and returns what it returns.
+    abstract Accept<'Result> : handler: ICommandHandler<'Result> -> 'Result
+
+/// `train`: the library's own settings record.
+and TrainCommand =
+    { Settings: TrainingSettings }
+    interface ICommand with
+        member c.Accept h = h.Train c
 /// `eval`: score a checkpoint.
-type EvalCommand = { Checkpoint: string; Data: string; Split: Split; BatchSize: int; Device: Device }
+and EvalCommand =
+    { Checkpoint: string; Data: string; Split: Split; BatchSize: int; Device: Device }
+    interface ICommand with
+        member c.Accept h = h.Eval c
 /// `sample`: sample grids from a checkpoint.
-type SampleCommand = { Checkpoint: string; Count: int; Temperatures: float[]; Out: string; Seed: int }
+and SampleCommand =
+    { Checkpoint: string; Count: int; Temperatures: float[]; Out: string; Seed: int }
+    interface ICommand with
+        member c.Accept h = h.Sample c
 /// `embed`: latents as CSV, and a linear probe.
-type EmbedCommand = { Checkpoint: string; Data: string; Out: string }
+and EmbedCommand =
+    { Checkpoint: string; Data: string; Out: string }
+    interface ICommand with
+        member c.Accept h = h.Embed c
 /// `info`: at most one of Preset and Checkpoint is non-null; Model is the resolved configuration
 /// (preset, --config file or checkpoint, with the --set overrides applied).
-type InfoCommand = { Preset: string; Checkpoint: string; TimeStep: bool; Model: ModelConfig }
+and InfoCommand =
+    { Preset: string; Checkpoint: string; TimeStep: bool; Model: ModelConfig }
+    interface ICommand with
+        member c.Accept h = h.Info c
 /// `interpolate`: the latent path between two images as a strip.
-type InterpolateCommand = { Checkpoint: string; From: string; To: string; Steps: int; Spherical: bool; Out: string }
+and InterpolateCommand =
+    { Checkpoint: string; From: string; To: string; Steps: int; Spherical: bool; Out: string }
+    interface ICommand with
+        member c.Accept h = h.Interpolate c
 /// `export`: a checkpoint's state as a safetensors file.
-type ExportCommand = { Checkpoint: string; Out: string }
+and ExportCommand =
+    { Checkpoint: string; Out: string }
+    interface ICommand with
+        member c.Accept h = h.Export c
 /// `check`: the property checks of the built-in bijectors.
-type CheckCommand = { Bijector: string; Cases: int; Precision: Precision; Seed: int }
-
+and CheckCommand =
+    { Bijector: string; Cases: int; Precision: Precision; Seed: int }
+    interface ICommand with
+        member c.Accept h = h.Check c
 /// `experiment`: run a spec file into a results folder.
-type ExperimentCommand = { Spec: string; Out: string }
-
-/// A parsed command line: one case per verb. `Train` carries the library's own settings record.
-type Command =
-    | Train of settings: TrainingSettings
-    | Eval of EvalCommand
-    | Sample of SampleCommand
-    | Embed of EmbedCommand
-    | Info of InfoCommand
-    | Check of CheckCommand
-    | Interpolate of InterpolateCommand
-    | Export of ExportCommand
-    | Experiment of ExperimentCommand
+and ExperimentCommand =
+    { Spec: string; Out: string }
+    interface ICommand with
+        member c.Accept h = h.Experiment c
 
 /// The outcome of parsing: a command, or help / an error with the exit code.
 [<Sealed; AllowNullLiteral>]
-type ParsedCommand(command: Command option, message: string, exitCode: int, verbose: bool) =
+type ParsedCommand(command: ICommand, message: string, exitCode: int, verbose: bool) =
+    /// A command (null when parsing stopped), the help or error text, the exit code.
     new(command, message, exitCode) = ParsedCommand(command, message, exitCode, false)
     /// --verbose was given: unexpected errors print their stack trace.
     member _.Verbose = verbose
-    /// The command, or null when parsing stopped (help or error).
-    member _.Command : Command = Option.toObj command
+    /// The command, or null when parsing stopped (help or error); dispatch with
+    /// `Command.Accept(handler)`.
+    member _.Command : ICommand = command
     /// Help text or error message to print when Command is null.
     member _.Message = message
     /// 0 after --help, 2 after a bad argument.
     member _.ExitCode = exitCode
-    member _.IsError = command.IsNone && exitCode <> 0
+    /// Parsing stopped at a bad argument (not at --help).
+    member _.IsError = isNull command && exitCode <> 0
 
 [<AbstractClass; Sealed>]
 type CommandLine =
@@ -254,7 +300,7 @@ type CommandLine =
         if Presets.All.ContainsKey name then name
         else failwithf "unknown preset '%s'; known presets: %s" name (Text.presets ())
 
-    static member private ToCommand(r: ParseResults<MainArgs>) : Command =
+    static member private ToCommand(r: ParseResults<MainArgs>) : ICommand =
         match r.GetSubCommand() with
         | MainArgs.Train t ->
             let d = TrainingSettings()
@@ -279,7 +325,7 @@ type CommandLine =
                 |> List.map snd
             let givenSet : Collections.Generic.IReadOnlySet<string> =
                 if resume.IsSome then Collections.Generic.HashSet<string>(given) else null
-            Command.Train(
+            { Settings =
                 TrainingSettings(
                     Model = (if resume.IsSome then Presets.Get(defaultArg preset Presets.Default)
                              else ConfigOverrides.Resolve(Option.toObj preset, Option.toObj config, sets)),
@@ -297,10 +343,10 @@ type CommandLine =
                     Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
                     CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery),
                     ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
-                    Given = givenSet))
+                    Given = givenSet) } :> ICommand
         | MainArgs.Eval e ->
-            Command.Eval
-                { Checkpoint = e.GetResult EvalArgs.Checkpoint
+            upcast
+                { EvalCommand.Checkpoint = e.GetResult EvalArgs.Checkpoint
                   Data = e.TryGetResult EvalArgs.Data |> Option.toObj
                   Split = e.GetResult(EvalArgs.Split, defaultValue = Split.Test)
                   BatchSize = e.TryPostProcessResult(EvalArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue 256
@@ -312,8 +358,8 @@ type CommandLine =
                     else ts)
                 |> Option.defaultValue [ 0.7 ]
                 |> List.toArray
-            Command.Sample
-                { Checkpoint = s.GetResult SampleArgs.Checkpoint
+            upcast
+                { SampleCommand.Checkpoint = s.GetResult SampleArgs.Checkpoint
                   Count =
                     s.TryPostProcessResult(SampleArgs.Count, fun n ->
                         if n < 1 || n > 10000 then failwithf "must lie in 1..10000 (1024 images per PNG grid), got %d" n else n)
@@ -322,10 +368,10 @@ type CommandLine =
                   Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
                   Seed = s.GetResult(SampleArgs.Seed, defaultValue = 0) }
         | MainArgs.Embed e ->
-            Command.Embed { Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
+            upcast { EmbedCommand.Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
         | MainArgs.Check c ->
-            Command.Check
-                { Bijector = c.TryGetResult CheckArgs.Bijector |> Option.toObj
+            upcast
+                { CheckCommand.Bijector = c.TryGetResult CheckArgs.Bijector |> Option.toObj
                   Cases = c.TryPostProcessResult(CheckArgs.Cases, CommandLine.Positive) |> Option.defaultValue 12
                   Precision = c.GetResult(CheckArgs.Dtype, defaultValue = Precision.Both)
                   Seed = c.GetResult(CheckArgs.Seed, defaultValue = 20261129) }
@@ -335,17 +381,17 @@ type CommandLine =
             let timeStep = i.Contains InfoArgs.Time_Step
             match preset, i.TryGetResult InfoArgs.Checkpoint, i.TryGetResult InfoArgs.Config with
             | Some p, None, None ->
-                Command.Info { Preset = p; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(p, null, sets) }
+                upcast { InfoCommand.Preset = p; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(p, null, sets) }
             | None, Some c, None ->
-                Command.Info { Preset = null; Checkpoint = c; TimeStep = timeStep; Model = ConfigOverrides.Apply(MixerFlow.Host.Models.Checkpoint.ReadConfig c, sets) }
+                upcast { InfoCommand.Preset = null; Checkpoint = c; TimeStep = timeStep; Model = ConfigOverrides.Apply(MixerFlow.Host.Models.Checkpoint.ReadConfig c, sets) }
             | None, None, Some f ->
-                Command.Info { Preset = null; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(null, f, sets) }
+                upcast { InfoCommand.Preset = null; Checkpoint = null; TimeStep = timeStep; Model = ConfigOverrides.Resolve(null, f, sets) }
             | _ -> i.Raise("info needs exactly one of --preset NAME, --config FILE and --checkpoint FILE")
         | MainArgs.Export x ->
-            Command.Export { Checkpoint = x.GetResult ExportArgs.Checkpoint; Out = x.GetResult ExportArgs.Out }
+            upcast { ExportCommand.Checkpoint = x.GetResult ExportArgs.Checkpoint; Out = x.GetResult ExportArgs.Out }
         | MainArgs.Interpolate p ->
-            Command.Interpolate
-                { Checkpoint = p.GetResult InterpolateArgs.Checkpoint
+            upcast
+                { InterpolateCommand.Checkpoint = p.GetResult InterpolateArgs.Checkpoint
                   From = p.GetResult InterpolateArgs.From
                   To = p.GetResult InterpolateArgs.To
                   Steps =
@@ -356,8 +402,8 @@ type CommandLine =
                   Out = p.GetResult(InterpolateArgs.Out, defaultValue = "interpolation.png") }
         | MainArgs.Experiment e ->
             let spec = e.GetResult ExperimentArgs.Spec
-            Command.Experiment
-                { Spec = spec
+            upcast
+                { ExperimentCommand.Spec = spec
                   Out = e.GetResult(ExperimentArgs.Out, defaultValue = IO.Path.Combine("runs", IO.Path.GetFileNameWithoutExtension spec)) }
         | MainArgs.Verbose -> r.Raise("--verbose goes before a verb: mixerflow --verbose train ...")
 
@@ -383,11 +429,11 @@ type CommandLine =
     static member Parse(argv: string[]) : ParsedCommand =
         try
             let r = CommandLine.Parser.ParseCommandLine(argv, raiseOnUsage = true)
-            ParsedCommand(Some(CommandLine.ToCommand r), null, 0, r.Contains MainArgs.Verbose)
+            ParsedCommand(CommandLine.ToCommand r, null, 0, r.Contains MainArgs.Verbose)
         with
-        | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(None, e.Message, 0)
-        | :? ArguParseException as e -> ParsedCommand(None, CommandLine.ErrorLine(argv, e.Message), 2)
+        | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText -> ParsedCommand(null, e.Message, 0)
+        | :? ArguParseException as e -> ParsedCommand(null, CommandLine.ErrorLine(argv, e.Message), 2)
         // A configuration that cannot be resolved (--config file, --set key=value): one line.
-        | :? MixerFlow.Host.UserError as e -> ParsedCommand(None, "error: " + e.Message, 2)
-        | :? System.IO.IOException as e -> ParsedCommand(None, "error: " + e.Message, 2)
-        | :? UnauthorizedAccessException as e -> ParsedCommand(None, "error: " + e.Message, 2)
+        | :? MixerFlow.Host.UserError as e -> ParsedCommand(null, "error: " + e.Message, 2)
+        | :? System.IO.IOException as e -> ParsedCommand(null, "error: " + e.Message, 2)
+        | :? UnauthorizedAccessException as e -> ParsedCommand(null, "error: " + e.Message, 2)

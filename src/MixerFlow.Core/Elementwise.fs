@@ -107,10 +107,10 @@ type RationalQuadratic(bins: int, bound: float) =
     /// Knot positions on the input side, [B, ..., K+1], for parameters h [B, 3K-1, ...].
     member this.InputKnots(h: Tensor) =
         let struct (uw, _, _) = this.Split h
-        fst (Spline.knots uw bound Spline.minBinWidth)
+        (Spline.knots (uw, bound, Spline.minBinWidth)).Positions
     member private this.Apply(x: Tensor, h: Tensor, inverse: bool) =
         let struct (uw, uh, ud) = this.Split h
-        let y, logDeriv = Spline.apply x uw uh ud bound inverse
-        struct (y, logDeriv)
+        let r = Spline.apply (x, uw, uh, ud, bound, inverse)
+        struct (r.Output, r.LogDerivative)
     override this.Forward(x, h) = this.Apply(x, h, false)
     override this.Inverse(y, h) = this.Apply(y, h, true)

@@ -29,7 +29,7 @@ let ``built-in bijector passes check`` (name: string, kind: CheckKind, dtype: st
 
 [<Fact>]
 let ``the catalogue covers all eleven families of the design`` () =
-    let names = Catalogue.all |> List.map (fun s -> s.Name) |> Set.ofList
+    let names = Catalogue.all |> Seq.map (fun s -> s.Name) |> Set.ofSeq
     for required in
         [ "actnorm"; "batchnorm"; "affine-coupling"; "additive-coupling"; "spline-coupling"; "maf"
           "permutation-reverse"; "permutation-random"; "lu-linear"; "conv1x1"; "squeeze"; "patchify-square"
@@ -49,11 +49,11 @@ let ``every concrete bijector in Core appears in the catalogue`` () =
     Assert.DoesNotContain(typeof<Lifted>, core)   // abstract: not a catalogue entry of its own
     Assert.Contains(typeof<Coupling>, core)
     let covered = Catalogue.coveredTypes 8
-    let missing = core |> List.except covered
+    let missing = core |> Seq.except covered |> Seq.toList
     Assert.True(missing.IsEmpty, sprintf "bijectors in Core without a catalogue entry: %s" (String.Join(", ", missing |> Seq.map (fun t -> t.Name))))
     // A bijector type without an entry is noticed: this assembly's broken twins stand in for a
     // new Core type that nobody catalogued.
-    let withNew = core @ Catalogue.bijectorTypes typeof<Broken.ForgetfulShift>.Assembly
-    let missingNew = withNew |> List.except covered
+    let withNew = Seq.append core (Catalogue.bijectorTypes typeof<Broken.ForgetfulShift>.Assembly)
+    let missingNew = withNew |> Seq.except covered
     Assert.Contains(typeof<Broken.ForgetfulShift>, missingNew)
     Assert.Contains(typeof<Broken.FaultyAffine>, missingNew)

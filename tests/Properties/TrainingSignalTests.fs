@@ -88,7 +88,7 @@ let private splineParameters (bins: int) (n: int) (scale: float) (seed: int64) =
 /// Inputs on every knot, on and just beside +-bound, far in both tails, 0 and random.
 let private splineInputs (spline: RationalQuadratic) (h: Tensor) (inverse: bool) =
     let struct (uw, uh, _) = spline.Split h
-    let knots = fst (Spline.knots (if inverse then uh else uw) spline.Bound Spline.minBinWidth)
+    let knots = (Spline.knots ((if inverse then uh else uw), spline.Bound, Spline.minBinWidth)).Positions
     let b = spline.Bound
     let special = [| -b; b; -b - 1e-4; b + 1e-4; -b + 1e-4; b - 1e-4; 0.0; -50.0; 50.0 |]
     let r = Random 3

@@ -106,14 +106,14 @@ public class ConfigOverrideTests
             var file = Path.Combine(dir, "model.json");
             File.WriteAllText(file, custom.ToJson());
 
-            var parsed = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(["train", "--config", file]).Command);
-            Assert.Equal(custom, parsed.settings.Model);
-            var withSet = Assert.IsType<MixerFlow.CommandLine.Command.Train>(
+            var parsed = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(MixerFlow.CommandLine.CommandLine.Parse(["train", "--config", file]).Command);
+            Assert.Equal(custom, parsed.Settings.Model);
+            var withSet = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(
                 MixerFlow.CommandLine.CommandLine.Parse(["train", "--config", file, "--set", "hiddenWidth=8"]).Command);
-            Assert.Equal(((MixerFlowConfig)custom) with { HiddenWidth = 8 }, withSet.settings.Model);
+            Assert.Equal(((MixerFlowConfig)custom) with { HiddenWidth = 8 }, withSet.Settings.Model);
             // a preset name is accepted as --config too
-            var preset = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(["train", "--config", "glow-tiny"]).Command);
-            Assert.Equal(Presets.Get("glow-tiny"), preset.settings.Model);
+            var preset = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(MixerFlow.CommandLine.CommandLine.Parse(["train", "--config", "glow-tiny"]).Command);
+            Assert.Equal(Presets.Get("glow-tiny"), preset.Settings.Model);
 
             var (code, output, err) = Cli("info", "--config", file, "--set", "hiddenWidth=8");
             Assert.True(code == 0, err);
@@ -289,9 +289,9 @@ public class ExperimentTests
     [Fact]
     public void The_experiment_verb_parses_its_spec_and_results_folder()
     {
-        var e = Assert.IsType<MixerFlow.CommandLine.Command.Experiment>(MixerFlow.CommandLine.CommandLine.Parse(["experiment", "experiments/shift.json"]).Command).Item;
+        var e = Assert.IsType<MixerFlow.CommandLine.ExperimentCommand>(MixerFlow.CommandLine.CommandLine.Parse(["experiment", "experiments/shift.json"]).Command);
         Assert.Equal(("experiments/shift.json", Path.Combine("runs", "shift")), (e.Spec, e.Out));
-        e = Assert.IsType<MixerFlow.CommandLine.Command.Experiment>(MixerFlow.CommandLine.CommandLine.Parse(["experiment", "s.json", "--out", "r"]).Command).Item;
+        e = Assert.IsType<MixerFlow.CommandLine.ExperimentCommand>(MixerFlow.CommandLine.CommandLine.Parse(["experiment", "s.json", "--out", "r"]).Command);
         Assert.Equal("r", e.Out);
         Assert.Null(MixerFlow.CommandLine.CommandLine.Parse(["experiment"]).Command);
     }

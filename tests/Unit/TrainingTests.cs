@@ -344,18 +344,18 @@ public class CommandLineTests
     {
         var parsed = MixerFlow.CommandLine.CommandLine.Parse(new[]
             { "train", "--preset", "tiny", "--steps", "7", "--batch-size", "3", "--lr", "0.01", "--seed", "5", "--device", "cpu", "--out", "x" });
-        var t = Assert.IsType<MixerFlow.CommandLine.Command.Train>(parsed.Command);
-        var s = t.settings;
+        var t = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(parsed.Command);
+        var s = t.Settings;
         Assert.Equal(MixerFlow.Host.Models.Presets.Get("tiny"), s.Model);
         Assert.Equal((7L, 3, 0.01, 5, "cpu", "x", false), (s.Steps, s.BatchSize, s.LearningRate, s.Seed, s.Device, s.RunFolder, s.Resume));
         var defaults = new TrainingSettings();
-        var d = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train" }).Command).settings;
+        var d = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train" }).Command).Settings;
         Assert.Equal(defaults with { Model = d.Model }, d);
-        var r = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--resume", "runs/a" }).Command).settings;
+        var r = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--resume", "runs/a" }).Command).Settings;
         Assert.Equal(("runs/a", true), (r.RunFolder, r.Resume));
         Assert.Empty(r.Given!);
-        var g = Assert.IsType<MixerFlow.CommandLine.Command.Train>(MixerFlow.CommandLine.CommandLine.Parse(
-            new[] { "train", "--resume", "runs/a", "--lr", "0.01", "--batch-size", "8", "--extend-steps", "100" }).Command).settings;
+        var g = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(MixerFlow.CommandLine.CommandLine.Parse(
+            new[] { "train", "--resume", "runs/a", "--lr", "0.01", "--batch-size", "8", "--extend-steps", "100" }).Command).Settings;
         Assert.Equal(new[] { "BatchSize", "LearningRate" }, g.Given!.Order());
         Assert.Equal(100L, g.ExtendSteps);
     }
@@ -363,10 +363,10 @@ public class CommandLineTests
     [Fact]
     public void Enumerated_options_parse_to_their_cases_and_name_the_choices_in_help()
     {
-        var e = Assert.IsType<MixerFlow.CommandLine.Command.Eval>(
-            MixerFlow.CommandLine.CommandLine.Parse(new[] { "eval", "--checkpoint", "a.ckpt", "--split", "train", "--device", "cuda" }).Command).Item;
+        var e = Assert.IsType<MixerFlow.CommandLine.EvalCommand>(
+            MixerFlow.CommandLine.CommandLine.Parse(new[] { "eval", "--checkpoint", "a.ckpt", "--split", "train", "--device", "cuda" }).Command);
         Assert.Equal((MixerFlow.CommandLine.Split.Train, MixerFlow.CommandLine.Device.Cuda), (e.Split, e.Device));
-        var c = Assert.IsType<MixerFlow.CommandLine.Command.Check>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "check", "--dtype", "float32" }).Command).Item;
+        var c = Assert.IsType<MixerFlow.CommandLine.CheckCommand>(MixerFlow.CommandLine.CommandLine.Parse(new[] { "check", "--dtype", "float32" }).Command);
         Assert.Equal(MixerFlow.CommandLine.Precision.Float32, c.Precision);
         var help = MixerFlow.CommandLine.CommandLine.Parse(new[] { "train", "--help" }).Message;
         foreach (var name in MixerFlow.Host.Models.Presets.Names) Assert.Contains(name, help);

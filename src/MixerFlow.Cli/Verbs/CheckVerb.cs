@@ -14,7 +14,7 @@ public static class CheckVerb
         IEnumerable<BijectorSpec> specs;
         try
         {
-            specs = options.Bijector is null ? Catalogue.all : new[] { Catalogue.find(options.Bijector) };
+            specs = options.Bijector is null ? Catalogue.All : new[] { Catalogue.Find(options.Bijector) };
         }
         catch (ArgumentException e)
         {

@@ -27,7 +27,7 @@ public static class Checkpoint
     /// section (the model's tensors; the optimiser's state when the header says there is one) as
     /// its length (Int64), its SHA-256 and its bytes. Every checksum is verified before anything
     /// of its section is used, so a damaged file is refused by name instead of loading silently.
-    /// 4: spline knot derivatives as softplus(u + c) + 1e-3 with c = <see cref="Spline.derivativeShift"/>
+    /// 4: spline knot derivatives as softplus(u + c) + 1e-3 with c = <see cref="Spline.DerivativeShift"/>
     /// (zero parameters give derivative 1), where earlier versions had softplus(u) + 1e-3. A
     /// spline model of an earlier version is converted as it loads: c is subtracted from the
     /// conditioner biases that produce u, so that it computes exactly what it computed before.
@@ -337,7 +337,7 @@ public static class Checkpoint
                 _ => null,
             } ?? throw new InvalidOperationException($"{coupling.Name}: a spline coupling's conditioner without a last layer with a bias");
             long nB = coupling.Partition.Transformed.Length;
-            bias.narrow(0, 2L * spline.Bins * nB, (spline.Bins - 1L) * nB).sub_(Ops.Scalar(Spline.derivativeShift));
+            bias.narrow(0, 2L * spline.Bins * nB, (spline.Bins - 1L) * nB).sub_(Ops.Scalar(Spline.DerivativeShift));
         }
     }
 }
