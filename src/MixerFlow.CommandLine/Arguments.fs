@@ -29,6 +29,9 @@ module internal Text =
     let lower (e: 'E) = (string e).ToLowerInvariant()
     let configUsage =
         "a model configuration: a JSON file as `info` prints it and run folders keep it (config.json), a checkpoint (.ckpt), or a preset name."
+    /// The data formats as the registry lists them (MixerFlow.Host.Data.DataFormats).
+    let dataUsage =
+        "a data file or folder: " + MixerFlow.Host.Data.DataFormats.Summary + " (default: the embedded Fashion-MNIST test split)."
     let setUsage =
         "change one configuration field, repeatable: --set patches=bands --set shift=false --set channelFlow=spline --set hiddenWidth=64 (keys as in the JSON, case-insensitive; enums by name)."
 
@@ -83,7 +86,7 @@ type TrainArgs =
             | Preset _ -> sprintf "model preset (default %s): %s." Presets.Default (Text.presets ())
             | Config _ -> Text.configUsage + " Instead of --preset."
             | Override _ -> Text.setUsage
-            | Data _ -> "folder of IDX files (MNIST / Fashion-MNIST), CIFAR-10 binary batches or PNG/JPEG images (default: the embedded Fashion-MNIST test split)."
+            | Data _ -> Text.dataUsage
             | Out _ -> "run folder (default runs/<preset>-<time>)."
             | Epochs _ -> sprintf "number of passes over the training images (default %d)." d.Epochs
             | Steps _ -> "number of optimiser steps (instead of --epochs)."
@@ -106,7 +109,7 @@ type EvalArgs =
         member a.Usage =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
-            | Data _ -> "data folder (default: the embedded Fashion-MNIST test split)."
+            | Data _ -> Text.dataUsage
             | Split _ -> "test (held-out, default) or train."
             | Batch_Size _ -> "images per batch (default 256)."
             | Device _ -> "cpu or cuda (default cpu)."
@@ -134,7 +137,7 @@ type EmbedArgs =
         member a.Usage =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
-            | Data _ -> "data folder (default: the embedded Fashion-MNIST test split)."
+            | Data _ -> Text.dataUsage
             | Out _ -> "CSV file: one row per image, the label (if any) and the latent."
 
 type ExportArgs =

@@ -63,9 +63,8 @@ internal static class ImageFolderFormat
         }
         if (files.Count == 0)
             throw new UserError(
-                $"'{folder}' holds no PNG or JPEG images{(skipped > 0 ? $" ({skipped} other files)" : "")}; expected IDX files " +
-                "(train-images-idx3-ubyte[.gz], ...), CIFAR-10 batches (data_batch_1.bin, ..., test_batch.bin), " +
-                "or PNG/JPEG images, directly or in one subfolder per class");
+                $"'{folder}' holds no PNG or JPEG images{(skipped > 0 ? $" ({skipped} other files)" : "")}; expected " +
+                $"{DataFormats.FolderListing}, the images directly or in one subfolder per class");
 
         int size = channels * height * width;
         if ((long)files.Count * size > Array.MaxLength)
