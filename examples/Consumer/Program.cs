@@ -86,10 +86,12 @@ static Tensor Pictures(int n)
 {
     var g = arange(28, dtype: float32);
     var (yy, xx) = (g.view(1, 1, 28, 1), g.view(1, 1, 1, 28));
-    var cx = rand(n, 1, 1, 1) * 14 + 7;
-    var cy = rand(n, 1, 1, 1) * 14 + 7;
-    var d2 = (xx - cx).pow(2) + (yy - cy).pow(2);
-    return (255 * exp(-d2 / 30)).round().clamp(0, 255);
+    // Ops and cached Scalars instead of `t * 14 + 7`: TorchSharp's operators with numbers create
+    // temporary Scalars that the garbage collector can free while native code reads them.
+    var cx = Ops.AddScalar(rand(n, 1, 1, 1).mul(Ops.Scalar(14.0)), 7.0);
+    var cy = Ops.AddScalar(rand(n, 1, 1, 1).mul(Ops.Scalar(14.0)), 7.0);
+    var d2 = Ops.Add(xx.sub(cx).pow(Ops.Scalar(2.0)), yy.sub(cy).pow(Ops.Scalar(2.0)));
+    return exp(d2.div(Ops.Scalar(-30.0))).mul(Ops.Scalar(255.0)).round().clamp(Ops.Scalar(0.0), Ops.Scalar(255.0));
 }
 
 /// <summary>Three correlated Gaussians in the plane: exact samples and log-density.</summary>

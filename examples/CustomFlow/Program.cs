@@ -36,7 +36,7 @@ foreach (var spec in specs)
 // 2. Check one given instance as it is (a trained model, say): not rebuilt, not re-noised, and
 //    left as it was. Without a factory of fresh instances the save/load check is skipped.
 var given = new Chain(new Bijector[] { new ActNorm(new[] { 4L }), new SinhAffine(4), LULinear.Vector(4) });
-foreach (var result in BijectorChecks.RunOn(given, CheckOptions.Float32.WithCases(4), n => randn(n, 4) * 2.0))
+foreach (var result in BijectorChecks.RunOn(given, CheckOptions.Float32.WithCases(4), n => randn(n, 4).mul(Ops.Scalar(2.0))))
 {
     Console.WriteLine($"{"given instance",-24} ({result.Letter}) {result.Check,-14} " +
         (result.Applicable ? $"worst {result.WorstError:0.0e+00}  {(result.Passed ? "pass" : "FAIL")}" : $"skipped: {result.Message}"));
@@ -62,17 +62,21 @@ sealed class SinhAffine : Bijector
         register_parameter(nameof(b), b);
     }
 
+    // Arithmetic through methods and Ops, not `a + b` or `t * 0.5`: TorchSharp's operators (and
+    // any number where a Scalar is expected) create a temporary Scalar that the garbage collector
+    // can free while native code still reads it. Ops.Scalar(c) is cached for the process's life.
     public override Transformed Forward(Tensor x)
     {
-        var u = logA.exp() * x.asinh() + b;
-        var logDet = (u.cosh().log() + logA - (x.square() + 1).log() * 0.5).sum(1);
+        var u = Ops.Add(logA.exp().mul(x.asinh()), b);
+        var halfLog1pX2 = Ops.AddScalar(x.mul(x), 1.0).log().mul(Ops.Scalar(0.5));
+        var logDet = Ops.Add(u.cosh().log(), logA).sub(halfLog1pX2).sum(1);
         return new Transformed(u.sinh(), logDet);
     }
 
     public override Transformed Inverse(Tensor y)
     {
-        var x = ((y.asinh() - b) * (-logA).exp()).sinh();
+        var x = y.asinh().sub(b).mul(logA.neg().exp()).sinh();
         var forward = Forward(x);
-        return new Transformed(x, -forward.LogDet);
+        return new Transformed(x, forward.LogDet.neg());
     }
 }

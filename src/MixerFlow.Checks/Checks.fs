@@ -95,7 +95,7 @@ type CheckOptions =
       ParameterNoise: float
       NoiseScaling: NoiseScaling }
     static member Float64 =
-        { DType = torch.float64; Device = torch.CPU; Cases = 12; Seed = 20261129
+        { DType = torch.float64; Device = torch.CPU; Cases = Defaults.CheckCases; Seed = Defaults.CheckSeed
           ParameterNoise = 0.2; NoiseScaling = NoiseScaling.PerBlock }
     static member Float32 = { CheckOptions.Float64 with DType = torch.float32 }
     member o.WithCases(n) = { o with Cases = n }

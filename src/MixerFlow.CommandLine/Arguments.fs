@@ -5,6 +5,7 @@ namespace MixerFlow.CommandLine
 
 open System
 open Argu
+open MixerFlow.Core
 open MixerFlow.Host.Models
 open MixerFlow.Host.Training
 
@@ -44,9 +45,9 @@ type CheckArgs =
         member a.Usage =
             match a with
             | Bijector _ -> "check only this built-in bijector (default: all); names as listed by `check`."
-            | Cases _ -> "random cases per property (default 12)."
+            | Cases _ -> sprintf "random cases per property (default %d)." Defaults.CheckCases
             | Dtype _ -> "float64, float32 or both (default both)."
-            | Seed _ -> "seed that derandomises the FsCheck runs (default 20261129)."
+            | Seed _ -> sprintf "seed that derandomises the FsCheck runs (default %d)." Defaults.CheckSeed
 
 type InfoArgs =
     | Preset of name: string
@@ -111,7 +112,7 @@ type EvalArgs =
             | Checkpoint _ -> "checkpoint file written by train."
             | Data _ -> Text.dataUsage
             | Split _ -> "test (held-out, default) or train."
-            | Batch_Size _ -> "images per batch (default 256)."
+            | Batch_Size _ -> sprintf "images per batch (default %d)." Defaults.EvaluationBatchSize
             | Device _ -> "cpu or cuda (default cpu)."
 
 type SampleArgs =
@@ -124,10 +125,10 @@ type SampleArgs =
         member a.Usage =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
-            | Count _ -> "samples per temperature, at most 10000 (default 64); drawn 256 at a time, 1024 per PNG grid (numbered files beyond)."
-            | Temperature _ -> "one or more temperatures in [0, 10] (default 0.7)."
+            | Count _ -> sprintf "samples per temperature, at most 10000 (default %d); drawn %d at a time, 1024 per PNG grid (numbered files beyond)." Defaults.SampleCount Defaults.SampleBatchSize
+            | Temperature _ -> sprintf "one or more temperatures in [0, 10] (default %g)." Defaults.SampleTemperature
             | Out _ -> "PNG file (default samples.png); one file per temperature when several are given."
-            | Seed _ -> "seed of the base samples (default 0)."
+            | Seed _ -> sprintf "seed of the base samples (default %d)." Defaults.SampleSeed
 
 type EmbedArgs =
     | [<Mandatory>] Checkpoint of file: string
@@ -162,7 +163,7 @@ type InterpolateArgs =
             | Checkpoint _ -> "checkpoint file written by train."
             | From _ -> "the first image (PNG or JPEG; scaled to cover the model's size and centre-cropped)."
             | To _ -> "the last image."
-            | Steps _ -> "images on the path, the two ends included, 2..64 (default 10)."
+            | Steps _ -> sprintf "images on the path, the two ends included, 2..64 (default %d)." Defaults.InterpolationSteps
             | Linear -> "interpolate the latents linearly (default: spherically, keeping their norm)."
             | Out _ -> "PNG file for the strip (default interpolation.png)."
 type ExperimentArgs =
@@ -352,32 +353,32 @@ type CommandLine =
                 { EvalCommand.Checkpoint = e.GetResult EvalArgs.Checkpoint
                   Data = e.TryGetResult EvalArgs.Data |> Option.toObj
                   Split = e.GetResult(EvalArgs.Split, defaultValue = Split.Test)
-                  BatchSize = e.TryPostProcessResult(EvalArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue 256
+                  BatchSize = e.TryPostProcessResult(EvalArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue Defaults.EvaluationBatchSize
                   Device = e.GetResult(EvalArgs.Device, defaultValue = Device.Cpu) }
         | MainArgs.Sample s ->
             let temps =
                 s.TryPostProcessResult(SampleArgs.Temperature, fun ts ->
                     if ts.IsEmpty || ts |> List.exists (fun t -> not (t >= 0.0 && t <= 10.0)) then failwithf "needs values in [0, 10], got %s" (String.Join(" ", ts))
                     else ts)
-                |> Option.defaultValue [ 0.7 ]
+                |> Option.defaultValue [ Defaults.SampleTemperature ]
                 |> List.toArray
             upcast
                 { SampleCommand.Checkpoint = s.GetResult SampleArgs.Checkpoint
                   Count =
                     s.TryPostProcessResult(SampleArgs.Count, fun n ->
                         if n < 1 || n > 10000 then failwithf "must lie in 1..10000 (1024 images per PNG grid), got %d" n else n)
-                    |> Option.defaultValue 64
+                    |> Option.defaultValue Defaults.SampleCount
                   Temperatures = temps
                   Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
-                  Seed = s.GetResult(SampleArgs.Seed, defaultValue = 0) }
+                  Seed = s.GetResult(SampleArgs.Seed, defaultValue = Defaults.SampleSeed) }
         | MainArgs.Embed e ->
             upcast { EmbedCommand.Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
         | MainArgs.Check c ->
             upcast
                 { CheckCommand.Bijector = c.TryGetResult CheckArgs.Bijector |> Option.toObj
-                  Cases = c.TryPostProcessResult(CheckArgs.Cases, CommandLine.Positive) |> Option.defaultValue 12
+                  Cases = c.TryPostProcessResult(CheckArgs.Cases, CommandLine.Positive) |> Option.defaultValue Defaults.CheckCases
                   Precision = c.GetResult(CheckArgs.Dtype, defaultValue = Precision.Both)
-                  Seed = c.GetResult(CheckArgs.Seed, defaultValue = 20261129) }
+                  Seed = c.GetResult(CheckArgs.Seed, defaultValue = Defaults.CheckSeed) }
         | MainArgs.Info i ->
             let preset = i.TryPostProcessResult(InfoArgs.Preset, CommandLine.KnownPreset)
             let sets = i.GetResults InfoArgs.Override
@@ -400,7 +401,7 @@ type CommandLine =
                   Steps =
                     p.TryPostProcessResult(InterpolateArgs.Steps, fun n ->
                         if n < 2 || n > 64 then failwithf "must lie in 2..64, got %d" n else n)
-                    |> Option.defaultValue 10
+                    |> Option.defaultValue Defaults.InterpolationSteps
                   Spherical = not (p.Contains InterpolateArgs.Linear)
                   Out = p.GetResult(InterpolateArgs.Out, defaultValue = "interpolation.png") }
         | MainArgs.Experiment e ->

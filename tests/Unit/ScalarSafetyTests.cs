@@ -153,6 +153,19 @@ public class ScalarSafetyTests
         Assert.True(offenders.Count == 0, $"{offenders.Count} calls:\n" + string.Join("\n", offenders));
     }
 
+    /// <summary>The examples teach the rule too: their built output (built before the tests, in the
+    /// tests' configuration) is scanned like the libraries.</summary>
+    [Theory]
+    [InlineData("CustomFlow")]
+    public void The_examples_hand_native_code_no_temporary_Scalar(string example)
+    {
+        var output = new DirectoryInfo(AppContext.BaseDirectory.TrimEnd(Path.DirectorySeparatorChar));
+        var file = Path.Combine(Repository.Root(), "examples", example, "bin", output.Parent!.Name, output.Name, example + ".dll");
+        Assert.True(File.Exists(file), $"{file} is not built");
+        var offenders = Offenders(Assembly.LoadFrom(file));
+        Assert.True(offenders.Count == 0, $"{offenders.Count} calls:\n" + string.Join("\n", offenders));
+    }
+
     [Theory]
     [InlineData(typeof(TorchSharp.Modules.Linear))]
     [InlineData(typeof(TorchSharp.Modules.Conv2d))]

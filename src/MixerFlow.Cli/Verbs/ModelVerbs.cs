@@ -101,7 +101,7 @@ public static class ModelVerbs
     /// <summary>Images per PNG grid: larger counts are written to numbered files.</summary>
     public const int ImagesPerGrid = 1024;
     /// <summary>Samples drawn per batch, so memory stays bounded whatever the count.</summary>
-    const int SampleBatch = 256;
+    const int SampleBatch = MixerFlow.Core.Defaults.SampleBatchSize;
 
     /// <summary>The files `sample` writes: one grid per temperature and per <see cref="ImagesPerGrid"/> images.</summary>
     static List<(double Temperature, string Path, int Count)> SampleFiles(SampleCommand o)

@@ -17,7 +17,7 @@ public static class Evaluation
     /// would draw for it, and the mean and squared deviations are reduced: every rank gets the
     /// one-process score.
     /// </summary>
-    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = 256, Device? device = null, int seed = 1234,
+    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = MixerFlow.Core.Defaults.EvaluationBatchSize, Device? device = null, int seed = 1234,
                                                           ICommunicator? communicator = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
@@ -62,7 +62,7 @@ public static class Evaluation
     }
 
     /// <summary>The latents of every image of <paramref name="data"/>, flattened: [N, C*H*W] on the CPU.</summary>
-    public static Tensor Latents(ImageFlow model, ImageDataset data, int batchSize = 256)
+    public static Tensor Latents(ImageFlow model, ImageDataset data, int batchSize = MixerFlow.Core.Defaults.EvaluationBatchSize)
     {
         var parts = new List<Tensor>();
         for (int s = 0; s < data.Count; s += batchSize)
