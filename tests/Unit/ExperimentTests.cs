@@ -264,6 +264,13 @@ public class ExperimentTests
     [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "seeds": [1, 1] } ] }""", "run 'a': seeds: repeated")]
     [InlineData("""{ "steps": 5, "learningRate": 2, "runs": [ { "name": "a", "preset": "tiny" } ] }""", "learningRate: must lie in (0, 1)")]
     [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny" } """, "not valid JSON")]
+    [InlineData("""{ "steps": "ten", "runs": [ { "name": "a", "preset": "tiny" } ] }""", "steps: must be an integer in [1, 100000000], got \"ten\"")]
+    [InlineData("""{ "steps": 5, "learningRate": [1], "runs": [ { "name": "a", "preset": "tiny" } ] }""", "learningRate: must be a number, got [1]")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "colour": 1 } ] }""", "run 'a': colour: unknown field; known fields: name, description, preset, config, set, seeds")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "seeds": "0" } ] }""", "run 'a': seeds: must be a non-empty list of integers >= 0, got \"0\"")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "set": [1] } ] }""", "run 'a': set: must be an object of field: value")]
+    [InlineData("""{ "steps": 5, "runs": [ 3 ] }""", "runs[0]: must be an object with")]
+    [InlineData("""{ "steps": 5, "runs": { "name": "a" } }""", "runs: must be a non-empty list of")]
     public void A_bad_spec_is_one_line_naming_the_file_the_run_and_the_field(string json, string expected)
     {
         var dir = TempDir();

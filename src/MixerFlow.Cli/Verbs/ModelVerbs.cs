@@ -71,6 +71,16 @@ public static class ModelVerbs
             if (MixerFlow.Host.Distributed.Communicator.FromEnvironment().IsRoot) Console.Error.WriteLine($"error: {e.Message}");
             return 2;
         }
+        catch (Exception e) when (trainer.Ranks.Size > 1)
+        {
+            // Only this rank failed: the others wait in a collective call and would wait forever.
+            Console.Error.WriteLine($"error on rank {trainer.Ranks.Rank} of {trainer.Ranks.Size}: {(e is UserError ? e.Message : e.ToString())}");
+            Console.Error.WriteLine("ending every rank (MPI_Abort); checkpoints already written are kept");
+            Console.Out.Flush();
+            Console.Error.Flush();
+            trainer.Ranks.Abort(e is UserError ? 2 : 1);
+            throw;
+        }
         finally
         {
             Console.CancelKeyPress -= onCtrlC;

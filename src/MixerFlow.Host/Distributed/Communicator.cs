@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Distributed;
@@ -7,7 +6,8 @@ namespace MixerFlow.Host.Distributed;
 /// The processes training one model together (data-parallel), and the collective operations the
 /// training loop needs. Every rank must call the collective operations in the same order.
 /// <see cref="Communicator.FromEnvironment"/> gives MPI's world when the process was started by
-/// <c>mpiexec</c> and <see cref="SingleProcess"/> otherwise.
+/// <c>mpiexec</c> and <see cref="SingleProcess"/> otherwise. The training loop asks these members
+/// rather than the number of ranks: one process and N ranks differ only here.
 /// </summary>
 public interface ICommunicator
 {
@@ -15,8 +15,10 @@ public interface ICommunicator
     int Rank { get; }
     /// <summary>The number of processes.</summary>
     int Size { get; }
-    /// <summary>Rank 0: the one that reads and writes the run folder and reports progress.</summary>
+    /// <summary>Rank 0: the one that resolves the settings and builds the model the others receive.</summary>
     bool IsRoot => Rank == 0;
+    /// <summary>Whether this rank writes the run folder and reports progress (rank 0 only).</summary>
+    bool IsWriter => IsRoot;
     /// <summary>One line for logs, for example "MPI rank 1 of 2 (libmpich.so.12)".</summary>
     string Description { get; }
 
@@ -26,28 +28,74 @@ public interface ICommunicator
     /// <summary>Sums a float32 or float64 tensor element-wise over all ranks, in place (one call for the whole tensor).</summary>
     void AllReduceSum(Tensor tensor);
 
+    /// <summary>Whether any rank passes true (one allreduce under MPI; <paramref name="mine"/> itself for one process).</summary>
+    bool Any(bool mine);
+
     /// <summary>Rank 0's bytes on every rank: rank 0 passes them, the others pass null.</summary>
     byte[] Broadcast(byte[]? fromRoot);
+
+    /// <summary>
+    /// Hands rank 0's bytes to the other ranks: rank 0 passes a function that makes them (called
+    /// only when there are other ranks) and gets null back; the others pass null and get the bytes.
+    /// </summary>
+    byte[]? ShareFromRoot(Func<byte[]>? make);
 
     /// <summary>Waits until every rank has called it.</summary>
     void Barrier();
 
-    /// <summary>Ends every rank of the job with <paramref name="exitCode"/> (MPI_Abort); does not return.</summary>
+    /// <summary>
+    /// This rank's part of a global batch of <paramref name="count"/> items (a multiple of
+    /// <see cref="Size"/>): the whole batch for one process, the rank's equal slice under MPI.
+    /// </summary>
+    (int Start, int Count) ShareOf(int count);
+
+    /// <summary>
+    /// The LibTorch CPU threads this rank takes when the settings leave the count open: 0 keeps
+    /// LibTorch's default (every core) for one process; N ranks on one machine split its cores.
+    /// </summary>
+    int DefaultThreads { get; }
+
+    /// <summary>The device this rank computes on, given the one asked for (under MPI, CUDA ranks take the machine's GPUs in turn).</summary>
+    Device DeviceFor(Device device);
+
+    /// <summary>
+    /// Ends every rank of the job with <paramref name="exitCode"/> (MPI_Abort for MPI, the process's
+    /// exit for one process); does not return. For the application: the library never calls it.
+    /// </summary>
     void Abort(int exitCode);
 }
 
 /// <summary>One process: every collective operation is the identity.</summary>
 public sealed class SingleProcess : ICommunicator
 {
+    /// <summary>The one instance.</summary>
     public static readonly SingleProcess Instance = new();
     SingleProcess() { }
+    /// <inheritdoc/>
     public int Rank => 0;
+    /// <inheritdoc/>
     public int Size => 1;
+    /// <inheritdoc/>
     public string Description => "a single process";
+    /// <inheritdoc/>
     public void AllReduceSum(Span<double> values) { }
+    /// <inheritdoc/>
     public void AllReduceSum(Tensor tensor) { }
+    /// <inheritdoc/>
+    public bool Any(bool mine) => mine;
+    /// <inheritdoc/>
     public byte[] Broadcast(byte[]? fromRoot) => fromRoot ?? throw new ArgumentNullException(nameof(fromRoot), "rank 0 must pass the bytes");
+    /// <inheritdoc/>
+    public byte[]? ShareFromRoot(Func<byte[]>? make) => null;
+    /// <inheritdoc/>
     public void Barrier() { }
+    /// <inheritdoc/>
+    public (int Start, int Count) ShareOf(int count) => (0, count);
+    /// <inheritdoc/>
+    public int DefaultThreads => 0;
+    /// <inheritdoc/>
+    public Device DeviceFor(Device device) => device;
+    /// <inheritdoc/>
     public void Abort(int exitCode) => Environment.Exit(exitCode);
 }
 
@@ -108,73 +156,5 @@ public static class Communicator
     public static void Shutdown()
     {
         lock (gate) (current as MpiWorld)?.Close();
-    }
-}
-
-/// <summary>MPI's COMM_WORLD through <see cref="MpiNative"/>.</summary>
-internal sealed class MpiWorld(int rank, int size, string library) : ICommunicator
-{
-    const int Chunk = 1 << 30;
-    bool finalized;
-
-    public int Rank => rank;
-    public int Size => size;
-    public string Description => $"MPI rank {rank} of {size} ({library})";
-
-    [DllImport("LibTorchSharp")]
-    static extern nint THSTensor_data(nint handle);
-
-    public unsafe void AllReduceSum(Span<double> values)
-    {
-        if (values.Length == 0) return;
-        fixed (double* p = values) MpiNative.AllReduceInPlace((nint)p, values.Length, MpiNative.Double, MpiNative.OpSum);
-    }
-
-    public void AllReduceSum(Tensor tensor)
-    {
-        var (datatype, width) = tensor.dtype switch
-        {
-            ScalarType.Float32 => (MpiNative.Float, 4),
-            ScalarType.Float64 => (MpiNative.Double, 8),
-            _ => throw new ArgumentException($"allreduce: float32 or float64 tensors only, got {tensor.dtype}", nameof(tensor)),
-        };
-        // Host memory for MPI (a CUDA-aware MPI could take device pointers; see docs/distributed.md).
-        bool direct = tensor.device_type == TorchSharp.DeviceType.CPU && tensor.is_contiguous();
-        using var host = direct ? null : tensor.detach().to(CPU).contiguous();
-        var target = host ?? tensor;
-        nint data = THSTensor_data(target.Handle);
-        long n = target.numel();
-        for (long at = 0; at < n; at += Chunk)
-            MpiNative.AllReduceInPlace(data + (nint)(at * width), (int)Math.Min(Chunk, n - at), datatype, MpiNative.OpSum);
-        if (host is not null) using (no_grad()) tensor.copy_(host);
-    }
-
-    public unsafe byte[] Broadcast(byte[]? fromRoot)
-    {
-        if (rank == 0 && fromRoot is null) throw new ArgumentNullException(nameof(fromRoot), "rank 0 must pass the bytes");
-        var length = new double[] { rank == 0 ? fromRoot!.Length : 0 };
-        fixed (double* p = length) MpiNative.Broadcast((nint)p, 1, MpiNative.Double, 0);
-        var bytes = rank == 0 ? fromRoot! : new byte[(long)length[0]];
-        fixed (byte* p = bytes)
-            for (long at = 0; at < bytes.Length; at += Chunk)
-                MpiNative.Broadcast((nint)(p + at), (int)Math.Min(Chunk, bytes.Length - at), MpiNative.Byte, 0);
-        return bytes;
-    }
-
-    public void Barrier() => MpiNative.Barrier();
-
-    public void Abort(int exitCode)
-    {
-        Console.Out.Flush();
-        Console.Error.Flush();
-        MpiNative.Abort(exitCode);
-        Environment.Exit(exitCode);
-    }
-
-    public void Close()
-    {
-        if (finalized) return;
-        finalized = true;
-        if (!MpiNative.IsFinalized()) MpiNative.Close();
     }
 }

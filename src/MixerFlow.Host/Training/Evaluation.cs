@@ -9,6 +9,9 @@ namespace MixerFlow.Host.Training;
 /// <summary>Held-out scores of a model: bits per dimension with its standard error, latents, linear probe.</summary>
 public static class Evaluation
 {
+    /// <summary>Images per batch of a held-out evaluation unless told otherwise (the trainer's and <c>eval</c>'s).</summary>
+    public const int DefaultBatchSize = MixerFlow.Core.Defaults.EvaluationBatchSize;
+
     /// <summary>
     /// Mean bits/dim over <paramref name="data"/> with its standard error, in evaluation mode
     /// without gradients. The dequantisation noise is drawn from <paramref name="seed"/>, so the
@@ -17,7 +20,7 @@ public static class Evaluation
     /// would draw for it, and the mean and squared deviations are reduced: every rank gets the
     /// one-process score.
     /// </summary>
-    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = MixerFlow.Core.Defaults.EvaluationBatchSize, Device? device = null, int seed = 1234,
+    public static (double Mean, double StdErr) BitsPerDim(ImageFlow model, ImageDataset data, int batchSize = DefaultBatchSize, Device? device = null, int seed = 1234,
                                                           ICommunicator? communicator = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
@@ -62,7 +65,7 @@ public static class Evaluation
     }
 
     /// <summary>The latents of every image of <paramref name="data"/>, flattened: [N, C*H*W] on the CPU.</summary>
-    public static Tensor Latents(ImageFlow model, ImageDataset data, int batchSize = MixerFlow.Core.Defaults.EvaluationBatchSize)
+    public static Tensor Latents(ImageFlow model, ImageDataset data, int batchSize = DefaultBatchSize)
     {
         var parts = new List<Tensor>();
         for (int s = 0; s < data.Count; s += batchSize)

@@ -55,6 +55,24 @@ public sealed partial class RunFolder
     }
 
     /// <summary>
+    /// The model configuration of the run in <paramref name="folder"/> (its config.json, without the
+    /// "training" object); null when the file is missing, a <see cref="UserError"/> naming it when it
+    /// cannot be read.
+    /// </summary>
+    public static ModelConfig? ReadConfig(string folder)
+    {
+        var path = System.IO.Path.Combine(folder, ConfigFile);
+        if (!File.Exists(path)) return null;
+        try
+        {
+            var saved = JsonNode.Parse(InputFile.ReadAllText(path, InputFile.TextLimit, "a run's config.json")) as JsonObject ?? throw new JsonException("not a JSON object");
+            saved.Remove("training");
+            return ModelConfig.FromJson(saved.ToJsonString(), path);
+        }
+        catch (JsonException e) { throw new UserError($"{path}: cannot be read: {e.Message}", e); }
+    }
+
+    /// <summary>
     /// Refuses a checkpoint (<paramref name="checkpoint"/>, holding <paramref name="model"/>) that is
     /// not of the model the run in <paramref name="folder"/> trains (its config.json), naming every
     /// field that differs; config.json must exist and parse.
@@ -62,21 +80,9 @@ public sealed partial class RunFolder
     public static void CheckCheckpoint(string folder, string checkpoint, ModelConfig model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        var path = System.IO.Path.Combine(folder, ConfigFile);
-        if (!File.Exists(path)) throw new UserError($"{path}: missing; the run's model cannot be checked against {checkpoint}, so it is not resumed");
-        JsonObject run;
-        try
-        {
-            var saved = JsonNode.Parse(InputFile.ReadAllText(path, InputFile.TextLimit, "a run's config.json")) as JsonObject ?? throw new JsonException("not a JSON object");
-            saved.Remove("training");
-            run = (JsonObject)JsonNode.Parse(ModelConfig.FromJson(saved.ToJsonString(), path).ToJson())!;
-        }
-        catch (JsonException e) { throw new UserError($"{path}: cannot be read: {e.Message}", e); }
-        var mine = (JsonObject)JsonNode.Parse(model.ToJson())!;
-        var differ = run.Select(p => p.Key).Union(mine.Select(p => p.Key))
-            .Where(k => !JsonNode.DeepEquals(run[k], mine[k]))
-            .Select(k => $"{k}: {run[k]?.ToJsonString() ?? "none"} in {ConfigFile}, {mine[k]?.ToJsonString() ?? "none"} in the checkpoint")
-            .ToList();
+        var run = ReadConfig(folder)
+                  ?? throw new UserError($"{System.IO.Path.Combine(folder, ConfigFile)}: missing; the run's model cannot be checked against {checkpoint}, so it is not resumed");
+        var differ = SettingDifference.Of(run, model).Select(d => $"{d.Field}: {d.Saved} in {ConfigFile}, {d.Now} in the checkpoint").ToList();
         if (differ.Count > 0)
             throw new UserError($"{checkpoint}: a checkpoint of another model than the run's ({string.Join("; ", differ)}); " +
                                 "put back the run's own checkpoint, or train the other model in its own folder");

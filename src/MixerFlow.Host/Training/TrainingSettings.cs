@@ -133,10 +133,24 @@ public sealed record TrainingSettings
         return p;
     }
 
-    /// <summary>The settings that decide what a run computes; a resumed run may not change them.</summary>
-    static readonly string[] Fixed =
-        [nameof(Data), nameof(Epochs), nameof(Steps), nameof(BatchSize), nameof(LearningRate), nameof(WarmupSteps),
-         nameof(ClipNorm), nameof(Seed), nameof(CheckpointEvery), nameof(RollbackAfter)];
+    /// <summary>The settings every run starts from unless told otherwise (the command line's and the experiments' defaults).</summary>
+    public static TrainingSettings Defaults { get; } = new();
+
+    /// <summary>
+    /// The properties that say how one call runs rather than what the run computes (not saved in
+    /// settings.json): never compared with a saved run.
+    /// </summary>
+    public static readonly IReadOnlyList<string> PerCall = [nameof(Model), nameof(RunFolder), nameof(Resume), nameof(ExtendSteps), nameof(Given)];
+
+    /// <summary>The settings a resumed run may change: where and how fast it computes, and whether it draws pictures.</summary>
+    public static readonly IReadOnlyList<string> Adjustable = [nameof(Device), nameof(Threads), nameof(Pictures)];
+
+    /// <summary>
+    /// Every setting whose value differs between <paramref name="saved"/> and <paramref name="now"/>,
+    /// named (camelCase) with both values: every settable property is compared, a new one included
+    /// (see <see cref="SettingDifference"/>). Filter with <see cref="PerCall"/> and <see cref="Adjustable"/>.
+    /// </summary>
+    public static IReadOnlyList<SettingDifference> Differences(TrainingSettings saved, TrainingSettings now) => SettingDifference.Of(saved, now);
 
     static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase };
 
@@ -147,25 +161,6 @@ public sealed record TrainingSettings
     public static TrainingSettings FromJson(string json) =>
         JsonSerializer.Deserialize<TrainingSettings>(json, Json) ?? throw new InvalidDataException("settings.json is empty");
 
-    bool IsGiven(string name) => Given is null || Given.Contains(name);
-
-    static string Camel(string name) => char.ToLowerInvariant(name[0]) + name[1..];
-
-    object? ValueOf(string name) => name switch
-    {
-        nameof(Data) => Data is null ? null : System.IO.Path.GetFullPath(Data),
-        nameof(Epochs) => Epochs,
-        nameof(Steps) => Steps,
-        nameof(BatchSize) => BatchSize,
-        nameof(LearningRate) => LearningRate,
-        nameof(WarmupSteps) => WarmupSteps,
-        nameof(ClipNorm) => ClipNorm,
-        nameof(Seed) => Seed,
-        nameof(CheckpointEvery) => CheckpointEvery,
-        nameof(RollbackAfter) => RollbackAfter,
-        _ => throw new ArgumentOutOfRangeException(nameof(name)),
-    };
-
     /// <summary>
     /// The settings a resumed run continues under: <paramref name="saved"/> (read from settings.json)
     /// with this run's folder, device, threads and pictures, and its total step count raised by
@@ -175,14 +170,12 @@ public sealed record TrainingSettings
     public TrainingSettings ForResume(TrainingSettings saved)
     {
         ArgumentNullException.ThrowIfNull(saved);
-        var clashes = new List<string>();
-        foreach (var name in Fixed)
-        {
-            if (!IsGiven(name) || (name == nameof(Steps) && Steps == 0)) continue;
-            var (mine, theirs) = (ValueOf(name), saved.ValueOf(name));
-            if (!Equals(mine, theirs))
-                clashes.Add($"{Camel(name)}: the run was started with {theirs ?? "the bundled data"}, now given {mine ?? "the bundled data"}");
-        }
+        // Ranks: the trainer checks them against its communicator, naming the fix.
+        var ignored = PerCall.Concat(Adjustable).Append(nameof(Ranks))
+            .Concat(Given is null ? [] : SettingDifference.SettingsFields.Where(f => !Given.Contains(f)))
+            .Concat(Steps == 0 ? [nameof(Steps)] : []);
+        var clashes = SettingDifference.Except(Differences(saved, this), ignored)
+            .Select(d => $"{d.Field}: the run was started with {d.Saved}, now given {d.Now}").ToList();
         if (clashes.Count > 0)
             throw new UserError($"resume {RunFolder}: settings differ from the run's settings.json ({string.Join("; ", clashes)}); " +
                                 "leave them out to continue as started, or use --extend-steps N to train N more steps");

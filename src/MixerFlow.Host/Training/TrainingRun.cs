@@ -1,0 +1,148 @@
+using System.Diagnostics;
+using MixerFlow.Core;
+using MixerFlow.Host.Data;
+using MixerFlow.Host.Distributed;
+using MixerFlow.Host.Models;
+using static TorchSharp.torch;
+
+namespace MixerFlow.Host.Training;
+
+/// <summary>
+/// One run of the <see cref="Trainer"/>: its loop (<see cref="Train"/>) sequences the collaborators
+/// set up here: <see cref="RunSetup"/> (settings, threads, device), <see cref="StartingState"/>
+/// (model and optimiser), the data, <see cref="RunOutput"/> (run folder, checkpoints, pictures),
+/// the <see cref="LearningRateSchedule"/>, <see cref="DivergenceGuard"/> and <see cref="DroppedSteps"/>
+/// (rollbacks), <see cref="Evaluation"/> and the observer. Ranks differ only through the
+/// <see cref="ICommunicator"/>.
+/// </summary>
+internal sealed partial class TrainingRun : IDisposable
+{
+    const int ReportEvery = 10;
+
+    readonly TrainingSettings s;
+    readonly RunSetup run;
+    readonly ICommunicator ranks;
+    readonly ITrainingObserver observer;
+    /// <summary>The observer on the writing rank, nothing on the others: reports come from one rank.</summary>
+    readonly ITrainingObserver report;
+    readonly StartingState start;
+    readonly ImageFlow model;
+    readonly Stopwatch wall = Stopwatch.StartNew();
+    readonly DivergenceGuard guard = new();
+    readonly DroppedSteps drops;
+    DataSplits data = null!;
+    RunOutput output = null!;
+    LearningRateSchedule schedule = null!;
+    TrainingStep trainingStep = null!;
+    long step, totalSteps;
+    int stepsPerEpoch;
+    double best;
+
+    public TrainingRun(TrainingSettings given, ITrainingObserver observer, ICommunicator ranks)
+    {
+        this.ranks = ranks;
+        this.observer = observer;
+        report = ranks.IsWriter ? observer : NullObserver.Instance;
+        run = RunSetup.Resolve(given, ranks);
+        s = run.Settings;
+        start = StartingState.Build(run, ranks);
+        model = start.Model;
+        drops = new DroppedSteps(s, model.Config.Name);
+    }
+
+    /// <summary>The model being trained.</summary>
+    public ImageFlow Model => model;
+
+    /// <summary>Trains to the end (see <see cref="Trainer.Run(CancellationToken)"/>).</summary>
+    public TrainSummary Train(CancellationToken cancellationToken)
+    {
+        if (start.Finished is { } finished)
+        {
+            report.OnMessage($"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
+            return finished;
+        }
+        Prepare();
+        bool stoppedEarly = false;
+        model.train();
+        while (step < totalSteps)
+        {
+            // A signal may reach the ranks at different steps: they stop together at the first step any of them saw it.
+            if (ranks.Any(cancellationToken.IsCancellationRequested)) throw Interrupted(cancellationToken);
+            int epoch = (int)(step / stepsPerEpoch);
+            var batch = GlobalBatch(epoch);
+            double lr = schedule.At(step) * drops.LearningRateScale;
+            var outcome = TakeStep(batch, lr);
+            ReportGradientPath();
+            if (!outcome.Kept)
+            {
+                bool rollBack = drops.Drop(outcome.DroppedBecause!);
+                report.OnMessage($"step {step}: {outcome.DroppedBecause}, step dropped ({drops.Dropped} so far)");
+                if (rollBack) RollBack();
+                else step++;
+                continue;
+            }
+            drops.Keep();
+            guard.Keep(step, outcome.BitsPerDim);
+            step++;
+            Count(batch.Length, outcome.BitsPerDim);
+            if (step % ReportEvery == 0 || step == totalSteps) ReportProgress(epoch, lr);
+            if (step % s.CheckpointEvery == 0) output.SaveLast(model, step, epoch, best, start.Optimizer);
+            if (step % stepsPerEpoch == 0 || step == totalSteps) EndEpoch(epoch, lr);
+            if (ranks.Any(observer.ShouldStop(step))) { stoppedEarly = true; break; }
+        }
+        return Finish(stoppedEarly);
+    }
+
+    /// <summary>
+    /// Loads the data (before the run folder is made: a failed load leaves no folder behind), opens
+    /// the run folder, writes config.json and settings.json, and scores the untrained model.
+    /// </summary>
+    void Prepare()
+    {
+        var cfg = model.Config;
+        data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed);
+        int globalBatch = s.GlobalBatchSize;
+        if (globalBatch > data.Train.Count) throw BatchTooLarge(globalBatch);
+        output = RunOutput.Open(run, ranks, model, start.Resumed, report);
+        if (ranks.Size > 1)
+            report.OnMessage($"data-parallel on {ranks.Size} MPI ranks ({ranks.Description}): batch {s.BatchSize} per rank, global batch {globalBatch}");
+        stepsPerEpoch = Math.Max(1, data.Train.Count / globalBatch);
+        totalSteps = s.Steps > 0 ? s.Steps : (long)stepsPerEpoch * s.Epochs;
+        output.WriteSettings(cfg, s, totalSteps);
+        schedule = new LearningRateSchedule(s.LearningRate, totalSteps, s.WarmupSteps);
+        trainingStep = new TrainingStep(model, start.Optimizer, s.ClipNorm, ranks);
+        step = start.Resumed?.Step ?? 0;
+        best = start.Resumed?.BestHeldOutBpd ?? double.PositiveInfinity;
+        report.OnStart(output.Path, cfg.Name, model.ParameterCount, data.Description, step, totalSteps);
+        if (start.Resumed is not null) return;
+        // A rollback target from the start: a run that goes bad before its first checkpoint rolls
+        // back to the untrained model, whose held-out score starts the curve.
+        output.SaveLast(model, 0, 0, best, start.Optimizer);
+        var (held0, se0) = Evaluate();
+        output.Record(0, 0, null, (held0, se0), null, null, 0);
+        report.OnEvaluation(new EvaluationReport(0, 0, held0, se0, false));
+    }
+
+    UserError BatchTooLarge(int globalBatch) => new(ranks.Size == 1
+        ? $"batch size {s.BatchSize} is larger than the training set ({data.Train.Count} images: {data.Description}); " +
+          $"use a batch size of at most {data.Train.Count}"
+        : $"global batch {globalBatch} ({ranks.Size} ranks x batch {s.BatchSize}) is larger than the training set " +
+          $"({data.Train.Count} images: {data.Description}); use a batch size of at most {data.Train.Count / ranks.Size} per rank");
+
+    (double Bpd, double StdErr) Evaluate() =>
+        Evaluation.BitsPerDim(model, data.HeldOut, Evaluation.DefaultBatchSize, run.Device, communicator: ranks);
+
+    /// <summary>Between steps: the last one finished, so the state is whole; save it and stop.</summary>
+    TrainingInterruptedException Interrupted(CancellationToken cancellationToken)
+    {
+        output.SaveLast(model, step, (int)(Math.Max(0, step - 1) / stepsPerEpoch), best, start.Optimizer);
+        return new TrainingInterruptedException(step, output.Last, output.Path,
+            cancellationToken.IsCancellationRequested ? cancellationToken : new CancellationToken(true));
+    }
+
+    public void Dispose()
+    {
+        output?.Dispose();
+        start.Dispose();
+    }
+}
