@@ -1,6 +1,8 @@
 // Training-speed benchmark of the presets: one Markdown table.
 //   dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror]
-//     [--mirror-threads N] [--mirror-blas-threads N]
+//     [--mirror-threads N] [--mirror-blas-threads N] [--out FILE]
+// --out FILE also writes everything printed to FILE, under a header naming the command, commit,
+// machine and date (ResultsFile.cs), e.g. --out docs/benchmarks/speed.md.
 // Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
 // takes the same training steps, evaluations and samplings, interleaved with ours, unless --no-mirror.
 // A preset name with "+bfloat16" (cifar10+bfloat16) is that MixerFlow preset with its conditioners
@@ -25,6 +27,7 @@ CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 string[] presets = { "fashion-mnist", "cifar10", "cifar10+bfloat16", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
 int repeats = 5, threads = 1, batch = 64, sampleBatch = 16, mirrorThreads = 0, mirrorBlasThreads = 0;
 bool convProbe = false, mirrors = true;
+string? outFile = null;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
 for (int i = 0; i < args.Length; i++)
 {
@@ -41,10 +44,11 @@ for (int i = 0; i < args.Length; i++)
         case "--quick": repeats = 2; chunkSeconds = 1.0; break;
         case "--conv-probe": convProbe = true; break;
         case "--no-mirror": mirrors = false; break;
+        case "--out": outFile = args[++i]; break;
         // Our training steps through autograd even where the model has hand-written gradients.
         case "--autograd": HandGradient.Enabled = false; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd] [--out FILE]");
             Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
@@ -65,6 +69,9 @@ manual_seed(1);
 
 if (convProbe) { ConvProbe.Run(batch); return 0; }
 
+using var results = outFile is null ? null : ResultsFile.Open(outFile, ResultsFile.Header(
+    "dotnet run --project benchmarks/Speed -c Release -- " + string.Join(" ", args),
+    ResultsFile.Commit(AppContext.BaseDirectory), ResultsFile.Machine(), DateTime.UtcNow));
 var loadStart = Machine.LoadAverage();
 var clock = Stopwatch.StartNew();
 Console.WriteLine($"# MixerFlow.NET speed, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
