@@ -102,6 +102,15 @@ module internal NativeGlue =
 
     [<DllImport("libc", EntryPoint = "setenv")>]
     extern int setenv(string name, string value, int overwrite)
+    [<DllImport("libc", EntryPoint = "getenv")>]
+    extern nativeint private getenvPtr(string name)
+
+    /// A variable of the C environment (what LibTorch and glibc read; .NET keeps its own copy,
+    /// made at start, which setenv does not change), or null. Off Linux, .NET's copy.
+    let getenv (name: string) : string =
+        if OperatingSystem.IsLinux() then
+            (try Marshal.PtrToStringAnsi(getenvPtr name) with :? DllNotFoundException | :? EntryPointNotFoundException -> Environment.GetEnvironmentVariable name)
+        else Environment.GetEnvironmentVariable name
 
     /// Sets nothing: only checks, once, that the glue this process would use loads.
     let ensured =

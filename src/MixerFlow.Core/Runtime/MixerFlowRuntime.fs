@@ -18,7 +18,8 @@ module internal RuntimeState =
                 |> Seq.exists (fun l -> l.Contains("libgomp", StringComparison.Ordinal) || l.Contains("libtorch_cpu", StringComparison.Ordinal))
             with _ -> false)
 
-    let env (name: string) = Environment.GetEnvironmentVariable name
+    /// The C environment's value (setenv does not change .NET's copy).
+    let env (name: string) = NativeGlue.getenv name
     let given (name: string) = not (String.IsNullOrEmpty(env name))
 
     // What Configure did, for Describe; null until it did it.
@@ -78,7 +79,11 @@ module internal RuntimeState =
     let malloc (o: RuntimeOptions) : string =
         if not o.HugePages then
             if isNull mallocOutcome then "not asked for (RuntimeOptions.HugePages is false)" else mallocOutcome
-        else "restart not needed or not possible: " + HugePages.RestartWithHugePages()
+        else
+            match HugePages.RestartWithHugePages() with
+            | "already in effect" when env "MIXERFLOW_HUGETLB_RESTARTED" = "1" -> configuredBy + " (restarted the process)"
+            | "already in effect" -> "environment (GLIBC_TUNABLES)"
+            | why -> "not restarted: " + why
 
     let onOff (b: bool) = if b then "on" else "off"
 
