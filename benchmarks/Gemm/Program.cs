@@ -3,6 +3,7 @@
 // Run once as is and once with MIXERFLOW_MKL_GENERIC=1 (MKL's own CPU check) to compare; the
 // dtype argument measures the reduced-precision products (for example bfloat16 at a model's shape).
 using MixerFlow.Core;
+using MixerFlow.Core.Runtime;
 using static TorchSharp.torch;
 
 var shape = args.Length > 0 ? args[0].Split('x').Select(long.Parse).ToArray() : [1024L];
@@ -17,12 +18,9 @@ var dtype = (args.Length > 2 ? args[2] : "float32") switch
     "float16" => ScalarType.Float16,
     var other => throw new ArgumentException($"dtype: float32, bfloat16 or float16, got '{other}'"),
 };
-NativeRuntime.EnsureLoaded();
-NativeBackend.Ensure();
-// "onednn": oneDNN back on (MixerFlow turns it off for its convolutions), for its bfloat16 kernels.
-if (args.Length > 3 && args[3] == "onednn") NativeBackend.MkldnnEnabled = true;
-set_num_threads(1);
-Console.WriteLine($"MKL: {NativeBackend.MklOutcome}; oneDNN {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
+// "onednn": oneDNN on (the runtime's default is off), for its bfloat16 kernels.
+MixerFlowRuntime.Configure(new RuntimeOptions { HugePages = false, IntraOpThreads = 1, OneDnn = args.Length > 3 && args[3] == "onednn" });
+Console.WriteLine($"MKL: {MixerFlowRuntime.MklOutcome}; oneDNN {(NativeBackend.MkldnnEnabled ? "on" : "off")}");
 manual_seed(1);
 var a = randn(m, k).to(dtype);
 var b = randn(k, n).to(dtype);

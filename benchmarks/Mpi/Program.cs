@@ -10,6 +10,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
 using MixerFlow.Core;
+using MixerFlow.Core.Runtime;
 using MixerFlow.Host.Distributed;
 using MixerFlow.Host.Models;
 using MixerFlow.Host.Training;
@@ -55,11 +56,8 @@ static class Worker
 {
     public static int Run(string preset, int batch, int threads, double seconds)
     {
-        HugePages.RestartWithHugePages();
-        NativeRuntime.EnsureLoaded();
-        NativeBackend.Ensure();
+        MixerFlowRuntime.Configure(new RuntimeOptions { IntraOpThreads = threads });
         var ranks = Communicator.FromEnvironment();
-        set_num_threads(threads);
         manual_seed(1);
         var model = new ImageFlow(Presets.Get(preset));
         model.MoveTo(CPU, float32);

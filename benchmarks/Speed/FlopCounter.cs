@@ -36,19 +36,19 @@ public sealed class FlopCounter : IDisposable
 
     public FlopCounter(nn.Module root)
     {
-        // Convolutions that ReluNetwork runs as ThinConvolution (one product and a col2im) are not
-        // called as modules; they are counted as the convolution they compute (the same FLOPs).
-        var thin = root.modules().OfType<Conv2d>().Where(MixerFlow.Core.ThinConvolution.Applies).ToHashSet(ReferenceEqualityComparer.Instance);
-        if (thin.Count > 0)
+        // Convolutions that ReluNetwork and SameConvolution compute as GEMMs (GemmConvolution,
+        // ThinConvolution) are not called as modules; they are counted as the convolution they
+        // compute (the same FLOPs), while this counter records.
+        if (root.modules().Prepend(root).Any(m => m is MixerFlow.Core.ReluNetwork or MixerFlow.Core.SameConvolution))
         {
-            MixerFlow.Core.ThinConvolution.Observer = (conv, x, y, seconds) =>
+            MixerFlow.Core.GemmConvolution.Observer = (weight, x, y, seconds) =>
             {
-                if (!Recording || !thin.Contains(conv)) return;
-                var w = conv.weight!.shape;
+                if (!Recording) return;
+                var w = weight.shape;
                 seen.Add(new Gemm("conv", w[0], w[1] * w[2] * w[3], y.shape[2] * y.shape[3], x.shape[0]));
                 seenSeconds.Add(seconds);
             };
-            hooks.Add(() => MixerFlow.Core.ThinConvolution.Observer = null);
+            hooks.Add(() => MixerFlow.Core.GemmConvolution.Observer = null);
         }
         // A ReluNetwork computing in bfloat16 runs each Linear as an autograd node of its own, not as
         // a module: its products are counted from its layers' shapes, as "linear-bf16".

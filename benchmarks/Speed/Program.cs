@@ -12,21 +12,22 @@
 using System.Diagnostics;
 using System.Globalization;
 using MixerFlow.Core;
+using MixerFlow.Core.Runtime;
 using MixerFlow.Host.Models;
 using MixerFlow.Host.Training;
 using MixerFlow.Speed;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// As the mixerflow tool does: restart once with glibc malloc on transparent huge pages
-// (MIXERFLOW_HUGETLB=0 measures without them).
-HugePages.RestartWithHugePages();
+// As the mixerflow tool does: the runtime's defaults, which restart once with glibc malloc on
+// transparent huge pages (MIXERFLOW_HUGETLB=0 measures without them).
+MixerFlowRuntime.Configure(new RuntimeOptions());
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 
 string[] presets = { "fashion-mnist", "cifar10", "cifar10+bfloat16", "imagenet64", "glow-fashion-mnist", "glow-cifar10" };
 int repeats = 5, threads = 1, batch = 64, sampleBatch = 16, mirrorThreads = 0, mirrorBlasThreads = 0;
-bool convProbe = false, mirrors = true;
+bool convProbe = false, mirrors = true, oneDnn = false;
 string? outFile = null;
 double chunkSeconds = 2.0; // wall time of training steps per preset per round (at least one step)
 for (int i = 0; i < args.Length; i++)
@@ -45,10 +46,12 @@ for (int i = 0; i < args.Length; i++)
         case "--conv-probe": convProbe = true; break;
         case "--no-mirror": mirrors = false; break;
         case "--out": outFile = args[++i]; break;
+        // LibTorch's oneDNN switch on (RuntimeOptions.OneDnn), to compare with the default off.
+        case "--onednn": oneDnn = true; break;
         // Our training steps through autograd even where the model has hand-written gradients.
         case "--autograd": HandGradient.Enabled = false; break;
         case "--help" or "-h":
-            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd] [--out FILE]");
+            Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd] [--onednn] [--out FILE]");
             Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
@@ -62,9 +65,7 @@ if (repeats < 1 || threads < 1 || batch < 1 || mirrorThreads < 1 || mirrorBlasTh
     return 2;
 }
 
-NativeRuntime.EnsureLoaded();
-NativeBackend.Ensure();
-set_num_threads(threads);
+MixerFlowRuntime.Configure(new RuntimeOptions { IntraOpThreads = threads, OneDnn = oneDnn });
 manual_seed(1);
 
 if (convProbe) { ConvProbe.Run(batch); return 0; }
@@ -76,7 +77,7 @@ var loadStart = Machine.LoadAverage();
 var clock = Stopwatch.StartNew();
 Console.WriteLine($"# MixerFlow.NET speed, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC");
 Console.WriteLine($"cores: {Environment.ProcessorCount}; load average at start {loadStart} (about {Machine.FreeCores(loadStart):0.0} cores free); " +
-                  $"LibTorch threads: {get_num_threads()}; MKL: {NativeBackend.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
+                  $"LibTorch threads: {get_num_threads()}; MKL: {MixerFlowRuntime.MklOutcome}; oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}; {HugePages.Description}");
 Console.WriteLine($"batch {batch} (training, evaluation), {sampleBatch} (sampling); {repeats} rounds, presets interleaved in each round");
 string? mirrorProblem = mirrors ? Mirror.Unavailable() : "off (--no-mirror)";
 Console.WriteLine(mirrorProblem is null

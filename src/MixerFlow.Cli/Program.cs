@@ -12,11 +12,6 @@ public static class Program
     /// 1 anything unexpected (the stack trace only under <c>--verbose</c>).</summary>
     public static int Main(string[] args)
     {
-        // Only as the process's own entry point (not when a test host calls Main): restart once
-        // with glibc malloc on transparent huge pages (MixerFlow.Core.HugePages; opt out with
-        // MIXERFLOW_HUGETLB=0). Returns here when no restart is needed or possible.
-        if (System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly)
-            MixerFlow.Core.HugePages.RestartWithHugePages();
         var parsed = CommandLine.CommandLine.Parse(args);
         if (parsed.Command is null)
         {
@@ -25,6 +20,14 @@ public static class Program
         }
         try
         {
+            // The process's runtime, set up once, before the command's first LibTorch call: the
+            // defaults of RuntimeOptions. Huge pages (a restart of the process with glibc malloc's
+            // tunables; opt out with MIXERFLOW_HUGETLB=0) only as the process's own entry point,
+            // not when a test host calls Main.
+            MixerFlow.Core.Runtime.MixerFlowRuntime.Configure(new MixerFlow.Core.Runtime.RuntimeOptions
+            {
+                HugePages = System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly,
+            });
             return parsed.Command.Accept(new VerbHandler(Console.Out));
         }
         catch (UserError e)

@@ -473,10 +473,10 @@ type internal DeviceTensors<'Key when 'Key : equality>() =
 /// the field too.
 [<AbstractClass>]
 type Bijector(name: string, inputShape: int64[], outputShape: int64[]) =
-    // The native check runs before the base constructor, TorchSharp's first chance to fail.
+    // The native check runs before the base constructor, TorchSharp's first chance to fail; it
+    // sets nothing (the process's switches are the application's: MixerFlow.Core.Runtime).
     inherit torch.nn.Module(NativeRuntime.Checked name)
     do
-        NativeBackend.Ensure()
         if Shapes.numel inputShape <> Shapes.numel outputShape then
             invalidArg "outputShape"
                 (sprintf "%s: input %s and output %s hold different numbers of elements; a bijection cannot change the dimension"

@@ -10,37 +10,84 @@ open TorchSharp.Modules
 /// `ConditionerFactory(fun inputs outputs -> ...)`.
 type ConditionerFactory = delegate of inputFeatures: int64 * outputFeatures: int64 -> torch.nn.Module<Tensor, Tensor>
 
+/// Convolutions (odd k, stride 1, zero padding k / 2, no dilation or groups) computed as one
+/// GEMM over the whole batch, never by LibTorch's convolution: LibTorch's oneDNN float32
+/// convolution reads the padding of its blocked channel layouts uninitialised (wrong or NaN
+/// outputs for 72 -> 4 channels, wrong input gradients for 8 -> 4; LibTorch 2.10.0, oneDNN 3.7.1),
+/// and whether LibTorch takes it depends on a process-wide switch that the application owns
+/// (MixerFlow.Core.Runtime). A GEMM and im2col (`unfold`) or col2im (`fold`) are right whatever
+/// that switch says. Batches are laid channels first ([C, B H W]) for the product, so a 1x1
+/// convolution reads its input without a copy when the layer before was one of these, and each
+/// layer's product is one [out, in k k] x [in k k, B H W] GEMM rather than one per image.
+/// Results are returned as [B, C, H, W] views of the channels-first products.
+[<AbstractClass; Sealed>]
+type GemmConvolution =
+    /// Whether `c` has this shape: square odd kernel, stride 1, same zero padding, no groups.
+    static member Applies(c: Conv2d) =
+        let k = c.kernel_size
+        not (isNull k) && k.Length = 2 && k.[0] = k.[1] && k.[0] % 2L = 1L
+        && not c.transposed && c.groups = 1L && c.padding_mode = PaddingModes.Zeros
+        && not (isNull c.stride) && c.stride |> Array.forall (fun v -> v = 1L)
+        && (isNull c.dilation || c.dilation |> Array.forall (fun v -> v = 1L))
+        && (k.[0] = 1L && (isNull c.padding || c.padding |> Array.forall (fun v -> v = 0L))
+            || not (isNull c.padding) && c.padding.Length = 2 && c.padding |> Array.forall (fun v -> v = k.[0] / 2L))
+    /// A batch [B, C, H, W] as the matrix [C, B H W]: a view when it is laid channels first (the
+    /// results of this type), a copy otherwise.
+    static member internal ChannelsFirst(x: Tensor) = x.transpose(0L, 1L).reshape(x.shape.[1], -1L)
+    /// The im2col matrix [C k k, B H W] of a batch [B, C, H, W] (zero padding k / 2); rows in
+    /// the order (channel, kernel row, kernel column) of a Conv2d weight's.
+    static member internal Columns(x: Tensor, k: int64) =
+        if k = 1L then GemmConvolution.ChannelsFirst x
+        else
+            let b, c, h, w = x.shape.[0], x.shape.[1], x.shape.[2], x.shape.[3]
+            let planes = x.transpose(0L, 1L).reshape(c * b, 1L, h, w)
+            let cols = torch.nn.functional.unfold(planes, k, padding = k / 2L)
+            cols.view(c, b, k * k, h * w).transpose(1L, 2L).reshape(c * k * k, b * h * w)
+    /// The product [O, B H W] as the batch [B, O, H, W] (a view).
+    static member internal AsBatch(y: Tensor, b: int64, h: int64, w: int64) =
+        y.view(y.shape.[0], b, h, w).transpose(0L, 1L)
+    /// Called after every convolution computed by this type or ThinConvolution with the weight,
+    /// the input, the output and the seconds it took, where set (null by default): for profilers
+    /// and FLOP counters, which cannot hook the Conv2d modules since their forward is not called.
+    static member val Observer : Action<Tensor, Tensor, Tensor, float> = null with get, set
+    /// Runs `compute` and reports it to the Observer, if any.
+    static member internal Observed(weight: Tensor, x: Tensor, compute: unit -> Tensor) : Tensor =
+        let observer = GemmConvolution.Observer
+        if isNull observer then compute ()
+        else
+            let started = Diagnostics.Stopwatch.GetTimestamp()
+            let y = compute ()
+            observer.Invoke(weight, x, y, Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds)
+            y
+    /// The convolution of a batch [B, in, H, W] by `c` (which must satisfy Applies).
+    static member Apply(c: Conv2d, x: Tensor) : Tensor = GemmConvolution.Apply(c.weight, c.bias, x)
+    /// The convolution of a batch [B, in, H, W] by a weight [out, in, k, k] (odd k, zero padding
+    /// k / 2) and a bias [out] (or null).
+    static member Apply(weight: Tensor, bias: Tensor, x: Tensor) : Tensor =
+        GemmConvolution.Observed(weight, x, fun () -> GemmConvolution.Compute(weight, bias, x))
+    static member private Compute(weight: Tensor, bias: Tensor, x: Tensor) : Tensor =
+        let b, h, w = x.shape.[0], x.shape.[2], x.shape.[3]
+        let o = weight.shape.[0]
+        let cols = GemmConvolution.Columns(x, weight.shape.[2])
+        let flat = weight.reshape(o, -1L)
+        let y = if isNull bias then flat.mm(cols) else bias.unsqueeze(1L).addmm(flat, cols, 1.0f, 1.0f)
+        GemmConvolution.AsBatch(y, b, h, w)
+
 /// A k x k convolution (odd k, stride 1, zero padding k / 2, no dilation or groups) to fewer
-/// channels than it reads, computed without LibTorch's im2col of its input: with the kernel
-/// flipped, z = W' x is one product per image ([out k k, in] x [in, H W]), and col2im (`fold`)
-/// adds z's k x k shifted planes into the output. The same sums as the convolution, in another
-/// order. LibTorch's own CPU convolution (oneDNN is off, see NativeBackend) would build an
-/// [in k k, H W] buffer per image and its backward would fold one back: for Glow's last coupling
-/// layer (392 -> 12 channels, 3x3, 16 x 16) 3,528 rows against this path's 108.
+/// channels than it reads, computed without an im2col of its input: with the kernel flipped,
+/// z = W' x is one product ([out k k, in] x [in, B H W], a GEMM as in GemmConvolution), and col2im
+/// (`fold`) adds z's k x k shifted planes into the output. The same sums as the convolution, in
+/// another order. An im2col would build an [in k k, B H W] buffer and its backward would fold
+/// one back: for Glow's last coupling layer (392 -> 12 channels, 3x3, 16 x 16) 3,528 rows
+/// against this path's 108.
 [<AbstractClass; Sealed>]
 type ThinConvolution =
     /// Whether the convolution has this shape and reads more channels than it writes.
     static member Applies(c: Conv2d) =
-        let k = c.kernel_size
-        not (isNull k) && k.Length = 2 && k.[0] = k.[1] && k.[0] % 2L = 1L && k.[0] > 1L
-        && not c.transposed && c.groups = 1L && c.padding_mode = PaddingModes.Zeros
-        && not (isNull c.stride) && c.stride |> Array.forall (fun v -> v = 1L)
-        && (isNull c.dilation || c.dilation |> Array.forall (fun v -> v = 1L))
-        && not (isNull c.padding) && c.padding.Length = 2 && c.padding |> Array.forall (fun v -> v = k.[0] / 2L)
-        && c.out_channels < c.in_channels
-    /// Called after every Apply with the layer, its input and output and the seconds it took,
-    /// where set (null by default): for profilers and FLOP counters, which cannot hook the layer
-    /// itself since its forward is not called.
-    static member val Observer : Action<Conv2d, Tensor, Tensor, float> = null with get, set
-    /// The convolution of a batch [B, in, H, W] by this path.
+        GemmConvolution.Applies c && c.kernel_size.[0] > 1L && c.out_channels < c.in_channels
+    /// The convolution of a batch [B, in, H, W] by this path (reported to GemmConvolution.Observer).
     static member Apply(c: Conv2d, x: Tensor) : Tensor =
-        let observer = ThinConvolution.Observer
-        if isNull observer then ThinConvolution.Compute(c, x)
-        else
-            let started = Diagnostics.Stopwatch.GetTimestamp()
-            let y = ThinConvolution.Compute(c, x)
-            observer.Invoke(c, x, y, Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds)
-            y
+        GemmConvolution.Observed(c.weight, x, fun () -> ThinConvolution.Compute(c, x))
     static member private Compute(c: Conv2d, x: Tensor) : Tensor =
         let w = c.weight
         let o, i, k = w.shape.[0], w.shape.[1], w.shape.[2]
@@ -48,16 +95,27 @@ type ThinConvolution =
         // fold adds plane (a, b) of z at offset (a - k/2, b - k/2); the convolution reads its input
         // at (k/2 - a, k/2 - b) from each output: hence the flipped kernel.
         let flat = w.flip(2L, 3L).permute(0L, 2L, 3L, 1L).reshape(o * k * k, i)
-        // The product as a 1x1 convolution: LibTorch's takes the input as it lies, one product per
-        // image, and its backward accumulates the weight's gradient image by image, where `matmul`
-        // of [out k k, in] by [B, in, H W] copies the batch transposed and sums B per-image weight
-        // gradients after the fact: fwd+bwd 3.8 against 4.7 ms at glow-fashion-mnist's 72 -> 4
-        // channels at 14 x 14, 7.9 against 10.9 ms at glow-cifar10's 392 -> 12 at 16 x 16 (16 images).
-        let z = torch.nn.functional.conv2d(x, flat.view(o * k * k, i, 1L, 1L)).reshape(b, o * k * k, h * wd)
+        let z = flat.mm(GemmConvolution.ChannelsFirst x).view(o * k * k, b, h * wd).transpose(0L, 1L)
         let pad = struct (k / 2L, k / 2L)
         let y = torch.nn.functional.fold(z, struct (h, wd), struct (k, k), padding = Nullable pad)
         // In place on fold's fresh output: its backward does not read it.
         if isNull c.bias then y else y.add_(c.bias.view(1L, o, 1L, 1L), Scalars.One)
+
+/// One convolution (odd k, stride 1, zero padding k / 2) whose parameters are named `weight`
+/// and `bias` as a Conv2d's, computed as GemmConvolution: Glow's learned prior at a split.
+type SameConvolution(inChannels: int64, outChannels: int64, kernel: int64) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("SameConvolution")
+    // A Conv2d of the same shape, for its layout and its parameters' initialisation.
+    let conv = torch.nn.Conv2d(inChannels, outChannels, kernel, padding = kernel / 2L)
+    do
+        if kernel % 2L <> 1L then invalidArg "kernel" (sprintf "SameConvolution needs an odd kernel, got %d" kernel)
+        this.register_parameter("weight", conv.weight)
+        this.register_parameter("bias", conv.bias)
+    /// The convolution's weight [out, in, k, k] (the registered parameter: `to` replaces it).
+    member this.Weight : Tensor = this.get_parameter("weight")
+    /// The convolution's bias [out].
+    member this.Bias : Tensor = this.get_parameter("bias")
+    override this.forward(x) = GemmConvolution.Apply(this.Weight, this.Bias, x).contiguous()
 
 /// A Linear layer's product in a reduced precision (bfloat16) from float32 parameters: the input
 /// comes already rounded, the weight and bias are rounded once per call, the product accumulates
@@ -108,9 +166,9 @@ type internal ReducedPrecisionLinear() =
 /// without a second handle). The layers are registered as "0", "1", ... like a Sequential's, so
 /// the saved state has the same names.
 ///
-/// Image batches run in chunks when one convolution's im2col buffer for the whole batch would
-/// exceed `bufferBytes`. LibTorch's CPU convolution (oneDNN is off, see NativeBackend) builds the
-/// whole batch's im2col buffer per call: 231 MB for glow-cifar10's 3x3 convolutions from 392
+/// Convolutions run as GemmConvolution (ThinConvolution for those to fewer channels than they
+/// read): right whatever LibTorch's oneDNN switch says. Image batches run in chunks when one
+/// convolution's im2col buffer for the whole batch would exceed `bufferBytes`: 231 MB for glow-cifar10's 3x3 convolutions from 392
 /// channels at 16x16 and batch 64. Buffers above glibc's largest mmap threshold (32 MB) are mapped
 /// and unmapped on every call, their pages faulted in afresh; chunks of a few images keep each
 /// buffer in the heap for reuse. Every image is computed as without chunks (each layer acts on
@@ -124,6 +182,8 @@ type ReluNetwork(layers: torch.nn.Module<Tensor, Tensor>[], bufferBytes: int64) 
     // Convolutions to fewer channels than they read (Glow's last 3x3 layer: 392 -> 12) run as
     // ThinConvolution: one product and a col2im, with no im2col buffer of the wide input.
     let thin = layers |> Array.map (fun l -> match l with :? Conv2d as c -> ThinConvolution.Applies c | _ -> false)
+    // Every other convolution of that shape as one GEMM (GemmConvolution).
+    let gemm = layers |> Array.mapi (fun i l -> match l with :? Conv2d as c -> not thin.[i] && GemmConvolution.Applies c | _ -> false)
     /// Bytes per image of the largest buffer a layer builds at an input of h x w: the im2col
     /// buffer of a convolution, or a thin convolution's product before its col2im.
     let perImage (h: int64) (w: int64) =
@@ -160,8 +220,10 @@ type ReluNetwork(layers: torch.nn.Module<Tensor, Tensor>[], bufferBytes: int64) 
             h <-
                 if inPlace.[i] then h.relu_()
                 elif thin.[i] then ThinConvolution.Apply(layers.[i] :?> Conv2d, h)
+                elif gemm.[i] then GemmConvolution.Apply(layers.[i] :?> Conv2d, h)
                 else layers.[i].call(h)
-        h
+        // GemmConvolution leaves its result laid channels first; callers get a plain batch.
+        if h.is_contiguous() then h else h.contiguous()
     /// Layers without a limit on the convolutions' buffers.
     new(layers) = new ReluNetwork(layers, Int64.MaxValue)
     member _.Layers : Collections.Generic.IReadOnlyList<torch.nn.Module<Tensor, Tensor>> = layers :> _
@@ -234,7 +296,6 @@ type Conditioners =
     static member Conv(width: int64) : ConditionerFactory =
         if width < 1L then invalidArg "width" (sprintf "Conv needs width >= 1, got %d" width)
         ConditionerFactory(fun inC outC ->
-            NativeBackend.Ensure()
             let last = torch.nn.Conv2d(width, outC, 3L, padding = 1L)
             Conditioners.ZeroLast last
             new ReluNetwork(
@@ -252,8 +313,7 @@ type Conditioners =
     /// at a split (mean and log-scale from the half that stays).
     static member ZeroConv() : ConditionerFactory =
         ConditionerFactory(fun inC outC ->
-            NativeBackend.Ensure()
-            let conv = torch.nn.Conv2d(inC, outC, 3L, padding = 1L)
+            let conv = new SameConvolution(inC, outC, 3L)
             Conditioners.ZeroLast conv
             conv :> torch.nn.Module<Tensor, Tensor>)
 

@@ -101,39 +101,21 @@ module internal NativeGlue =
                 raise (NativeLoadException(explain path loader, path, loader))
 
     [<DllImport("libc", EntryPoint = "setenv")>]
-    extern int private setenv(string name, string value, int overwrite)
+    extern int setenv(string name, string value, int overwrite)
+    [<DllImport("libc", EntryPoint = "getenv")>]
+    extern nativeint private getenvPtr(string name)
 
-    /// LibTorch's OpenMP (libgomp) lets idle worker threads spin; with two threads on two busy
-    /// cores most of a step went to spinning (a fashion-mnist step: 993 and 6,875 ms against 404
-    /// and 224 ms with OMP_WAIT_POLICY=PASSIVE, measured here under load). libgomp reads the
-    /// variable once, when it loads with LibTorch, so it is set in the C environment first, unless
-    /// the user set it (OMP_WAIT_POLICY=ACTIVE keeps spinning). Returns what was done.
-    /// A pure sleep costs a futex wake-up per parallel region; a short spin first (GOMP_SPINCOUNT,
-    /// about 0.1 ms at libgomp's estimate of 100,000 spins per ms) was faster still with two
-    /// threads on two cores that other jobs used (benchmarks/Speed --threads 2, interleaved, load
-    /// 1.5-2: fashion-mnist 22-25 ms per step against 35-46 ms sleeping at once, cifar10 584-644
-    /// against 658-736 ms; spin counts of 1,000 and 100,000 were no better). Set with the
-    /// policy, unless GOMP_SPINCOUNT is given.
-    let spinCount = "10000"
+    /// A variable of the C environment (what LibTorch and glibc read; .NET keeps its own copy,
+    /// made at start, which setenv does not change), or null. Off Linux, .NET's copy.
+    let getenv (name: string) : string =
+        if OperatingSystem.IsLinux() then
+            (try Marshal.PtrToStringAnsi(getenvPtr name) with :? DllNotFoundException | :? EntryPointNotFoundException -> Environment.GetEnvironmentVariable name)
+        else Environment.GetEnvironmentVariable name
 
-    let preferPassiveWaiting () : string =
-        let spinGiven = not (String.IsNullOrEmpty(Environment.GetEnvironmentVariable "GOMP_SPINCOUNT"))
-        match Environment.GetEnvironmentVariable "OMP_WAIT_POLICY" with
-        | null | "" ->
-            if OperatingSystem.IsLinux() && (try setenv ("OMP_WAIT_POLICY", "PASSIVE", 0) = 0 with _ -> false) then
-                if spinGiven then "PASSIVE (set by MixerFlow; GOMP_SPINCOUNT given)"
-                elif (try setenv ("GOMP_SPINCOUNT", spinCount, 0) = 0 with _ -> false) then
-                    "PASSIVE after a short spin (GOMP_SPINCOUNT=" + spinCount + ", set by MixerFlow)"
-                else "PASSIVE (set by MixerFlow)"
-            else "LibTorch's default (could not set OMP_WAIT_POLICY)"
-        | given -> given + " (given)"
-
-    let mutable waitPolicy = "not yet set"
-
+    /// Sets nothing: only checks, once, that the glue this process would use loads.
     let ensured =
         lazy
-            (waitPolicy <- preferPassiveWaiting ()
-             if OperatingSystem.IsLinux() then
+            (if OperatingSystem.IsLinux() then
                  match candidates () with
                  | first :: _ -> verify first
                  | [] -> ())
@@ -141,18 +123,12 @@ module internal NativeGlue =
 /// Checks, once per process and before TorchSharp's first native call, that TorchSharp's native glue
 /// loads on this machine; if it cannot, throws a NativeLoadException that names the real cause (the
 /// loader's message, e.g. the missing GLIBCXX_3.4.32 of Debian 12's libstdc++) and the fix.
-/// Bijector constructors call it; later calls cost a field read.
+/// Bijector constructors call it; later calls cost a field read. It changes nothing in the process
+/// (the runtime's switches are set by MixerFlow.Core.Runtime.MixerFlowRuntime.Configure).
 [<AbstractClass; Sealed>]
 type NativeRuntime =
     /// Throws NativeLoadException when the glue this process would use cannot load (Linux only).
     static member EnsureLoaded() = NativeGlue.ensured.Force()
-
-    /// The OpenMP wait policy LibTorch's threads use: PASSIVE after a short spin (GOMP_SPINCOUNT=10000)
-    /// unless the environment said otherwise before the first MixerFlow object was made (idle
-    /// threads then sleep after about 0.1 ms instead of spinning on cores that other work needs).
-    static member OpenMpWaitPolicy =
-        NativeRuntime.EnsureLoaded()
-        NativeGlue.waitPolicy
 
     /// Loads the glue at `libraryPath` and throws NativeLoadException when the loader refuses it for a
     /// symbol version (GLIBCXX_3.4.32 and the like). For diagnosing a deployment.
@@ -175,6 +151,8 @@ module internal LibTorchContext =
     extern [<return: MarshalAs(UnmanagedType.U1)>] bool userEnabledMkldnn(nativeint context)
     [<DllImport("libtorch_cpu", EntryPoint = "_ZN2at7Context20setUserEnabledNNPACKEb")>]
     extern void setUserEnabledNNPACK(nativeint context, [<MarshalAs(UnmanagedType.U1)>] bool enabled)
+    [<DllImport("libtorch_cpu", EntryPoint = "_ZNK2at7Context17userEnabledNNPACKEv")>]
+    extern [<return: MarshalAs(UnmanagedType.U1)>] bool userEnabledNNPACK(nativeint context)
 
 module internal MklDispatch =
     /// MKL (linked into libtorch_cpu) picks its GEMM kernels by CPU: on a CPU whose vendor string
@@ -185,39 +163,49 @@ module internal MklDispatch =
     /// Setting that int to 1 before MKL's first GEMM makes MKL trust the CPU's feature flags, as
     /// a preloaded override of the function does. Nothing is written unless the function starts
     /// with exactly that sequence. Returns whether MKL now trusts the CPU, and what was done.
-    let trustCpuFeatures () : bool * string =
+    /// The address of the int that caches `mkl_serv_intel_cpu_true`'s answer, or why there is none.
+    let locate () : Result<nativeint, string> =
         let mutable lib = 0n
         if not (NativeLibrary.TryLoad("libtorch_cpu", typeof<NativeRuntime>.Assembly, Nullable(), &lib)) then
-            false, "libtorch_cpu not found"
+            Error "libtorch_cpu not found"
         else
             let mutable f = 0n
             if not (NativeLibrary.TryGetExport(lib, "mkl_serv_intel_cpu_true", &f)) then
-                false, "no mkl_serv_intel_cpu_true in libtorch_cpu (no MKL)"
+                Error "no mkl_serv_intel_cpu_true in libtorch_cpu (no MKL)"
             else
                 let b i = Marshal.ReadByte(f, i)
                 if not (b 0 = 0x8buy && b 1 = 0x05uy && b 6 = 0x85uy && b 7 = 0xc0uy && b 8 = 0x78uy) then
-                    false, "mkl_serv_intel_cpu_true has an unknown shape; left alone"
-                else
-                    let cached = f + 6n + nativeint (Marshal.ReadInt32(f, 2))
-                    match Marshal.ReadInt32 cached with
-                    | 1 -> true, "MKL already trusts this CPU"
-                    // A GEMM ran before MixerFlow set LibTorch up: switching now would mix kernels
-                    // (and rounding) within the process, so MKL's choice stays.
-                    | 0 -> false, "MKL had already chosen its generic path before MixerFlow's first use; left alone"
-                    | _ ->
-                        Marshal.WriteInt32(cached, 1)
-                        true, "MKL set to trust the CPU's feature flags"
+                    Error "mkl_serv_intel_cpu_true has an unknown shape; left alone"
+                else Ok(f + 6n + nativeint (Marshal.ReadInt32(f, 2)))
+
+    /// MKL's cached answer: -1 not chosen yet, 0 generic kernels, 1 the CPU's feature flags trusted;
+    /// or why it cannot be read. Reads only.
+    let cached () : Result<int, string> = locate () |> Result.map Marshal.ReadInt32
+
+    let trustCpuFeatures () : bool * string =
+        match locate () with
+        | Error why -> false, why
+        | Ok cached ->
+            match Marshal.ReadInt32 cached with
+            | 1 -> true, "MKL already trusts this CPU"
+            // A GEMM ran before the runtime was configured: switching now would mix kernels (and
+            // rounding) within the process, so MKL's choice stays.
+            | 0 -> false, "MKL had already chosen its generic path before MixerFlow's first use; left alone"
+            | _ ->
+                Marshal.WriteInt32(cached, 1)
+                true, "MKL set to trust the CPU's feature flags"
 
 /// LibTorch's oneDNN (mkldnn) float32 convolution reads the padding of its blocked channel
 /// layouts (blocks of 16 channels with AVX-512, 8 with AVX2) uninitialised: a 3x3 Conv2d whose
 /// input channels are not a multiple of the block (72 -> 4) gives wrong or NaN outputs, and one
 /// whose output channels are not (8 -> 4, Glow's coupling nets) a wrong or NaN input gradient,
 /// differently from call to call (LibTorch 2.10.0 / oneDNN 3.7.1, seen on AMD Zen 5). Float64 and
-/// batch-1 convolutions never take that path and are right. TorchSharp has no switch for it, so
-/// this turns it off the way `torch.backends.mkldnn.enabled = False` does in PyTorch:
-/// `at::globalContext().setUserEnabledMkldnn(false)`. Convolutions then run ATen's own
-/// im2col + BLAS kernels (those of float64). Where the symbols are missing (a LibTorch built
-/// with another C++ ABI, Windows) nothing changes and `Available` is false.
+/// batch-1 convolutions never take that path and are right. TorchSharp has no switch for it; this
+/// reads and sets LibTorch's own, as `torch.backends.mkldnn.enabled` does in PyTorch
+/// (`at::globalContext().setUserEnabledMkldnn`), and NNPACK's. Nothing here is called by
+/// MixerFlow's bijectors: the application sets the switches (MixerFlow.Core.Runtime). Where the
+/// symbols are missing (a LibTorch built with another C++ ABI, Windows) nothing changes and
+/// `Available` is false.
 [<AbstractClass; Sealed>]
 type NativeBackend =
     static let context =
@@ -225,54 +213,37 @@ type NativeBackend =
             (try
                 // Let TorchSharp load its natives first, so the same libtorch_cpu is used.
                 torch.InitializeDeviceType(DeviceType.CPU)
-                let c = LibTorchContext.globalContext ()
-                LibTorchContext.setUserEnabledMkldnn (c, false)
-                // Without oneDNN, ATen next tries NNPACK for every convolution; on CPUs NNPACK
-                // does not support (AMD Zen 5 here) each try logs "Could not initialize NNPACK!
-                // Reason: Unsupported hardware" before falling back. Not trying it at all changes
-                // no result (the fallback is the same im2col + BLAS path).
-                (try LibTorchContext.setUserEnabledNNPACK (c, false) with :? EntryPointNotFoundException -> ())
-                let fast, outcome =
-                    if Environment.GetEnvironmentVariable "MIXERFLOW_MKL_GENERIC" = "1" then false, "left on MKL's own CPU check (MIXERFLOW_MKL_GENERIC=1)"
-                    else MklDispatch.trustCpuFeatures ()
-                NativeBackend.MklOutcome <- outcome
-                NativeBackend.MklTrusted <- fast
-                Some c
+                Some(LibTorchContext.globalContext ())
              with
              | :? DllNotFoundException
              | :? EntryPointNotFoundException -> None)
 
-    /// What was done about MKL's CPU check at first use (see <see cref="MklFastKernels"/>).
-    static member val MklOutcome = "not yet initialised" with get, set
-    static member val private MklTrusted = false with get, set
-
-    /// Where LibTorch's MKL would take its generic kernels because the CPU is not an Intel one
-    /// (AMD here: about 49 against 112 GFLOP/s for a 1024^3 float32 matmul on one core), Core makes
-    /// it trust the CPU's feature flags at first use, as a preloaded override of
-    /// `mkl_serv_intel_cpu_true` would. Set the environment variable MIXERFLOW_MKL_GENERIC=1 to
-    /// keep MKL's own choice. True where MKL now trusts the CPU. Only effective when no GEMM ran
-    /// before MixerFlow's first object (or `NativeBackend.Ensure()`); otherwise MKL's earlier
-    /// choice stays, so that one process never mixes the two kernels' rounding.
-    static member MklFastKernels =
-        NativeBackend.Ensure()
-        NativeBackend.MklTrusted
-
-    /// Turns oneDNN convolutions off (once per process; later calls are free). Called by every
-    /// bijector's constructor and by the convolutional conditioners.
-    static member Ensure() = context.Force() |> ignore
-
-    /// Whether the switch could be reached in this LibTorch.
+    /// Whether the switches could be reached in this LibTorch (reaching them loads LibTorch).
     static member Available = context.Force().IsSome
 
-    /// Whether LibTorch may use oneDNN (mkldnn) kernels. False after Ensure() where Available;
-    /// set it back to true only on a LibTorch whose oneDNN convolutions are known to be right.
+    /// Whether LibTorch may use oneDNN (mkldnn) kernels (LibTorch's default: true). Process-wide;
+    /// an application sets it with MixerFlow.Core.Runtime.MixerFlowRuntime.Configure. MixerFlow's
+    /// own convolutions are right either way (GemmConvolution); a float32 Conv2d of your own whose
+    /// channels are not multiples of 16 is right only while it is false.
     static member MkldnnEnabled
         with get () = match context.Force() with Some c -> LibTorchContext.userEnabledMkldnn c | None -> true
         and set (v: bool) = match context.Force() with Some c -> LibTorchContext.setUserEnabledMkldnn (c, v) | None -> ()
 
+    /// Whether LibTorch may try NNPACK for convolutions (LibTorch's default: true). On CPUs NNPACK
+    /// does not support (AMD Zen 5 here) each try logs "Could not initialize NNPACK! Reason:
+    /// Unsupported hardware" before falling back to the same im2col + BLAS path.
+    static member NnpackEnabled
+        with get () =
+            match context.Force() with
+            | Some c -> (try LibTorchContext.userEnabledNNPACK c with :? EntryPointNotFoundException -> true)
+            | None -> true
+        and set (v: bool) =
+            match context.Force() with
+            | Some c -> (try LibTorchContext.setUserEnabledNNPACK (c, v) with :? EntryPointNotFoundException -> ())
+            | None -> ()
+
     /// Runs `f` with oneDNN enabled and puts the switch back as it was after: for products that
-    /// need oneDNN's kernels (bfloat16 GEMMs) without its float32 convolutions. Process-wide while
-    /// it runs, like the switch itself.
+    /// need oneDNN's kernels (bfloat16 GEMMs). Process-wide while it runs, like the switch itself.
     static member WithMkldnn(f: Func<'T>) : 'T =
         let before = NativeBackend.MkldnnEnabled
         if not before then NativeBackend.MkldnnEnabled <- true

@@ -38,8 +38,8 @@ ModelConfig Config(string family) => family switch
     _ => throw new ArgumentException($"unknown family '{family}'"),
 };
 
-NativeRuntime.EnsureLoaded();
-set_num_threads(1);
+// The tool's runtime (no huge-pages restart: the stress run is started by tests too), one thread.
+MixerFlow.Core.Runtime.MixerFlowRuntime.Configure(new MixerFlow.Core.Runtime.RuntimeOptions { HugePages = false, IntraOpThreads = 1 });
 Console.WriteLine($"gen-0 budget: {Environment.GetEnvironmentVariable("DOTNET_GCgen0size") ?? "(default)"}; " +
                   $"optimiser: {(torchSharpAdam ? "torch.optim.Adam" : "MixerFlow.Core.Adam")}; {steps} steps per family");
 

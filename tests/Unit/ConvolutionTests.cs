@@ -8,10 +8,26 @@ namespace MixerFlow.Unit;
 /// LibTorch 2.10's oneDNN float32 convolution reads uninitialised channel padding of its blocked
 /// layouts: Glow's coupling network (3x3 conv, 1x1 conv, 3x3 conv to 2 x transformed channels)
 /// gave wrong or NaN outputs (72 -> 4 channels) and input gradients (8 -> 4), differently from
-/// one call to the next. Core turns oneDNN off (NativeBackend); float32 must then agree with float64.
+/// one call to the next. MixerFlow computes its own convolutions as GEMMs (GemmConvolution,
+/// ThinConvolution), so float32 must agree with float64 with LibTorch's oneDNN switch on or off.
+/// The oneDNN cases flip the process-wide switch through the runtime API and put it back; the test
+/// assembly runs its tests one at a time.
 /// </summary>
 public class ConvolutionTests
 {
+    /// <summary>Runs <paramref name="body"/> with the runtime's oneDNN switch as given, then restores the tests' runtime.</summary>
+    static void WithOneDnn(bool on, Action body)
+    {
+        var d = MixerFlow.Core.Runtime.MixerFlowRuntime.Configure(LibTorchSetup.Options.WithOneDnn(on));
+        try
+        {
+            if (NativeBackend.Available) Assert.Equal(on ? "on" : "off", d["oneDNN"].Value);
+            body();
+        }
+        finally { MixerFlow.Core.Runtime.MixerFlowRuntime.Configure(LibTorchSetup.Options); }
+        Assert.False(NativeBackend.Available && NativeBackend.MkldnnEnabled);
+    }
+
     static (Tensor y, Tensor gx, Tensor[] gp) Run(nn.Module<Tensor, Tensor> net, Tensor x)
     {
         var xg = x.detach().clone().requires_grad_(true);
@@ -52,16 +68,71 @@ public class ConvolutionTests
     }
 
     [Theory]
-    [InlineData(72, 1, 7)]   // glow-fashion-mnist's coupling net: 72 hidden channels, 2 -> 2x2 channels
-    [InlineData(8, 2, 3)]    // the property checks' affine-coupling-conv: 4 channels, 3x3 images
-    [InlineData(5, 1, 2)]
-    public void Float32_conv_conditioner_matches_float64_in_output_and_gradients(int width, int half, int side)
+    [InlineData(3, 8, 1, 5, 6)]     // a 1x1 convolution
+    [InlineData(2, 72, 3, 7, 7)]    // Glow's first layer: to more channels than it reads
+    [InlineData(4, 4, 5, 6, 5)]     // a 5x5 kernel, a non-square image
+    public void A_gemm_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w)
     {
-        manual_seed(7);
-        var net = Conditioners.Conv(width).Invoke(half, 2 * half);
+        manual_seed(13);
+        var conv = nn.Conv2d(inC, outC, k, padding: k / 2);
+        conv.to(float64);
+        using (no_grad()) foreach (var p in conv.parameters()) p.copy_(randn_like(p));
+        Assert.True(GemmConvolution.Applies(conv));
+        Assert.False(ThinConvolution.Applies(conv));
+        var x = randn(3, inC, h, w, dtype: float64);
+        var net = new ReluNetwork(new nn.Module<Tensor, Tensor>[] { conv });
+        var (yG, gxG, gpG) = Run(net, x);
+        var (y, gx, gp) = Run(conv, x);
+        Assert.True(MaxError(yG, y) < 1e-12, $"output off by {MaxError(yG, y)}");
+        Assert.True(MaxError(gxG, gx) < 1e-12, $"input gradient off by {MaxError(gxG, gx)}");
+        for (int i = 0; i < gp.Length; i++) Assert.True(MaxError(gpG[i], gp[i]) < 1e-12, $"parameter {i}'s gradient off by {MaxError(gpG[i], gp[i])}");
+        // The result is a plain batch, and the check can fail: another weight, another output.
+        Assert.True(net.forward(x).is_contiguous());
+        using (no_grad()) conv.weight!.add_(1.0);
+        Assert.True(MaxError(Run(net, x).y, y) > 1e-3);
+        // Strides, dilations and groups keep LibTorch's convolution.
+        Assert.False(GemmConvolution.Applies(nn.Conv2d(inC, outC, k, stride: 2, padding: k / 2)));
+        Assert.False(GemmConvolution.Applies(nn.Conv2d(inC, outC, 3, padding: 0L)));
+    }
+
+    [Fact]
+    public void Glows_prior_convolution_keeps_a_Conv2ds_names_and_follows_its_dtype()
+    {
+        manual_seed(17);
+        var prior = (SameConvolution)Conditioners.ZeroConv().Invoke(3, 6);
+        Assert.Equal(new[] { "weight", "bias" }, prior.state_dict().Keys);
+        Assert.Equal(0.0, prior.forward(randn(2, 3, 4, 4)).abs().max().item<float>());
+        var conv = nn.Conv2d(3, 6, 3, padding: 1);
+        using (no_grad()) foreach (var p in conv.parameters()) p.copy_(randn_like(p));
+        prior.load_state_dict(conv.state_dict());
+        prior.to(float64);
+        conv.to(float64);
+        Assert.Equal(ScalarType.Float64, prior.Weight.dtype);
+        var x = randn(2, 3, 4, 5, dtype: float64);
+        using (no_grad()) Assert.True(MaxError(prior.forward(x), conv.forward(x)) < 1e-12);
+    }
+
+    [Theory]
+    [InlineData(72, 1, 7, false)]   // glow-fashion-mnist's coupling net: 72 hidden channels, 2 -> 2x2 channels
+    [InlineData(72, 1, 7, true)]    // the same with LibTorch's oneDNN on
+    [InlineData(8, 2, 3, false)]    // the property checks' affine-coupling-conv: 4 channels, 3x3 images
+    [InlineData(8, 2, 3, true)]
+    [InlineData(20, 2, 6, true)]
+    [InlineData(5, 1, 2, false)]
+    public void Float32_conv_conditioner_matches_float64_in_output_and_gradients(int width, int half, int side, bool oneDnn) =>
+        WithOneDnn(oneDnn, () =>
+        {
+            ConditionerMatchesFloat64(Conditioners.Conv(width).Invoke(half, 2 * half), half, side, 7);
+            ConditionerMatchesFloat64(Conditioners.ZeroConv().Invoke(half, 2 * half), half, side, 8);
+        });
+
+    static void ConditionerMatchesFloat64(nn.Module<Tensor, Tensor> net, int half, int side, int seed)
+    {
+        manual_seed(seed);
         using (no_grad())
             foreach (var p in net.parameters()) p.add_(randn_like(p) * 0.2);
-        var x = randn(4, half, side, side, dtype: float64);
+        // 16 images: LibTorch takes oneDNN for 1x1 convolutions too from 16 images on.
+        var x = randn(16, half, side, side, dtype: float64);
         net.to(float64);
         var (y64, gx64, gp64) = Run(net, x);
         net.to(float32);
@@ -75,9 +146,10 @@ public class ConvolutionTests
     }
 
     [Fact]
-    public void A_bare_float32_conv2d_after_Core_is_loaded_matches_float64()
+    public void A_bare_float32_conv2d_under_the_default_runtime_matches_float64()
     {
-        NativeBackend.Ensure();
+        // The tests' runtime is the tool's default: oneDNN off, so LibTorch's own Conv2d is right too.
+        Assert.False(NativeBackend.Available && NativeBackend.MkldnnEnabled);
         manual_seed(3);
         foreach (var (cin, cout) in new[] { (72, 4), (8, 4), (20, 4), (2, 72) })
         {

@@ -65,7 +65,7 @@ public class NativeRuntimeTests
 }
 
 /// <summary>
-/// MKL's fast kernels on CPUs it does not recognise (NativeBackend.MklOutcome): the same
+/// MKL's fast kernels on CPUs it does not recognise (MixerFlowRuntime.MklOutcome): the same
 /// training run with them and with MKL's generic path (MIXERFLOW_MKL_GENERIC=1) ends at the
 /// same held-out score to float32 accuracy.
 /// </summary>

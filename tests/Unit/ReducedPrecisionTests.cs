@@ -79,7 +79,7 @@ public class ReducedPrecisionTests
     [Fact]
     public void The_oneDNN_switch_is_left_as_found_by_the_forward_and_the_backward()
     {
-        NativeBackend.Ensure();
+        // The tests' runtime has oneDNN off (LibTorchSetup).
         Assert.False(NativeBackend.Available && NativeBackend.MkldnnEnabled);
         var net = Perceptron(6, 32, 2, 8, reduced: true, seed: 4);
         var y = net.forward(randn(64, 6));

@@ -30,7 +30,6 @@ public class SpeedBenchmarkTests
     public void ConvolutionCountsItsIm2colGemmPerImage()
     {
         NativeRuntime.EnsureLoaded();
-        NativeBackend.Ensure();
         using var scope = NewDisposeScope();
         var net = nn.Sequential(nn.Conv2d(3, 4, 3, padding: 1));
         using var counter = new FlopCounter(net);
@@ -44,7 +43,6 @@ public class SpeedBenchmarkTests
     public void A_thin_convolution_counts_as_the_convolution_it_computes()
     {
         NativeRuntime.EnsureLoaded();
-        NativeBackend.Ensure();
         using var scope = NewDisposeScope();
         // 6 -> 2 channels: ReluNetwork runs it as ThinConvolution, which no module hook sees.
         var net = new ReluNetwork(new nn.Module<Tensor, Tensor>[] { nn.Conv2d(6, 2, 3, padding: 1) });
@@ -53,7 +51,14 @@ public class SpeedBenchmarkTests
             var g = Assert.Single(counter.Count(2, () => net.forward(randn(2, 6, 5, 6))));
             Assert.Equal(new Gemm("conv", 2, 54, 30, 2), g);
         }
-        Assert.Null(ThinConvolution.Observer);
+        Assert.Null(GemmConvolution.Observer);
+        // Glow's coupling net: its 3x3, 1x1 and thin 3x3 convolutions all run as GEMMs; each counts once.
+        var glow = Conditioners.Conv(8).Invoke(2, 4);
+        using (var counter = new FlopCounter(glow))
+        {
+            var gemms = counter.Count(2, () => glow.forward(randn(2, 2, 5, 6)));
+            Assert.Equal(new[] { new Gemm("conv", 8, 18, 30, 2), new Gemm("conv", 8, 8, 30, 2), new Gemm("conv", 4, 72, 30, 2) }, gemms);
+        }
     }
 
     [Fact]

@@ -1,4 +1,5 @@
 using MixerFlow.Core;
+using MixerFlow.Core.Runtime;
 using MixerFlow.Host;
 using MixerFlow.Host.Training;
 using MixerFlow.CommandLine;
@@ -14,11 +15,13 @@ public static class InfoVerb
         var model = new ImageFlow(options.Model);
         Describe(model, output);
         output.WriteLine();
-        output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {NativeRuntime.OpenMpWaitPolicy}; MKL: {NativeBackend.MklOutcome}; " +
+        output.WriteLine($"LibTorch: {TorchSharp.torch.get_num_threads()} threads, OpenMP wait policy {MixerFlowRuntime.OpenMpWaitPolicy}; MKL: {MixerFlowRuntime.MklOutcome}; " +
                          $"oneDNN convolutions {(NativeBackend.MkldnnEnabled ? "on" : "off")}" +
                          (model.Config is MixerFlowConfig { ConditionerPrecision: ConditionerPrecision.Bfloat16 }
                              ? " (on during the bfloat16 conditioners' products only)" : "") +
                          $"; {HugePages.Description}");
+        output.WriteLine("Runtime (MixerFlowRuntime.Describe):");
+        output.WriteLine(MixerFlowRuntime.Describe());
         int launched = MixerFlow.Host.Distributed.Communicator.LaunchedSize();
         output.WriteLine(launched > 1
             ? $"MPI: started by a launcher as {launched} processes; train runs data-parallel (docs/distributed.md)"
