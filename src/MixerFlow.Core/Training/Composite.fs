@@ -135,8 +135,8 @@ type internal AutogradIsland(part: Bijector) =
             // dL/dy as a normal tensor: autograd may keep it as a parameter's gradient.
             let dyNormal = dy.clone()
             if tape.LogDet.requires_grad then
-                use c = Scalar.op_Implicit logDetGradient
-                let dLogDet = torch.empty_like(tape.LogDet).fill_(c)
+                let ld = tape.LogDet
+                let dLogDet = torch.tensor(logDetGradient, dtype = ld.dtype, device = ld.device).expand_as(ld).contiguous()
                 torch.autograd.backward([| tape.Y; tape.LogDet |], [| dyNormal; dLogDet |])
             else torch.autograd.backward([| tape.Y |], [| dyNormal |])
             if inputGradient then tape.Leaf.grad else null
