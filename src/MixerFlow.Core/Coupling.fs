@@ -6,57 +6,6 @@ open TorchSharp
 open TorchSharp.Modules
 open MixerFlow.Core.Ops
 
-/// The tensors of an affine coupling's hand-written pass for one batch layout (rows of
-/// `samples` samples, dtype, device), kept in a Workspace: the ReLU outputs (overwritten by their
-/// gradients in the backward pass), the conditioner's output [shift | raw], the clamp's slope,
-/// exp(s), y, dL/dx and dL/d(conditioner output), with the views of them that the pass uses.
-[<Sealed; AllowNullLiteral>]
-type internal AffinePass(ws: Workspace, widths: int64[], features: int64, nB: int64,
-                         conditioningStart: int64, transformedStart: int64) =
-    let rows = ws.Rows
-    let hidden = [| for i in 0 .. widths.Length - 2 -> ws.Empty [| rows; widths.[i] |] |]
-    let hiddenT = hidden |> Array.map (fun h -> ws.Keep(h.t()))
-    let out = ws.Empty [| rows; 2L * nB |]
-    let scale = ws.Empty [| rows; nB |]
-    let y = ws.Empty [| rows; features |]
-    let dx = ws.Empty [| rows; features |]
-    let dOut = ws.Empty [| rows; 2L * nB |]
-    let conditioningPart (t: Tensor) = ws.Keep(t.narrow(1L, conditioningStart, features - nB))
-    let transformedPart (t: Tensor) = ws.Keep(t.narrow(1L, transformedStart, nB))
-    /// Each Linear's output width.
-    member val Widths = widths
-    member val Hidden = hidden
-    member val HiddenT = hiddenT
-    member val Out = out
-    member val Shift = ws.Keep(out.narrow(1L, 0L, nB))
-    member val Raw = ws.Keep(out.narrow(1L, nB, nB))
-    member val Scale = scale
-    /// tanh(raw / c), then the clamp's slope 1 - tanh^2.
-    member val Slope = ws.Empty [| rows; nB |]
-    /// exp(s)'s tensor read as [samples, rows per sample * nB] (s while the log-det is taken).
-    member val ScaleBySample = ws.Keep(scale.view(ws.Samples, -1L))
-    member val OnesLogDet = ws.Ones(ws.RowsPerSample * nB)
-    member val OnesRows = ws.Ones rows
-    member val Y = y
-    member val Ya = conditioningPart y
-    member val Yb = transformedPart y
-    member val Dx = dx
-    member val Dxa = conditioningPart dx
-    member val Dxb = transformedPart dx
-    member val DOut = dOut
-    member val DOutT = ws.Keep(dOut.t())
-    member val DShift = ws.Keep(dOut.narrow(1L, 0L, nB))
-    member val DRaw = ws.Keep(dOut.narrow(1L, nB, nB))
-
-/// What an affine coupling's backward pass needs of its taped forward pass.
-[<Sealed>]
-type internal AffineTape(pass: AffinePass, generation: int64, xa: Tensor, xb: Tensor) =
-    member _.Pass = pass
-    member _.Generation = generation
-    member _.Xa = xa
-    member _.Xb = xb
-    member val Used = false with get, set
-
 /// Coupling layer (Dinh et al. 2015, NICE; Dinh et al. 2017, RealNVP): the event is split along
 /// its first axis by a Partition; the conditioning part passes unchanged and, through the
 /// conditioner, sets the parameters of an elementwise map of the other part. The Jacobian is
@@ -109,7 +58,7 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     let joined (a: Tensor) (b: Tensor) =
         if conditioningStart = 0L then torch.cat([| a; b |], 1L) else torch.cat([| b; a |], 1L)
     /// The conditioner's Linear layers if it is a perceptron (Linear, ReLU, ..., Linear, with
-    /// biases), else null: what the hand-written backward covers (in float32, see HandGradientSupported).
+    /// biases), else null.
     let perceptronLayers : Linear[] =
         match net with
         | :? ReluNetwork as r when r.Layers.Count % 2 = 1 ->
@@ -118,12 +67,6 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
             let relus = [| for i in 1 .. 2 .. ls.Length - 1 -> ls.[i] :? ReLU |]
             if Array.forall (isNull >> not) linears && Array.forall id relus then linears else null
         | _ -> null
-    // The hand-written pass's tensors, kept from step to step (not Tensor fields, which TorchSharp
-    // would register as buffers).
-    let workspace = Workspace()
-    let mutable pass : AffinePass = null
-    let inputViews = ViewCache()
-    let gradViews = ViewCache()
     do
         this.register_buffer("conditioningIndex", conditioningIndex)
         this.register_buffer("transformedIndex", transformedIndex)
@@ -194,92 +137,15 @@ type Coupling(name: string, eventShape: int64[], partition: Partition, condition
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
     override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
 
-    /// The affine coupling with a soft-clamped scale and a perceptron conditioner by hand:
-    /// forward y_b = x_b * exp(s) + t, s = c tanh(r / c), (t, r) = net(x_a); backward
-    /// dx_b = dy_b exp(s), dt = dy_b, dr = (dx_b x_b + dL/dlogdet) (1 - tanh^2), then the
-    /// perceptron's products, each weight gradient accumulated in place (addmm_). Every result is
-    /// written in place into tensors the layer keeps from step to step (a Workspace): a pass makes
-    /// no new tensor once the first has made them, and a tape serves one backward pass.
-    interface IHandGradient with
-        member _.HandGradientSupported x =
-            isAffine && contiguous && contextFeatures = 0L && eventShape.Length = 1 && x.is_floating_point()
-            && not (map :?> Affine).ScaleBound.IsSigmoid && not (isNull perceptronLayers)
-            && not (net :?> ReluNetwork).ComputeType.HasValue
-            // Frozen parameters get no gradient from autograd; this backward would give them one.
-            && perceptronLayers |> Array.forall (fun l -> l.weight.requires_grad && l.bias.requires_grad)
-        member this.ForwardTaped(x, logDet) =
-            this.CheckShape(x, eventShape, "input")
-            let layers = perceptronLayers
-            if not (workspace.Begin(x, logDet)) || isNull pass then
-                use _normal = torch.inference_mode(false)
-                pass <- AffinePass(workspace, layers |> Array.map (fun l -> l.weight.shape.[0]),
-                                   eventShape.[0], nB, conditioningStart, transformedStart)
-            let p = pass
-            let v = inputViews.Of(x, fun x -> [| x.narrow(1L, conditioningStart, nA); x.narrow(1L, transformedStart, nB) |])
-            let xa, xb = v.[0], v.[1]
-            for i in 0 .. layers.Length - 1 do
-                let l = layers.[i]
-                let input = if i = 0 then xa else p.Hidden.[i - 1]
-                let target = if i < layers.Length - 1 then p.Hidden.[i] else p.Out
-                target.copy_(l.bias).addmm_(input, HandGradients.transposeOf l.weight, 1.0f, 1.0f) |> ignore
-                if i < layers.Length - 1 then target.relu_() |> ignore
-            let limit = scalar (map :?> Affine).ScaleBound.Limit
-            // The elementwise work runs on contiguous tensors: LibTorch runs an op with a strided
-            // operand (a half of a row) row by row, about three times slower here, so each half
-            // is read or written once. t = tanh(raw / c); s = c t into Scale, its rows' sums into logDet.
-            let t = p.Slope.copy_(p.Raw).div_(limit).tanh_()
-            p.Scale.copy_(t).mul_(limit) |> ignore
-            logDet.addmv_(p.ScaleBySample, p.OnesLogDet, 1.0f, 1.0f) |> ignore
-            p.Scale.exp_() |> ignore
-            // t becomes ds/draw = 1 - t^2, all the backward needs of it.
-            t.mul_(t).neg_().add_(Scalars.One, Scalars.One) |> ignore
-            p.Yb.copy_(p.Shift).addcmul_(xb, p.Scale, Scalars.One) |> ignore
-            p.Ya.copy_(xa) |> ignore
-            struct (p.Y, box (AffineTape(p, workspace.Generation, xa, xb)))
-        member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            let tape = tape :?> AffineTape
-            workspace.CheckTape(tape.Generation, tape.Used, this.Name)
-            tape.Used <- true
-            let p = tape.Pass
-            let layers = perceptronLayers
-            let v = gradViews.Of(dy, fun g -> [| g.narrow(1L, conditioningStart, nA); g.narrow(1L, transformedStart, nB) |])
-            let dya, dyb = v.[0], v.[1]
-            // dx_b = dy_b exp(s), on a contiguous temporary (see the forward pass), then into dx.
-            let dxb = workspace.Scratch(0, nB).copy_(dyb).mul_(p.Scale)
-            p.Dxb.copy_(dxb) |> ignore
-            p.DShift.copy_(dyb) |> ignore
-            // dL/dr = (dL/ds) (1 - tanh^2), dL/ds = dy_b x_b exp(s) + dL/dlogdet.
-            let c = Scalar.op_Implicit logDetGradient
-            try p.DRaw.copy_(dxb.mul_(tape.Xb).add_(c, Scalars.One).mul_(p.Slope)) |> ignore
-            finally c.Dispose()
-            let mutable dOut = p.DOut
-            let mutable dOutT = p.DOutT
-            for i in layers.Length - 1 .. -1 .. 0 do
-                let l = layers.[i]
-                let input = if i = 0 then tape.Xa else p.Hidden.[i - 1]
-                (HandGradients.gradOf l.weight).addmm_(dOutT, input, 1.0f, 1.0f) |> ignore
-                (HandGradients.gradOf l.bias).addmv_(dOutT, p.OnesRows, 1.0f, 1.0f) |> ignore
-                if i > 0 then
-                    // Through the ReLU: times its output's sign (0 where it is 0, else 1), in place
-                    // of that output, which nothing needs any more. (LibTorch's masked_fill_ runs a
-                    // scalar loop, about 45% of a fashion-mnist step.)
-                    let product = workspace.Scratch(1, p.Widths.[i - 1]).addmm_(dOut, l.weight, 0.0f, 1.0f)
-                    dOut <- input.sign_().mul_(product)
-                    dOutT <- p.HiddenT.[i - 1]
-                elif inputGradient then
-                    p.Dxa.copy_(dya).addmm_(dOut, l.weight, 1.0f, 1.0f) |> ignore
-            if inputGradient then p.Dx else null
-
-    interface IKeepsWorkspace with
-        member _.ReleaseWorkspace() =
-            workspace.Clear()
-            inputViews.Clear()
-            gradViews.Clear()
-            pass <- null
-
-    override this.Dispose(disposing: bool) =
-        if disposing then (this :> IKeepsWorkspace).ReleaseWorkspace()
-        base.Dispose(disposing)
+    /// The conditioning and transformed slices' counts (nA, nB).
+    member internal _.Counts = struct (nA, nB)
+    /// The first slice of each half when both are runs of consecutive slices (else -1).
+    member internal _.Starts = struct (conditioningStart, transformedStart)
+    /// Whether the map is Affine itself (not a subclass).
+    member internal _.IsAffine = isAffine
+    /// The conditioner's Linear layers if it is a perceptron (Linear, ReLU, ..., Linear, with
+    /// biases), else null.
+    member internal _.PerceptronLayers = perceptronLayers
 
     interface IJacobianStructure with
         member _.StructureDescription = "conditioning slices pass unchanged: their rows of dy/dx are identity rows"

@@ -51,22 +51,14 @@ type Lifted(name: string, copies: int64, inner: Bijector, alongRows: bool) as th
     override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
     override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
-    /// Rows folded into the batch as in the forward pass; dL/dy folded the same way for the inner
-    /// backward, and its dL/dx unfolded.
-    interface IHandGradient with
-        member _.HandGradientSupported x = inner.ContextFeatures = 0L && HandGradients.supported inner x
-        member this.ForwardTaped(x, logDet) =
-            this.CheckShape(x, this.InputShape, "input")
-            let struct (y, tape) = (inner :> obj :?> IHandGradient).ForwardTaped(fold x, logDet)
-            struct (unfold x.shape.[0] y, tape)
-        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            let dx = (inner :> obj :?> IHandGradient).BackwardTaped(tape, fold dy, logDetGradient, inputGradient)
-            if isNull dx then null
-            else
-                // Columns: copied back to [B, P, D] order, so that the steps before (a normalisation,
-                // a row-wise flow) take it as it lies instead of each working on a transposed view.
-                let dx = unfold dy.shape.[0] dx
-                if alongRows then dx else dx.contiguous()
+    /// How many rows (columns) share the inner bijector.
+    member internal _.Copies = copies
+    /// Whether the inner bijector runs along rows (RowWise) or columns (ColumnWise).
+    member internal _.AlongRows = alongRows
+    /// [B, P, D] -> [B * copies, inner size], as the forward pass folds it.
+    member internal _.Fold(x: Tensor) = fold x
+    /// [B * copies, inner size] -> [B, P, D] (columns as a transposed view).
+    member internal _.Unfold(b: int64, y: Tensor) = unfold b y
 
 /// See ColumnWise: one vector bijector over D features applied to every row of [P, D].
 type RowWise(rows: int64, inner: Bijector) =

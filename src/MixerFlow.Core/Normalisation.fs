@@ -37,10 +37,6 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
     let bias = new Parameter(torch.zeros(pshape))
     let logScale = new Parameter(torch.zeros(pshape))
     let initialized = torch.zeros([| 1L |], dtype = torch.int64)
-    // The hand-written pass's tensors (exp(logScale), y, dx, a temporary), kept from step to step;
-    // not Tensor fields, which TorchSharp would register as buffers.
-    let workspace = Workspace()
-    let mutable pass : Tensor[] = null
     do
         this.register_parameter("bias", bias)
         this.register_parameter("logScale", logScale)
@@ -73,47 +69,12 @@ type ActNorm(eventShape: int64[], featureAxes: int[]) as this =
         let x = y * logScale.neg().exp() - bias
         Transformed.Constant(x, scaledSum (logScale.sum()) (-positions))
 
-    /// By hand (a first pass in training mode initialises the parameters from its batch, as
-    /// Forward does): dx = dy exp(logScale), dL/dbias = the sum of dx over the shared positions and samples,
-    /// dL/dlogScale = the sum of dy * y plus dL/dlogdet for each of the rows' positions. y, dx and
-    /// the temporaries are tensors the layer keeps from step to step (a Workspace): a tape serves
-    /// one backward pass.
-    interface IHandGradient with
-        // Frozen parameters get no gradient from autograd; this backward would give them one.
-        member _.HandGradientSupported x = x.is_floating_point() && bias.requires_grad && logScale.requires_grad
-        member this.ForwardTaped(x, logDet) =
-            this.CheckShape(x, eventShape, "input")
-            if this.training && not this.IsInitialized then this.InitializeFrom x
-            if not (workspace.Begin(x, logDet)) || isNull pass then
-                let shape = Array.append [| workspace.Rows |] eventShape
-                pass <- [| workspace.Empty pshape; workspace.Empty shape; workspace.Empty shape; workspace.Empty shape |]
-            let scale, y = pass.[0], pass.[1]
-            scale.copy_(logScale).exp_() |> ignore
-            y.copy_(x).add_(bias, Scalars.One).mul_(scale) |> ignore
-            let perSample = Scalar.op_Implicit(positions * float workspace.RowsPerSample)
-            try logDet.add_(logScale.sum(), perSample) |> ignore
-            finally perSample.Dispose()
-            struct (y, box struct (pass, workspace.Generation))
-        member this.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            let struct (taped, generation) = tape :?> struct (Tensor[] * int64)
-            workspace.CheckTape(generation, false, this.Name)
-            let scale, y, dx, product = taped.[0], taped.[1], taped.[2], taped.[3]
-            dx.copy_(dy).mul_(scale) |> ignore
-            (let g = HandGradients.gradOf bias in g.add_(dx.sum(dims, keepdim = true), Scalars.One) |> ignore)
-            let perRow = Scalar.op_Implicit(logDetGradient * positions * float workspace.Rows)
-            (let g = HandGradients.gradOf logScale
-             try g.add_(product.copy_(dy).mul_(y).sum(dims, keepdim = true), Scalars.One).add_(perRow, Scalars.One) |> ignore
-             finally perRow.Dispose())
-            if inputGradient then dx else null
-
-    interface IKeepsWorkspace with
-        member _.ReleaseWorkspace() =
-            workspace.Clear()
-            pass <- null
-
-    override this.Dispose(disposing: bool) =
-        if disposing then (this :> IKeepsWorkspace).ReleaseWorkspace()
-        base.Dispose(disposing)
+    /// The batch dimensions the parameters are shared over (statistics are reduced over them).
+    member internal _.SharedDims = dims
+    /// How many event positions share each parameter.
+    member internal _.Positions = positions
+    /// The parameters' shape, [1, ...].
+    member internal _.ParameterShape = pshape
 
 /// Invertible batch normalisation (Dinh, Sohl-Dickstein & Bengio 2017, RealNVP, appendix E):
 /// y = (x - mean) / sqrt(var + eps) * exp(logGamma) + beta. Training mode uses the batch

@@ -22,7 +22,7 @@ type Dequantize(eventShape: int64[], levels: int) =
     /// whole global batch, so N ranks see exactly the noise one process would at N times the batch.
     member val Noise : torch.Tensor = null with get, set
     /// (x + u) / levels: the forward map's value (u = 1/2, the given noise or fresh uniform noise).
-    member private this.Dequantized(x: Tensor) =
+    member internal this.Dequantized(x: Tensor) =
         this.CheckShape(x, eventShape, "input")
         let y =
             if this.Midpoint then torch.full_like(x, scalar 0.5).add_(x, Scalars.One)
@@ -40,17 +40,8 @@ type Dequantize(eventShape: int64[], levels: int) =
         let x = (y * scalar (float levels)).floor().clamp(scalar 0.0, scalar (float (levels - 1)))
         Transformed.Constant(x, torch.full(([||]: int64[]), scalar logLevels, dtype = y.dtype, device = y.device))
     override _.Traits = { BijectorTraits.Bijective with Surjective = true }
-    /// The forward pass as it is (noise included); dL/dx = dL/dy / levels.
-    interface IHandGradient with
-        member _.HandGradientSupported x = x.is_floating_point()
-        member this.ForwardTaped(x, logDet) =
-            let y = this.Dequantized x
-            let perSample = Scalar.op_Implicit(-logLevels * float (HandGradients.rowsPerSample x logDet))
-            try logDet.add_(perSample, Scalars.One) |> ignore
-            finally perSample.Dispose()
-            struct (y, null)
-        member _.BackwardTaped(_tape, dy, _logDetGradient, inputGradient) =
-            if inputGradient then dy.div(scalar (float levels)) else null
+    /// log(levels) times the event size: minus the log-det of one sample.
+    member internal _.LogLevels = logLevels
 
 /// Logit transform with a margin (Dinh et al. 2017, RealNVP, section 4.1):
 /// y = logit(alpha + (1 - 2 alpha) x) for x in [0, 1]; the margin keeps y finite at 0 and 1.
@@ -76,30 +67,6 @@ type Logit(eventShape: int64[], alpha: float) =
         // log p + log(1 - p) = logsigmoid(y) + logsigmoid(-y), stable for large |y|.
         let ld = torch.nn.functional.logsigmoid(y) +. torch.nn.functional.logsigmoid(y.neg()) - scalar (Math.Log(1.0 - 2.0 * alpha))
         Transformed.Elementwise(x, ld)
-    /// With p = alpha + (1 - 2 alpha) x: dy/dx = (1 - 2 alpha) / (p (1 - p)) and
-    /// d(log|dy/dx|)/dx = (1 - 2 alpha) (2 p - 1) / (p (1 - p)), so
-    /// dL/dx = (1 - 2 alpha) (dL/dy + dL/dlogdet (2 p - 1)) / (p (1 - p)).
-    interface IHandGradient with
-        member _.HandGradientSupported x = x.is_floating_point()
-        member this.ForwardTaped(x, logDet) =
-            this.CheckShape(x, eventShape, "input")
-            let p = (x * scalar (1.0 - 2.0 * alpha)).add_(scalar alpha, Scalars.One)
-            let logP = p.log()
-            let log1mP = p.neg().add_(Scalars.One, Scalars.One).log()
-            let y = logP - log1mP
-            let ld = logP.add_(log1mP, Scalars.One).neg_().add_(scalar (Math.Log(1.0 - 2.0 * alpha)), Scalars.One)
-            HandGradients.addRowSums logDet ld
-            struct (y, box p)
-        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            if not inputGradient then null
-            else
-                let p = tape :?> Tensor
-                let c = Scalar.op_Implicit logDetGradient
-                // (2 p - 1) c + dy, times (1 - 2 alpha), over p (1 - p).
-                let numerator =
-                    try p.mul(scalar 2.0).add_(scalar -1.0, Scalars.One).mul_(c).add_(dy, Scalars.One).mul_(scalar (1.0 - 2.0 * alpha))
-                    finally c.Dispose()
-                numerator.div_(p.mul(p.neg().add_(Scalars.One, Scalars.One)))
 
 /// Bits per dimension of the discrete data from a log-likelihood in nats.
 [<AbstractClass; Sealed>]

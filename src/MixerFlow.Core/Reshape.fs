@@ -120,23 +120,8 @@ type Patchify(geometry: PatchGeometry) =
     override this.Inverse(y) =
         this.CheckShape(y, this.OutputShape, "input")
         Transformed.VolumePreserving(toImage y)
-    interface IFlatPermutation with
-        member _.Gather = Array.copy forward
-    /// A permutation: its backward is the inverse permutation of dL/dy.
-    interface IHandGradient with
-        member _.HandGradientSupported x = x.is_floating_point()
-        member this.ForwardTaped(x, _logDet) =
-            this.CheckShape(x, shape, "input")
-            struct (toMatrix x, null)
-        member _.BackwardTaped(_tape, dy, _logDetGradient, inputGradient) =
-            if inputGradient then toImage dy else null
-    interface IHandGradientInverse with
-        member _.InverseHandGradientSupported y = y.is_floating_point()
-        member this.InverseTaped(y, _logDet) =
-            this.CheckShape(y, this.OutputShape, "input")
-            struct (toImage y, null)
-        member _.InverseBackwardTaped(_tape, dx, _logDetGradient, inputGradient) =
-            if inputGradient then toMatrix dx else null
+    /// Gather.[k] is the image value (flat, row-major) that matrix value k takes.
+    member internal _.Gather = Array.copy forward
     override _.Dispose(disposing: bool) =
         if disposing then indexTensors.Clear()
         base.Dispose(disposing)
@@ -153,21 +138,12 @@ type Shift(imageShape: int64[], dy: int64, dx: int64) =
         this.CheckShape(y, imageShape, "input")
         Transformed.VolumePreserving(y.roll([| -dy; -dx |], [| 2L; 3L |]))
     /// out[c, h, w] = in[c, (h - dy) mod H, (w - dx) mod W], as roll does.
-    interface IFlatPermutation with
-        member _.Gather =
-            let c, h, w = imageShape.[0], imageShape.[1], imageShape.[2]
-            let wrap (v: int64) (n: int64) = ((v % n) + n) % n
-            [| for ch in 0L .. c - 1L do
-                 for i in 0L .. h - 1L do
-                     for j in 0L .. w - 1L -> ch * h * w + wrap (i - dy) h * w + wrap (j - dx) w |]
-    /// A permutation: its backward shifts dL/dy back.
-    interface IHandGradient with
-        member _.HandGradientSupported x = x.is_floating_point()
-        member this.ForwardTaped(x, _logDet) =
-            this.CheckShape(x, imageShape, "input")
-            struct (x.roll([| dy; dx |], [| 2L; 3L |]), null)
-        member _.BackwardTaped(_tape, g, _logDetGradient, inputGradient) =
-            if inputGradient then g.roll([| -dy; -dx |], [| 2L; 3L |]) else null
+    member internal _.Gather =
+        let c, h, w = imageShape.[0], imageShape.[1], imageShape.[2]
+        let wrap (v: int64) (n: int64) = ((v % n) + n) % n
+        [| for ch in 0L .. c - 1L do
+             for i in 0L .. h - 1L do
+                 for j in 0L .. w - 1L -> ch * h * w + wrap (i - dy) h * w + wrap (j - dx) w |]
 
 /// A reshape between two shapes with the same number of elements; log|det| = 0.
 type Reshape(inputShape: int64[], outputShape: int64[]) =

@@ -38,28 +38,9 @@ type FaultyAffine(dim: int64, fault: string) as this =
         let x = (y - shift) * logScale.neg().exp()
         let x = if fault = "sloppy-inverse" then x * scalar (1.0 + 1e-3) else x
         Transformed(x, constantLogDet y (logScale.sum().neg()))
-    /// A hand-written backward: right for the healthy map, and for "hand-gradient" it forgets
-    /// the log-det's share of dL/dlogScale (the mistake that is easiest to make).
-    interface IHandGradient with
-        member _.HandGradientSupported _ = true
-        member this.ForwardTaped(x, logDet) =
-            let r = this.Forward x
-            logDet.add_(r.LogDet, Scalars.One) |> ignore
-            struct (r.Value, box x)
-        member _.BackwardTaped(tape, dy, logDetGradient, inputGradient) =
-            let x = tape :?> Tensor
-            let scale = logScale.exp()
-            use g = shift.grad
-            (if isNull g then shift.grad <- dy.sum(0L) else g.add_(dy.sum(0L), Scalars.One) |> ignore)
-            let dLogScale = (dy * x * scale).sum(0L)
-            let dLogScale =
-                if fault = "hand-gradient" then dLogScale
-                else
-                    use perSample = Scalar.op_Implicit(logDetGradient * float x.shape.[0])
-                    dLogScale.add_(perSample, Scalars.One)
-            use g = logScale.grad
-            (if isNull g then logScale.grad <- dLogScale else g.add_(dLogScale, Scalars.One) |> ignore)
-            if inputGradient then dy * scale else null
+    member internal _.LogScale = logScale
+    member internal _.Shift = shift
+    member _.Fault = fault
     interface IJacobianStructure with
         member _.StructureDescription = "claims element 0 passes unchanged"
         member _.ExpectedJacobian() =
@@ -69,6 +50,36 @@ type FaultyAffine(dim: int64, fault: string) as this =
                 for c in 0 .. n - 1 do j.[0, c] <- if c = 0 then 1.0 else 0.0
             j
 
+/// FaultyAffine's hand-written step: right for the healthy map, and for "hand-gradient" it forgets
+/// the log-det's share of dL/dlogScale (the mistake that is easiest to make).
+type FaultyStep(b: FaultyAffine) =
+    interface IHandStep with
+        member _.Forward(x, logDet) =
+            let r = b.Forward x
+            logDet.add_(r.LogDet, Scalars.One) |> ignore
+            struct (r.Value, box x)
+        member _.Backward(tape, dy, logDetGradient, inputGradient) =
+            let x = tape :?> Tensor
+            let scale = b.LogScale.exp()
+            use g = b.Shift.grad
+            (if isNull g then b.Shift.grad <- dy.sum(0L) else g.add_(dy.sum(0L), Scalars.One) |> ignore)
+            let dLogScale = (dy * x * scale).sum(0L)
+            let dLogScale =
+                if b.Fault = "hand-gradient" then dLogScale
+                else
+                    use perSample = Scalar.op_Implicit(logDetGradient * float x.shape.[0])
+                    dLogScale.add_(perSample, Scalars.One)
+            use g = b.LogScale.grad
+            (if isNull g then b.LogScale.grad <- dLogScale else g.add_(dLogScale, Scalars.One) |> ignore)
+            if inputGradient then dy * scale else null
+        member _.Release() = ()
+
+/// FaultyAffine's rule, registered on first use (a test bijector: no other type is touched).
+let private registration =
+    lazy (HandRules.Register<FaultyAffine>("faulty affine", null, Func<FaultyAffine, HandPlanner, IHandStep>(fun b _ -> FaultyStep b :> IHandStep)))
+/// Registers FaultyAffine's rule once.
+let registerRule () = registration.Force()
+
 /// A bijector whose save/load loses a buffer: the offset is a plain field, not registered.
 type ForgetfulShift(dim: int64) =
     inherit Bijector("ForgetfulShift", [| dim |], [| dim |])
@@ -77,5 +88,6 @@ type ForgetfulShift(dim: int64) =
     override _.Inverse(y) = Transformed(y - offset, zeroLogDet y)
 
 let spec fault =
+    registerRule ()
     BijectorSpec("broken-" + fault, Func<Random, Bijector>(fun r -> new FaultyAffine(int64 (r.Next(2, 6)), fault)))
 let forgetful = BijectorSpec("broken-forgetful", Func<Random, Bijector>(fun r -> new ForgetfulShift(int64 (r.Next(2, 6)))))

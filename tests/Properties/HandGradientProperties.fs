@@ -1,6 +1,7 @@
-/// The hand-written backward passes (IHandGradient) against autograd, on MixerFlow's own
-/// structure at random parameters: the check (j) in every case, and the flow-level driver
-/// (HandGradient.Forward and Backward) against the flow's LogProb and autograd's gradients.
+/// The hand-written gradient plans (HandGradientPlan: per-type rules, autograd islands) against
+/// autograd, on MixerFlow's own structure at random parameters: the check (j) in every case, and the
+/// flow-level driver (HandGradient.Forward and Backward) against the flow's LogProb and autograd's
+/// gradients, also with a part that no rule takes.
 module MixerFlow.Properties.HandGradientProperties
 
 open System
@@ -53,24 +54,32 @@ let ``MixerFlow's structure: the taped pass and hand gradients equal autograd's 
     // The comparison ran (it did not fall back to "does not apply").
     Assert.True(r.WorstError > 0.0, "nothing was compared: " + r.Message)
 
+/// The plan's islands: each part's name and the reason.
+let private islands (b: Bijector) (x: Tensor) =
+    let plan = HandGradientPlan.Make(b, x)
+    try [ for p in plan.Islands -> p.Part, p.AutogradReason ] finally plan.Release()
+
 [<Fact>]
-let ``every part of MixerFlow's structure supports the hand-written backward; a spline coupling, a sigmoid bound, alternating halves or a frozen parameter do not`` () =
+let ``a rule runs every part of MixerFlow's structure; a spline coupling, a sigmoid bound, alternating halves or a frozen parameter run as autograd islands, with the reason`` () =
     use _ = torch.NewDisposeScope()
     let flow = mixerFlow 2 (Random 3)
     let x = torch.rand(batchShape 2L flow.InputShape)
-    Assert.True((flow :> obj :?> IHandGradient).HandGradientSupported x)
+    Assert.Empty(islands flow x)
+    let v = torch.randn(2L, 4L)
     let spline = new SplineCoupling([| 4L |], Partition.Halves 4L, Conditioners.Mlp(8L, 1))
-    Assert.False((spline :> obj :?> IHandGradient).HandGradientSupported(torch.randn(2L, 4L)))
+    let part, reason = List.exactlyOne (islands spline v)
+    Assert.Equal(spline.Name, part)
+    Assert.Contains("not the affine one", reason)
     let sigmoid = new AffineCoupling([| 4L |], Partition.Halves 4L, Conditioners.Mlp(8L, 1), ScaleBound.Sigmoid)
-    Assert.False((sigmoid :> obj :?> IHandGradient).HandGradientSupported(torch.randn(2L, 4L)))
+    Assert.Contains("sigmoid", snd (List.exactlyOne (islands sigmoid v)))
     let alternating = new AffineCoupling([| 4L |], Partition.Alternating 4L, Conditioners.Mlp(8L, 1))
-    Assert.False((alternating :> obj :?> IHandGradient).HandGradientSupported(torch.randn(2L, 4L)))
-    // A frozen parameter (autograd gives it no gradient) sends the whole flow to autograd.
+    Assert.Contains("consecutive", snd (List.exactlyOne (islands alternating v)))
+    // A frozen parameter (autograd gives it no gradient) sends its part to an island.
     let frozen = flow.parameters() |> Seq.head
     frozen.requires_grad <- false
-    Assert.False((flow :> obj :?> IHandGradient).HandGradientSupported x)
+    Assert.Contains("frozen", snd (List.exactlyOne (islands flow x)))
     frozen.requires_grad <- true
-    Assert.True((flow :> obj :?> IHandGradient).HandGradientSupported x)
+    Assert.Empty(islands flow x)
 
 /// How far the hand-written pass is from autograd at the flow's current parameters.
 type private HandErrors =
@@ -135,7 +144,7 @@ let ``HandGradient on a flow: log p equals LogProb and the gradients equal autog
         Assert.True(err.Gradient < 1e-9, sprintf "gradient differs by %g" err.Gradient))
 
 [<Fact>]
-let ``HandGradient refuses a flow with a part that has no hand-written backward`` () =
+let ``HandGradient leaves a flow whose parameters lie mostly in parts without a rule to autograd, and says which`` () =
     use _ = torch.NewDisposeScope()
     let flow = new Flow(new Chain([ new ActNorm([| 4L |]) :> Bijector; LULinear.Vector 4L ]))
     let x = torch.randn(3L, 4L)
@@ -143,7 +152,8 @@ let ``HandGradient refuses a flow with a part that has no hand-written backward`
     flow.LogProb(x) |> ignore
     Assert.False(HandGradient.Supports(flow, x))
     let e = Assert.Throws<ArgumentException>(fun () -> HandGradient.Forward(flow, x) |> ignore)
-    Assert.Contains("hand-written backward", e.Message)
+    Assert.Contains("no hand-written rule for LULinear", e.Message)
+    Assert.Contains("most parameters", HandGradient.WhyNot(flow, x))
 
 [<Fact>]
 let ``consecutive hand-written passes reuse the couplings' tensors and stay exact: new parameters each pass, a batch of another size between`` () =

@@ -50,6 +50,9 @@ public static class InfoVerb
         times.Sort();
         output.WriteLine($"training step at batch {batch}: {times[times.Count / 2]:0} ms (median of {steps}, {TorchSharp.torch.get_num_threads()} threads; " +
                          $"gradients: {step.GradientPathDescription})");
+        if (step.LastPlan is { Islands.Count: > 0 } plan)
+            foreach (var island in plan.Islands)
+                output.WriteLine($"  autograd island: {island.Part} ({island.AutogradReason})");
     }
 
     public static void Describe(ImageFlow model, TextWriter output)

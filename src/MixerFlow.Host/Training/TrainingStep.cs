@@ -70,9 +70,27 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     /// <summary>Why the last step took autograd's path rather than the hand-written one; null when it did not.</summary>
     public string? AutogradReason { get; private set; } = "no step taken yet";
 
-    /// <summary>The last step's gradient path in words: "hand-written" or "autograd (because ...)".</summary>
+    /// <summary>
+    /// The last step's gradient path in words: "hand-written", "hand-written (autograd islands: part:
+    /// reason; ...)" where parts without a hand-written rule ran under autograd inside it, or
+    /// "autograd (because ...)".
+    /// </summary>
     public string GradientPathDescription =>
-        LastGradientPath == GradientPath.HandWritten ? "hand-written" : $"autograd (because {AutogradReason})";
+        LastGradientPath != GradientPath.HandWritten ? $"autograd (because {AutogradReason})"
+        : LastPlan is { Islands.Count: > 0 } plan ? $"hand-written (autograd islands: {plan.IslandSummary})"
+        : "hand-written";
+
+    /// <summary>The plan of the last hand-written step (which rule ran each part, which ran as an
+    /// autograd island and why); null before the first or after an autograd step.</summary>
+    public HandGradientPlan? LastPlan { get; private set; }
+
+    /// <summary>
+    /// The last step's gradient path part by part: the plan's description (<see cref="HandGradientPlan.Describe"/>)
+    /// after a hand-written step, the reason after an autograd one.
+    /// </summary>
+    public string PlanDescription =>
+        LastPlan is { } plan ? "hand-written gradients, by these rules:" + Environment.NewLine + plan.Describe()
+        : $"autograd for the whole step (because {AutogradReason})";
 
     /// <summary>Why a step on this batch would take autograd's path (null: the hand-written one).</summary>
     string? WhyAutograd(Tensor batch) =>
@@ -152,10 +170,12 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         {
             LastGradientPath = GradientPath.HandWritten;
             var hand = HandGradient.Forward(model, batch);
+            LastPlan = hand.Plan;
             var leaf = Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean().detach().requires_grad_(true);
             return (hand, leaf, transformLoss is null ? leaf : transformLoss(leaf));
         }
         LastGradientPath = GradientPath.Autograd;
+        LastPlan = null;
         var loss = model.BitsPerDim(batch).mean();
         return (null, null, transformLoss is null ? loss : transformLoss(loss));
     }
