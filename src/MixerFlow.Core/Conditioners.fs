@@ -120,8 +120,8 @@ type SameConvolution(inChannels: int64, outChannels: int64, kernel: int64) as th
 /// A Linear layer's product in a reduced precision (bfloat16) from float32 parameters: the input
 /// comes already rounded, the weight and bias are rounded once per call, the product accumulates
 /// in float32 inside the GEMM and is rounded to the reduced type, as under PyTorch's autocast; the
-/// parameters' gradients come back as float32. oneDNN's bfloat16 GEMM runs at about twice
-/// float32's rate on CPUs with AVX-512 BF16 (LibTorch's fallback at about 3 GFLOP/s), and LibTorch
+/// parameters' gradients come back as float32. oneDNN's bfloat16 GEMM outruns float32's
+/// on CPUs with AVX-512 BF16 (LibTorch's own fallback is far slower), and LibTorch
 /// takes it only while oneDNN is enabled, which NativeBackend keeps off for its float32
 /// convolutions: so the forward and the backward each enable it for their own products and
 /// restore it after, which is why the layer is one autograd node of its own. The switch is

@@ -157,8 +157,7 @@ module internal LibTorchContext =
 module internal MklDispatch =
     /// MKL (linked into libtorch_cpu) picks its GEMM kernels by CPU: on a CPU whose vendor string
     /// is not "GenuineIntel" `mkl_serv_intel_cpu_true()` returns 0 and MKL takes its generic code
-    /// path (about 49 GFLOP/s for a 1024^3 float32 matmul on one Zen 5 core, against 112 when the
-    /// function returns 1). The function caches its answer in a static int (-1 until computed):
+    /// path, at about half the GEMM rate it reaches when the function returns 1 (docs/benchmarks.md). The function caches its answer in a static int (-1 until computed):
     ///   mov eax, [rip + cached]; test eax, eax; js compute; ret
     /// Setting that int to 1 before MKL's first GEMM makes MKL trust the CPU's feature flags, as
     /// a preloaded override of the function does. Nothing is written unless the function starts
@@ -270,8 +269,7 @@ module internal HugePageGlue =
     /// What the restart adds to GLIBC_TUNABLES, each only when not given: huge pages, and malloc
     /// keeping what it frees (mmap only above 32 MB, the largest threshold glibc takes, and no
     /// trimming of the heap), so the buffers a training step frees are reused by the next step
-    /// instead of being unmapped and faulted in again (benchmarks/Speed, imagenet64: 2,829 ms per
-    /// step with 1,135 ms of it in the kernel without these two, 1,691 ms with 0 ms with them).
+    /// instead of being unmapped and faulted in again (docs/benchmarks.md has the measurement).
     let added = [ tunable, "1"; "glibc.malloc.mmap_threshold", "33554432"; "glibc.malloc.trim_threshold", "17179869184" ]
 
     /// The value of tunable `name` in a GLIBC_TUNABLES string, or null.
@@ -302,8 +300,7 @@ module internal HugePageGlue =
 /// glibc malloc on transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). LibTorch's
 /// large temporary buffers (ATen's im2col for convolutions, hundreds of MB per call for
 /// glow-cifar10) are mmapped and unmapped by malloc on every call; on 4 KB pages each call
-/// faults every page in again. With 2 MB pages: benchmarks/Speed --presets glow-cifar10 ran in
-/// 97 s instead of 259 s (6.7 million page faults down to 86 thousand). glibc reads the tunable
+/// faults every page in again; 2 MB pages cut the faults by far (docs/benchmarks.md). glibc reads the tunable
 /// once, at process start, so an executable has to restart itself to get it:
 /// <see cref="RestartWithHugePages"/> does that for the `mixerflow` tool; library users set the
 /// variable in their process's environment.

@@ -84,9 +84,8 @@ type Patchify(geometry: PatchGeometry) =
     // raster order, its D values in (channel, i, j) order. Matrix entry k = p D + d holds image
     // value forward[k]; image value i is matrix entry inverse[i], or entry inverseOfTransposed[i]
     // of a matrix laid out [D, P] (a transposed view, which ColumnWise returns, is read as it lies).
-    // One index_select along the flat axis copies about 3.8 times faster here than the 6-d permuted
-    // copy, whose innermost runs are pw values long (fashion-mnist: 19 against 71 us, cifar10's
-    // [64, 3, 32, 32]: 72 against 275 us; with its backward 75 against 150 and 260 against 598).
+    // One index_select along the flat axis copies faster than the 6-d permuted copy, whose
+    // innermost runs are only pw values long (measured in docs/benchmarks.md).
     let forward =
         Array.init (int (p * d)) (fun k ->
             let row, col = int64 k / d, int64 k % d

@@ -33,10 +33,9 @@ module internal RuntimeState =
 
     /// Sets OMP_WAIT_POLICY (and GOMP_SPINCOUNT) in the C environment unless given or too late.
     /// LibTorch's OpenMP (libgomp) lets idle worker threads spin; with two threads on two busy
-    /// cores most of a step went to spinning (a fashion-mnist step: 993 and 6,875 ms against 404
-    /// and 224 ms with OMP_WAIT_POLICY=PASSIVE, measured under load). A pure sleep costs a futex
-    /// wake-up per parallel region; a short spin first (GOMP_SPINCOUNT=10000, about 0.1 ms) was
-    /// faster still (docs/benchmarks.md). libgomp reads both once, when it loads with LibTorch.
+    /// cores most of a step went to spinning under load. A pure sleep costs a futex wake-up per
+    /// parallel region; a short spin first (GOMP_SPINCOUNT=10000) was faster still (both measured
+    /// in docs/benchmarks.md). libgomp reads both once, when it loads with LibTorch.
     let openMp (o: RuntimeOptions) (warn: string -> unit) : string =
         let policy = o.OpenMpWaitPolicy
         if given "OMP_WAIT_POLICY" then
