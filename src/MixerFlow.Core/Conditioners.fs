@@ -10,8 +10,10 @@ open TorchSharp.Modules
 /// `ConditionerFactory(fun inputs outputs -> ...)`.
 type ConditionerFactory = delegate of inputFeatures: int64 * outputFeatures: int64 -> torch.nn.Module<Tensor, Tensor>
 
-/// Convolutions (odd k, stride 1, zero padding k / 2, no dilation or groups) computed as one
-/// GEMM over the whole batch, never by LibTorch's convolution: LibTorch's oneDNN float32
+/// Convolutions (odd k, stride 1, zero padding k / 2, no dilation or groups) that are right
+/// whatever LibTorch's oneDNN switch says. While oneDNN is off they are LibTorch's own convolution
+/// (ATen's im2col and BLAS path); while it is on, one GEMM over the whole batch, never LibTorch's
+/// convolution: LibTorch's oneDNN float32
 /// convolution reads the padding of its blocked channel layouts uninitialised (wrong or NaN
 /// outputs for 72 -> 4 channels, wrong input gradients for 8 -> 4; LibTorch 2.10.0, oneDNN 3.7.1),
 /// and whether LibTorch takes it depends on a process-wide switch that the application owns
@@ -65,7 +67,16 @@ type GemmConvolution =
     /// k / 2) and a bias [out] (or null).
     static member Apply(weight: Tensor, bias: Tensor, x: Tensor) : Tensor =
         GemmConvolution.Observed(weight, x, fun () -> GemmConvolution.Compute(weight, bias, x))
+    /// Whether LibTorch's own convolution is right here and now: oneDNN is off (its float32
+    /// kernels are the wrong ones), so LibTorch takes ATen's im2col and BLAS path, which is the
+    /// faster one for MixerFlow's shapes. Read at every call: the switch belongs to the application.
+    static member LibTorchIsRight = not NativeBackend.MkldnnEnabled
     static member private Compute(weight: Tensor, bias: Tensor, x: Tensor) : Tensor =
+        if GemmConvolution.LibTorchIsRight then
+            let k = weight.shape.[2]
+            torch.nn.functional.conv2d(x, weight, bias, padding = [| k / 2L; k / 2L |])
+        else GemmConvolution.Product(weight, bias, x)
+    static member private Product(weight: Tensor, bias: Tensor, x: Tensor) : Tensor =
         let b, h, w = x.shape.[0], x.shape.[2], x.shape.[3]
         let o = weight.shape.[0]
         let cols = GemmConvolution.Columns(x, weight.shape.[2])
@@ -95,7 +106,11 @@ type ThinConvolution =
         // fold adds plane (a, b) of z at offset (a - k/2, b - k/2); the convolution reads its input
         // at (k/2 - a, k/2 - b) from each output: hence the flipped kernel.
         let flat = w.flip(2L, 3L).permute(0L, 2L, 3L, 1L).reshape(o * k * k, i)
-        let z = flat.mm(GemmConvolution.ChannelsFirst x).view(o * k * k, b, h * wd).transpose(0L, 1L)
+        let z =
+            if GemmConvolution.LibTorchIsRight then
+                // A 1x1 convolution: LibTorch's takes the input as it lies, one product per image.
+                torch.nn.functional.conv2d(x, flat.view(o * k * k, i, 1L, 1L)).view(b, o * k * k, h * wd)
+            else flat.mm(GemmConvolution.ChannelsFirst x).view(o * k * k, b, h * wd).transpose(0L, 1L)
         let pad = struct (k / 2L, k / 2L)
         let y = torch.nn.functional.fold(z, struct (h, wd), struct (k, k), padding = Nullable pad)
         // In place on fold's fresh output: its backward does not read it.

@@ -42,10 +42,15 @@ public class ConvolutionTests
         ((got - expected).abs() / (expected.abs() + 1)).max().item<double>();
 
     [Theory]
-    [InlineData(12, 4, 3, 5, 7)]    // Glow's last coupling layer in miniature, a non-square image
-    [InlineData(9, 2, 5, 6, 6)]     // a 5x5 kernel
-    [InlineData(3, 1, 3, 1, 4)]     // one row
-    public void A_thin_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w)
+    [InlineData(12, 4, 3, 5, 7, false)]    // Glow's last coupling layer in miniature, a non-square image
+    [InlineData(12, 4, 3, 5, 7, true)]     // the same by the GEMM path (oneDNN on)
+    [InlineData(9, 2, 5, 6, 6, true)]      // a 5x5 kernel
+    [InlineData(3, 1, 3, 1, 4, false)]     // one row
+    [InlineData(3, 1, 3, 1, 4, true)]
+    public void A_thin_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w, bool oneDnn) =>
+        WithOneDnn(oneDnn, () => ThinConvolutionAgrees(inC, outC, k, h, w));
+
+    static void ThinConvolutionAgrees(int inC, int outC, int k, int h, int w)
     {
         manual_seed(11);
         var conv = nn.Conv2d(inC, outC, k, padding: k / 2);
@@ -68,10 +73,20 @@ public class ConvolutionTests
     }
 
     [Theory]
-    [InlineData(3, 8, 1, 5, 6)]     // a 1x1 convolution
-    [InlineData(2, 72, 3, 7, 7)]    // Glow's first layer: to more channels than it reads
-    [InlineData(4, 4, 5, 6, 5)]     // a 5x5 kernel, a non-square image
-    public void A_gemm_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w)
+    [InlineData(3, 8, 1, 5, 6, true)]      // a 1x1 convolution
+    [InlineData(3, 8, 1, 5, 6, false)]
+    [InlineData(2, 72, 3, 7, 7, true)]     // Glow's first layer: to more channels than it reads
+    [InlineData(2, 72, 3, 7, 7, false)]
+    [InlineData(4, 4, 5, 6, 5, true)]      // a 5x5 kernel, a non-square image
+    public void A_gemm_convolution_gives_the_convolution_and_its_gradients(int inC, int outC, int k, int h, int w, bool oneDnn) =>
+        WithOneDnn(oneDnn, () =>
+        {
+            // oneDNN on: the GEMM path; off: LibTorch's own convolution (float64 is right either way).
+            Assert.Equal(!oneDnn || !NativeBackend.Available, GemmConvolution.LibTorchIsRight);
+            GemmConvolutionAgrees(inC, outC, k, h, w);
+        });
+
+    static void GemmConvolutionAgrees(int inC, int outC, int k, int h, int w)
     {
         manual_seed(13);
         var conv = nn.Conv2d(inC, outC, k, padding: k / 2);
