@@ -3,7 +3,7 @@ using static TorchSharp.torch;
 
 // 2-D data: two Gaussian blobs ([N, 2] float32; any such tensor will do).
 manual_seed(0);
-Tensor Blobs(int n) => cat(new[] { randn(n / 2, 2) - 2, randn(n / 2, 2) + 2 });
+Tensor Blobs(int n) => cat(new[] { Ops.AddScalar(randn(n / 2, 2), -2), Ops.AddScalar(randn(n / 2, 2), 2) });
 var (train, heldOut) = (Blobs(10_000), Blobs(2_000));
 
 var flow = Flows.NSF(features: 2, transforms: 3);          // a neural spline flow

@@ -4,7 +4,7 @@ open type TorchSharp.torch
 
 // 2-D data: two Gaussian blobs ([N, 2] float32; any such tensor will do).
 manual_seed 0L |> ignore
-let blobs n = cat [| randn(n / 2L, 2L) - 2.0; randn(n / 2L, 2L) + 2.0 |]
+let blobs n = cat [| Ops.addScalar (randn(n / 2L, 2L)) -2.0; Ops.addScalar (randn(n / 2L, 2L)) 2.0 |]
 let train, heldOut = blobs 10_000L, blobs 2_000L
 
 let flow = Flows.NSF(2L, transforms = 3)                    // a neural spline flow

@@ -157,6 +157,8 @@ public class ScalarSafetyTests
     /// tests' configuration) is scanned like the libraries.</summary>
     [Theory]
     [InlineData("CustomFlow")]
+    [InlineData("QuickStart")]
+    [InlineData("QuickStartFs")]
     public void The_examples_hand_native_code_no_temporary_Scalar(string example)
     {
         var output = new DirectoryInfo(AppContext.BaseDirectory.TrimEnd(Path.DirectorySeparatorChar));
