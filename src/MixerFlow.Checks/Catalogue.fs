@@ -109,6 +109,21 @@ module Catalogue =
         specWith "coupling-generic" (fun r ->
             let d = between r 2 6
             new Coupling([| d |], partition r d, mlp r, anyMap r)) wide null null
+    /// A KAN conditioner (Conditioners.Kan) of random width, depth, grid and range.
+    let private kan (r: Random) = Conditioners.Kan(between r 2 6, r.Next(1, 3), r.Next(1, 6), float (between r 1 3))
+    /// The affine coupling with a KAN conditioner; inputs wider than the grid, so that the
+    /// conditioner is also seen outside it.
+    [<CompiledName("AffineCouplingKan")>]
+    let affineCouplingKan =
+        specWith "affine-coupling-kan" (fun r ->
+            let d = between r 2 8
+            new AffineCoupling([| d |], partition r d, kan r, pick r [| ScaleBound.SoftClamp 2.0; ScaleBound.Sigmoid |])) wide null null
+    /// A coupling with a KAN conditioner and any elementwise map.
+    [<CompiledName("CouplingKan")>]
+    let couplingKan =
+        specWith "coupling-kan" (fun r ->
+            let d = between r 2 6
+            new Coupling([| d |], partition r d, kan r, anyMap r)) wide null null
     [<CompiledName("SplineMaf")>]
     let splineMaf =
         specWith "spline-maf" (fun r ->
@@ -226,7 +241,7 @@ module Catalogue =
         [| actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
            permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
            patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
-           coupling; splineMaf; conditionalCoupling; conditionalMaf |]
+           coupling; splineMaf; conditionalCoupling; conditionalMaf; affineCouplingKan; couplingKan |]
 
     /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
     /// assembly, what the catalogue must cover.

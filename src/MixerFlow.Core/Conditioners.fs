@@ -307,6 +307,46 @@ type Conditioners =
             net.ComputeType <- Nullable computeType
             net :> _)
 
+    /// The default KAN grid: 5 intervals.
+    static member KanIntervals = 5
+    /// The KAN splines' order (cubic).
+    static member KanOrder = 3
+    /// The default half-width of the KAN grid: [-3, 3].
+    static member KanRange = 3.0
+
+    /// A Kolmogorov-Arnold network (<see cref="KanLayer"/>) with `depth` hidden layers of `width`
+    /// units, cubic B-splines on `intervals` intervals of [-range, range] plus a silu base on
+    /// every edge. The last layer starts with every output 0 (base weights, coefficients and bias
+    /// 0, spline scales 1), so a new coupling layer is the identity, as with Mlp. For vector
+    /// events ([B, in] -> [B, out]); the masked networks of MaskedAutoregressive stay perceptrons.
+    static member Kan(width: int64, depth: int, intervals: int, range: float) : ConditionerFactory =
+        if width < 1L || depth < 1 then invalidArg "width" (sprintf "Kan needs width >= 1 and depth >= 1, got %d and %d" width depth)
+        let grid = BSplineGrid(intervals, Conditioners.KanOrder, range)
+        ConditionerFactory(fun inF outF ->
+            let layers = ResizeArray<KanLayer>()
+            let mutable d = inF
+            for _ in 1 .. depth do
+                layers.Add(new KanLayer(d, width, grid))
+                d <- width
+            layers.Add(new KanLayer(d, outF, grid, true))
+            new KanNetwork(layers.ToArray()) :> torch.nn.Module<Tensor, Tensor>)
+
+    /// Kan on the default grid (5 intervals on [-3, 3]).
+    static member Kan(width: int64, depth: int) : ConditionerFactory =
+        Conditioners.Kan(width, depth, Conditioners.KanIntervals, Conditioners.KanRange)
+
+    /// Parameters of a Kan conditioner from `inputs` to `outputs` features: (intervals + 5) per
+    /// edge (a base weight, a spline scale and intervals + 3 coefficients) and one bias per unit.
+    static member KanParameterCount(inputs: int64, outputs: int64, width: int64, depth: int, intervals: int) =
+        let grid = BSplineGrid(intervals, Conditioners.KanOrder, Conditioners.KanRange)
+        KanLayer.ParameterCount(inputs, width, grid)
+        + int64 (depth - 1) * KanLayer.ParameterCount(width, width, grid)
+        + KanLayer.ParameterCount(width, outputs, grid)
+
+    /// Parameters of an Mlp conditioner from `inputs` to `outputs` features.
+    static member MlpParameterCount(inputs: int64, outputs: int64, width: int64, depth: int) =
+        inputs * width + width + int64 (depth - 1) * (width * width + width) + width * outputs + outputs
+
     /// Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
     static member Conv(width: int64) : ConditionerFactory =
         if width < 1L then invalidArg "width" (sprintf "Conv needs width >= 1, got %d" width)

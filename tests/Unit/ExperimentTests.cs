@@ -59,6 +59,7 @@ public class ConfigOverrideTests
     [InlineData("patchSize=5", "patchSize", "")]
     [InlineData("shift", "expected key=value", "")]
     [InlineData("conditionerPrecision=half", "conditionerPrecision must be one of float32, bfloat16", "")]
+    [InlineData("conditioner=rbf", "conditioner must be one of mlp, kan", "")]
     public void Bad_keys_values_and_bounds_are_refused_naming_the_field_and_what_it_accepts(string assignment, string expected, string also)
     {
         var e = Assert.Throws<UserError>(() => ConfigOverrides.Apply(Presets.Get("tiny"), [assignment]));

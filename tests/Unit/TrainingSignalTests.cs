@@ -22,6 +22,8 @@ public class TrainingSignalTests
         { "fashion-mnist", "channelFlow=spline" },
         { "tiny", "channelFlow=maf" },
         { "tiny", "channelFlow=additive,norm=batchNorm" },
+        { "tiny", "conditioner=kan" },
+        { "tiny", "conditioner=kan,channelFlow=spline,patchFlow=additive" },
     };
 
     static ImageFlow Build(string preset, string set) =>
@@ -58,7 +60,7 @@ public class TrainingSignalTests
                             $"{preset} {set}: {trainable[i].name} did not move in 3 steps ({step.GradientPathDescription})");
             foreach (var (name, module) in model.named_modules())
             {
-                var weight = module switch { Linear l => l.weight, Conv2d c => c.weight, _ => null };
+                var weight = module switch { Linear l => l.weight, Conv2d c => c.weight, MixerFlow.Core.KanLayer k => k.Coefficients, _ => null };
                 if (weight is null) continue;
                 long zeroRows = weight.reshape(weight.shape[0], -1).abs().sum(1).eq(0).sum().item<long>();
                 Assert.True(zeroRows == 0, $"{preset} {set}: {name}.weight has {zeroRows} rows that are still zero");

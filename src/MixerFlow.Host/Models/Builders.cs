@@ -13,9 +13,7 @@ public static class MixerFlowBuilder
     public static Bijector VectorFlow(MixerFlowConfig c, InnerFlow kind, long dim)
     {
         var steps = new List<Bijector>();
-        var mlp = c.ConditionerPrecision == ConditionerPrecision.Bfloat16
-            ? Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth, torch.ScalarType.BFloat16)
-            : Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth);
+        var conditioner = Conditioner(c);
         for (int s = 0; s < c.InnerSteps; s++)
         {
             // Alternate the halves so that consecutive steps transform every value.
@@ -30,11 +28,19 @@ public static class MixerFlowBuilder
             };
             steps.Add(kind == InnerFlow.Maf
                 ? new MaskedAutoregressive(dim, c.HiddenWidth, c.HiddenDepth, map, c.Classes)
-                : new Coupling(new[] { dim }, partition, mlp, map, c.Classes));
+                : new Coupling(new[] { dim }, partition, conditioner, map, c.Classes));
             if (kind == InnerFlow.Maf && s < c.InnerSteps - 1) steps.Add(Permutation.Reverse(new[] { dim }));
         }
         return steps.Count == 1 ? steps[0] : new Chain(steps);
     }
+
+    /// <summary>The coupling conditioners' factory: the configuration's network and precision.</summary>
+    public static ConditionerFactory Conditioner(MixerFlowConfig c) => c.Conditioner switch
+    {
+        ConditionerKind.Kan => Conditioners.Kan(c.HiddenWidth, c.HiddenDepth, c.KanGrid, c.KanRange),
+        _ when c.ConditionerPrecision == ConditionerPrecision.Bfloat16 => Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth, torch.ScalarType.BFloat16),
+        _ => Conditioners.Mlp(c.HiddenWidth, c.HiddenDepth),
+    };
 
     static Bijector Norm(MixerFlowConfig c, long[] shape) => c.Norm == Normalisation.ActNorm
         ? new ActNorm(shape)

@@ -17,6 +17,9 @@ public enum Normalisation { ActNorm, BatchNorm }
 /// <see cref="MixerFlowConfig.ConditionerPrecision"/>).</summary>
 public enum ConditionerPrecision { Float32, Bfloat16 }
 
+/// <summary>The network of MixerFlow's coupling conditioners (see <see cref="MixerFlowConfig.Conditioner"/>).</summary>
+public enum ConditionerKind { Mlp, Kan }
+
 /// <summary>
 /// Everything that defines an image model; saved with every checkpoint (as JSON with a
 /// <c>kind</c> field), so a model can be rebuilt from its file alone. The fields every family
@@ -154,6 +157,16 @@ public sealed record MixerFlowConfig : ModelConfig
     /// (<see cref="Conditioners.Mlp(long, int, TorchSharp.torch.ScalarType)"/>). Used only when
     /// the model runs in float32; the MAF's masked networks keep float32.</summary>
     public ConditionerPrecision ConditionerPrecision { get; init; } = ConditionerPrecision.Float32;
+    /// <summary>The coupling conditioners' network: Mlp (the default; ReLU perceptrons) or Kan
+    /// (Kolmogorov-Arnold networks, <see cref="Conditioners.Kan(long, int, int, double)"/>, with
+    /// hiddenDepth hidden layers of hiddenWidth units). Applies to the channel- and patch-mixing
+    /// couplings; a MAF's masked networks stay perceptrons, so Kan and Maf do not go together.
+    /// Configurations written before the field existed read as Mlp.</summary>
+    public ConditionerKind Conditioner { get; init; } = ConditionerKind.Mlp;
+    /// <summary>Intervals of a Kan conditioner's B-spline grid (cubic splines: kanGrid + 3 basis functions per edge).</summary>
+    public int KanGrid { get; init; } = Conditioners.KanIntervals;
+    /// <summary>Half-width r of a Kan conditioner's grid [-r, r]; beyond it only the silu base part of each edge varies.</summary>
+    public double KanRange { get; init; } = Conditioners.KanRange;
     public bool Shift { get; init; } = true;
     public int SplineBins { get; init; } = 8;
     public double SplineBound { get; init; } = 3.0;
@@ -182,6 +195,7 @@ public sealed record MixerFlowConfig : ModelConfig
         else InRange(p, "classes", Classes, 0, MaxClasses);
         bool hidden = InRange(p, "hiddenWidth", HiddenWidth, 1, MaxHiddenWidth) & InRange(p, "hiddenDepth", HiddenDepth, 0, MaxHiddenDepth);
         if (hidden) Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
+        ConditionerProblems(p);
         if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
         {
             if (!(SplineBound > 0 && SplineBound <= MaxSplineBound))
@@ -191,6 +205,25 @@ public sealed record MixerFlowConfig : ModelConfig
         }
     }
 
+    /// <summary>The problems of the conditioner fields (conditioner, kanGrid, kanRange).</summary>
+    void ConditionerProblems(List<string> p)
+    {
+        if (!Enum.IsDefined(Conditioner))
+        {
+            p.Add($"conditioner: must be one of mlp, kan, got {Conditioner}");
+            return;
+        }
+        if (Conditioner != ConditionerKind.Kan) return;
+        if (ChannelFlow == InnerFlow.Maf || PatchFlow == InnerFlow.Maf)
+            p.Add("conditioner: kan applies to coupling flows; a MAF (channelFlow / patchFlow = maf) keeps its masked perceptron");
+        if (ConditionerPrecision != ConditionerPrecision.Float32)
+            p.Add($"conditionerPrecision: {ConditionerPrecision.ToString().ToLowerInvariant()} applies to mlp conditioners only; kan computes in float32");
+        if (!(KanRange > 0 && KanRange <= MaxSplineBound)) p.Add($"kanRange: must lie in (0, {MaxSplineBound}], got {KanRange}");
+        if (InRange(p, "kanGrid", KanGrid, 1, MaxKanGrid) && KanRange > 0 && KanRange <= MaxSplineBound && HiddenWidth >= 1 && HiddenDepth >= 1)
+            Validated(p, "kanGrid / kanRange", () => Conditioners.Kan(HiddenWidth, HiddenDepth, KanGrid, KanRange));
+    }
+
+    public const int MaxKanGrid = 256;
     public const int MaxLayers = 256;
     public const int MaxInnerSteps = 64;
     public const int MaxHiddenWidth = 65536;
@@ -209,8 +242,10 @@ public sealed record MixerFlowConfig : ModelConfig
     {
         var g = Geometry;
         double outputs = (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline) ? 3.0 * SplineBins + 1 : 2;
-        double Mlp(double inputs) =>
-            (inputs + Classes) * HiddenWidth + Math.Max(0, HiddenDepth - 1) * (double)HiddenWidth * HiddenWidth + HiddenWidth * inputs * outputs;
+        // A Kan conditioner has kanGrid + 5 parameters per edge where a perceptron has one weight.
+        double perEdge = Conditioner == ConditionerKind.Kan ? KanGrid + 5.0 : 1.0;
+        double Mlp(double inputs) => perEdge *
+            ((inputs + Classes) * HiddenWidth + Math.Max(0, HiddenDepth - 1) * (double)HiddenWidth * HiddenWidth + HiddenWidth * inputs * outputs);
         return (double)Layers * InnerSteps * (Mlp(g.Features) + Mlp(g.Patches));
     }
 
@@ -224,6 +259,8 @@ public sealed record MixerFlowConfig : ModelConfig
         var g = Geometry;
         double outputs = (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline) ? 3.0 * SplineBins + 1 : 2;
         double hidden = 2.0 * HiddenWidth * Math.Max(1, HiddenDepth) * (g.Patches + g.Features);
+        // A Kan layer keeps its inputs' B-spline bases (kanGrid + 3 per input, a few per order).
+        if (Conditioner == ConditionerKind.Kan) hidden *= 2.0 * (KanGrid + 3);
         return (double)Layers * InnerSteps * (hidden + (outputs + 4) * Dimensions) + 8.0 * Layers * Dimensions;
     }
 
