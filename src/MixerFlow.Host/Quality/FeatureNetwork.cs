@@ -27,7 +27,7 @@ public sealed record ClassifierSettings
     public int MaxTrainImages { get; init; } = 0;
 
     /// <summary>A small, quick setting for tests and smoke runs.</summary>
-    public static ClassifierSettings Tiny { get; } = new() { Epochs = 1, Width = 4, FeatureDimension = 16, MaxTrainImages = 1500 };
+    public static ClassifierSettings Tiny { get; } = new() { Epochs = 2, Width = 8, FeatureDimension = 16, LearningRate = 5e-3, MaxTrainImages = 2000 };
 
     /// <summary>What is wrong with the settings, one entry per field.</summary>
     public IReadOnlyList<string> Problems()
