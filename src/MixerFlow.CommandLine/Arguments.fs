@@ -142,7 +142,7 @@ type ScoreArgs =
             match a with
             | Checkpoint _ -> "checkpoint file written by train."
             | Data _ -> Text.dataUsage + " Needs labels (the feature classifier trains on them)."
-            | Samples _ -> "samples per temperature, 4..100000 (default 10000, at most the test split's size)."
+            | Samples _ -> "samples per temperature, 4..100000 (default 10000, or the test split's size where that is smaller)."
             | Temperature _ -> "one or more temperatures in [0, 10], comma- or space-separated (default 1)."
             | Seed _ -> "seed of the samples (default 0)."
             | Json _ -> "also write the scores to this JSON file."
@@ -330,6 +330,28 @@ type CommandLine =
         if Presets.All.ContainsKey name then name
         else failwithf "unknown preset '%s'; known presets: %s" name (Text.presets ())
 
+    /// `score`'s arguments: temperatures comma- or space-separated.
+    static member private ScoreCommandOf(s: ParseResults<ScoreArgs>) : ScoreCommand =
+        let temps =
+            s.TryPostProcessResult(ScoreArgs.Temperature, fun ts ->
+                let parts = ts |> List.collect (fun t -> t.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray)
+                let parse (t: string) =
+                    match Double.TryParse(t, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+                    | true, v when v >= 0.0 && v <= 10.0 -> v
+                    | _ -> failwithf "needs numbers in [0, 10], got '%s'" t
+                if parts.IsEmpty then failwith "needs at least one temperature" else parts |> List.map parse)
+            |> Option.defaultValue [ 1.0 ]
+            |> List.toArray
+        { ScoreCommand.Checkpoint = s.GetResult ScoreArgs.Checkpoint
+          Data = s.TryGetResult ScoreArgs.Data |> Option.toObj
+          Samples =
+            s.TryPostProcessResult(ScoreArgs.Samples, fun n ->
+                if n < 4 || n > 100000 then failwithf "must lie in 4..100000, got %d" n else n)
+            |> Option.defaultValue 0
+          Temperatures = temps
+          Seed = s.GetResult(ScoreArgs.Seed, defaultValue = 0)
+          Json = s.TryGetResult ScoreArgs.Json |> Option.toObj }
+
     static member private ToCommand(r: ParseResults<MainArgs>) : ICommand =
         match r.GetSubCommand() with
         | MainArgs.Train t ->
@@ -397,27 +419,7 @@ type CommandLine =
                   Temperatures = temps
                   Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
                   Seed = s.GetResult(SampleArgs.Seed, defaultValue = Defaults.SampleSeed) }
-        | MainArgs.Score s ->
-            let temps =
-                s.TryPostProcessResult(ScoreArgs.Temperature, fun ts ->
-                    let parts = ts |> List.collect (fun t -> t.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray)
-                    let parse (t: string) =
-                        match Double.TryParse(t, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
-                        | true, v when v >= 0.0 && v <= 10.0 -> v
-                        | _ -> failwithf "needs numbers in [0, 10], got '%s'" t
-                    if parts.IsEmpty then failwith "needs at least one temperature" else parts |> List.map parse)
-                |> Option.defaultValue [ 1.0 ]
-                |> List.toArray
-            upcast
-                { ScoreCommand.Checkpoint = s.GetResult ScoreArgs.Checkpoint
-                  Data = s.TryGetResult ScoreArgs.Data |> Option.toObj
-                  Samples =
-                    s.TryPostProcessResult(ScoreArgs.Samples, fun n ->
-                        if n < 4 || n > 100000 then failwithf "must lie in 4..100000, got %d" n else n)
-                    |> Option.defaultValue 0
-                  Temperatures = temps
-                  Seed = s.GetResult(ScoreArgs.Seed, defaultValue = 0)
-                  Json = s.TryGetResult ScoreArgs.Json |> Option.toObj }
+        | MainArgs.Score s -> upcast CommandLine.ScoreCommandOf s
         | MainArgs.Embed e ->
             upcast { EmbedCommand.Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
         | MainArgs.Check c ->

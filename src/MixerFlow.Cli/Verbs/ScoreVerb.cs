@@ -26,15 +26,17 @@ public static class ScoreVerb
         var progress = new ProgressLine(Console.Error);
         var scores = SampleQuality.Score(model, data, o.Temperatures, o.Samples > 0 ? o.Samples : null, o.Seed,
             progress: progress);
+        var floor = SampleQuality.ScoreData(data, o.Samples > 0 ? o.Samples : null, progress: progress);
         progress.Finish();
         var info = scores[0].Classifier;
         output.WriteLine($"data: {data.Description}");
         output.WriteLine(FormattableString.Invariant(
             $"classifier: {info.FeatureDimension} features, test accuracy {info.TestAccuracy:P1} ({(info.FromCache ? "cached" : "trained now")}: {info.Path})"));
         output.WriteLine($"{"temperature",11}  {"samples",7}  {"Fréchet distance",16}  {"precision",9}  {"recall",6}");
-        foreach (var s in scores)
+        foreach (var s in scores.Append(floor))
             output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{s.Temperature,11:0.###}  {s.Samples,7}  {s.FrechetDistance,16:0.000}  {s.Precision,9:0.000}  {s.Recall,6:0.000}"));
+                $"{(double.IsNaN(s.Temperature) ? "train data" : s.Temperature.ToString("0.###", CultureInfo.InvariantCulture)),11}  {s.Samples,7}  {s.FrechetDistance,16:0.000}  {s.Precision,9:0.000}  {s.Recall,6:0.000}"));
+        output.WriteLine("(train data: training images against the same test images, the score of real data)");
         if (o.Json is not null)
         {
             AtomicFile.WriteAllText(o.Json, JsonSerializer.Serialize(
@@ -42,7 +44,7 @@ public static class ScoreVerb
                 {
                     temperature = s.Temperature, samples = s.Samples, referenceImages = s.ReferenceImages,
                     frechetDistance = s.FrechetDistance, precision = s.Precision, recall = s.Recall, classifierAccuracy = s.ClassifierAccuracy,
-                }) },
+                }), trainData = new { samples = floor.Samples, frechetDistance = floor.FrechetDistance, precision = floor.Precision, recall = floor.Recall } },
                 new JsonSerializerOptions { WriteIndented = true }));
             output.WriteLine($"wrote {o.Json}");
         }

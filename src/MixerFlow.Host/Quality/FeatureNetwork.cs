@@ -18,7 +18,7 @@ public sealed record ClassifierSettings
     /// <summary>Images per training step.</summary>
     public int BatchSize { get; init; } = 64;
     /// <summary>Adam's learning rate.</summary>
-    public double LearningRate { get; init; } = 2e-3;
+    public double LearningRate { get; init; } = 5e-3;
     /// <summary>Channels of the first convolution (the second has twice as many).</summary>
     public int Width { get; init; } = 16;
     /// <summary>Size of the feature vector: the penultimate layer's width.</summary>

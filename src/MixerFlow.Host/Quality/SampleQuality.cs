@@ -197,6 +197,22 @@ public static class SampleQuality
         return scores;
     }
 
+    /// <summary>
+    /// The real data's own score, a floor for samples: up to <paramref name="samples"/> training images (the first
+    /// ones; default as in <see cref="Score"/>) against the test (held-out) images, in the cached classifier's features.
+    /// </summary>
+    public static QualityScore ScoreData(DataSplits data, int? samples = null, ClassifierSettings? classifier = null,
+        string? cacheFolder = null, IProgress<QualityProgress>? progress = null)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        int n = Math.Min(samples ?? Math.Min(DefaultSamples, data.HeldOut.Count), data.Train.Count);
+        using var net = FeatureClassifier.GetOrTrain(data, classifier, cacheFolder, progress);
+        using var scope = NewDisposeScope();
+        var real = net.Features(data.HeldOut);
+        var train = data.Train.Subset(Enumerable.Range(0, n).ToArray());
+        return ScoreImages(net, train.Batch(Enumerable.Range(0, n).ToArray()), real);
+    }
+
     /// <summary><paramref name="count"/> samples at temperature <paramref name="t"/>, in batches, in evaluation mode without gradients.</summary>
     static Tensor Sample(ImageFlow model, int count, double t, int seed, IProgress<QualityProgress>? progress)
     {
