@@ -65,6 +65,7 @@ public static class Program
         public int Train(TrainCommand command) => ModelVerbs.Train(command.Settings, output);
         public int Eval(EvalCommand command) => ModelVerbs.Eval(command, output);
         public int Sample(SampleCommand command) => ModelVerbs.Sample(command, output);
+        public int Score(ScoreCommand command) => ScoreVerb.Run(command, output);
         public int Embed(EmbedCommand command) => ModelVerbs.Embed(command, output);
         public int Info(InfoCommand command) => InfoVerb.Run(command, output);
         public int Check(CheckCommand command) => CheckVerb.Run(command, output);

@@ -130,6 +130,23 @@ type SampleArgs =
             | Out _ -> "PNG file (default samples.png); one file per temperature when several are given."
             | Seed _ -> sprintf "seed of the base samples (default %d)." Defaults.SampleSeed
 
+type ScoreArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | Data of dir: string
+    | Samples of n: int
+    | Temperature of t: string list
+    | Seed of seed: int
+    | Json of file: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "checkpoint file written by train."
+            | Data _ -> Text.dataUsage + " Needs labels (the feature classifier trains on them)."
+            | Samples _ -> "samples per temperature, 4..100000 (default 10000, or the test split's size where that is smaller)."
+            | Temperature _ -> "one or more temperatures in [0, 10], comma- or space-separated (default 1)."
+            | Seed _ -> "seed of the samples (default 0)."
+            | Json _ -> "also write the scores to this JSON file."
+
 type EmbedArgs =
     | [<Mandatory>] Checkpoint of file: string
     | Data of dir: string
@@ -180,6 +197,7 @@ type MainArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<SampleArgs>
+    | [<CliPrefix(CliPrefix.None)>] Score of ParseResults<ScoreArgs>
     | [<CliPrefix(CliPrefix.None)>] Embed of ParseResults<EmbedArgs>
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Check of ParseResults<CheckArgs>
@@ -194,6 +212,7 @@ type MainArgs =
             | Train _ -> "train a model; writes a run folder (checkpoints, metrics.csv, curve, samples, summary.json)."
             | Eval _ -> "bits/dim of a checkpoint on a split, with its standard error."
             | Sample _ -> "sample images from a checkpoint as a PNG grid."
+            | Score _ -> "sample quality: Fréchet distance, precision and recall in the features of a classifier trained (once, cached) on the data."
             | Embed _ -> "latents of a data set for downstream use, with a linear-probe accuracy where labels exist."
             | Info _ -> "print a model's configuration and parameter breakdown."
             | Interpolate _ -> "decode the path between two images in latent space as a PNG strip."
@@ -210,6 +229,8 @@ type ICommandHandler<'Result> =
     abstract Eval: command: EvalCommand -> 'Result
     /// `sample`.
     abstract Sample: command: SampleCommand -> 'Result
+    /// `score`.
+    abstract Score: command: ScoreCommand -> 'Result
     /// `embed`.
     abstract Embed: command: EmbedCommand -> 'Result
     /// `info`.
@@ -243,6 +264,11 @@ and SampleCommand =
     { Checkpoint: string; Count: int; Temperatures: float[]; Out: string; Seed: int }
     interface ICommand with
         member c.Accept h = h.Sample c
+/// `score`: sample quality of a checkpoint (Samples = 0: the default count).
+and ScoreCommand =
+    { Checkpoint: string; Data: string; Samples: int; Temperatures: float[]; Seed: int; Json: string }
+    interface ICommand with
+        member c.Accept h = h.Score c
 /// `embed`: latents as CSV, and a linear probe.
 and EmbedCommand =
     { Checkpoint: string; Data: string; Out: string }
@@ -303,6 +329,28 @@ type CommandLine =
     static member private KnownPreset (name: string) =
         if Presets.All.ContainsKey name then name
         else failwithf "unknown preset '%s'; known presets: %s" name (Text.presets ())
+
+    /// `score`'s arguments: temperatures comma- or space-separated.
+    static member private ScoreCommandOf(s: ParseResults<ScoreArgs>) : ScoreCommand =
+        let temps =
+            s.TryPostProcessResult(ScoreArgs.Temperature, fun ts ->
+                let parts = ts |> List.collect (fun t -> t.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) |> List.ofArray)
+                let parse (t: string) =
+                    match Double.TryParse(t, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+                    | true, v when v >= 0.0 && v <= 10.0 -> v
+                    | _ -> failwithf "needs numbers in [0, 10], got '%s'" t
+                if parts.IsEmpty then failwith "needs at least one temperature" else parts |> List.map parse)
+            |> Option.defaultValue [ 1.0 ]
+            |> List.toArray
+        { ScoreCommand.Checkpoint = s.GetResult ScoreArgs.Checkpoint
+          Data = s.TryGetResult ScoreArgs.Data |> Option.toObj
+          Samples =
+            s.TryPostProcessResult(ScoreArgs.Samples, fun n ->
+                if n < 4 || n > 100000 then failwithf "must lie in 4..100000, got %d" n else n)
+            |> Option.defaultValue 0
+          Temperatures = temps
+          Seed = s.GetResult(ScoreArgs.Seed, defaultValue = 0)
+          Json = s.TryGetResult ScoreArgs.Json |> Option.toObj }
 
     static member private ToCommand(r: ParseResults<MainArgs>) : ICommand =
         match r.GetSubCommand() with
@@ -371,6 +419,7 @@ type CommandLine =
                   Temperatures = temps
                   Out = s.GetResult(SampleArgs.Out, defaultValue = "samples.png")
                   Seed = s.GetResult(SampleArgs.Seed, defaultValue = Defaults.SampleSeed) }
+        | MainArgs.Score s -> upcast CommandLine.ScoreCommandOf s
         | MainArgs.Embed e ->
             upcast { EmbedCommand.Checkpoint = e.GetResult EmbedArgs.Checkpoint; Data = e.TryGetResult EmbedArgs.Data |> Option.toObj; Out = e.GetResult EmbedArgs.Out }
         | MainArgs.Check c ->

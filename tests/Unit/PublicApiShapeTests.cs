@@ -92,7 +92,7 @@ public class PublicApiShapeTests
     {
         var verbs = new[] { "train", "eval --checkpoint a", "sample --checkpoint a", "embed --checkpoint a --out b",
                             "info --preset tiny", "check", "interpolate --checkpoint a --from b --to c",
-                            "export --checkpoint a --out b", "experiment s.json" };
+                            "export --checkpoint a --out b", "experiment s.json", "score --checkpoint a" };
         var handled = verbs.Select(v => CommandLine.CommandLine.Parse(v.Split(' ')).Command.Accept(new VerbName())).ToList();
         Assert.Equal(verbs.Select(v => v.Split(' ')[0]), handled);
         Assert.Equal(typeof(CommandLine.ICommandHandler<>).GetMethods().Length, verbs.Length);
@@ -109,5 +109,6 @@ public class PublicApiShapeTests
         public string Interpolate(CommandLine.InterpolateCommand command) => "interpolate";
         public string Export(CommandLine.ExportCommand command) => "export";
         public string Experiment(CommandLine.ExperimentCommand command) => "experiment";
+        public string Score(CommandLine.ScoreCommand command) => "score";
     }
 }
