@@ -128,6 +128,18 @@ public class TimeBudgetTests
     }
 
     [Fact]
+    public void Train_takes_seconds_and_a_permutation_seed_and_a_resume_compares_them_only_when_given()
+    {
+        var t = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(
+            MixerFlow.CommandLine.CommandLine.Parse(["train", "--preset", "tiny", "--seconds", "90.5", "--permute-pixels", "4"]).Command);
+        Assert.Equal((90.5, 4, 0L), (t.Settings.MaxSeconds, t.Settings.PixelPermutationSeed, t.Settings.Steps));
+        var r = Assert.IsType<MixerFlow.CommandLine.TrainCommand>(
+            MixerFlow.CommandLine.CommandLine.Parse(["train", "--resume", "somewhere", "--seconds", "60"]).Command);
+        Assert.Contains(nameof(TrainingSettings.MaxSeconds), r.Settings.Given!);
+        Assert.DoesNotContain(nameof(TrainingSettings.PixelPermutationSeed), r.Settings.Given!);
+    }
+
+    [Fact]
     public void The_schedule_follows_the_larger_of_the_step_and_time_shares()
     {
         var s = new LearningRateSchedule(1.0, 100, 0);
