@@ -139,6 +139,40 @@ public class TimeBudgetTests
         Assert.DoesNotContain(nameof(TrainingSettings.PixelPermutationSeed), r.Settings.Given!);
     }
 
+    /// <summary>Rank 1 of 2, whose allreduce adds rank 0's seconds (what MPI would give it).</summary>
+    sealed class SecondRank(double rootSeconds) : MixerFlow.Host.Distributed.ICommunicator
+    {
+        public int Rank => 1;
+        public int Size => 2;
+        public string Description => "a fake second rank";
+        public void AllReduceSum(Span<double> values) => values[0] += rootSeconds;
+        public void AllReduceSum(TorchSharp.torch.Tensor tensor) => throw new NotSupportedException();
+        public bool Any(bool mine) => throw new NotSupportedException();
+        public byte[] Broadcast(byte[]? fromRoot) => throw new NotSupportedException();
+        public byte[]? ShareFromRoot(Func<byte[]>? make) => throw new NotSupportedException();
+        public void Barrier() { }
+        public (int Start, int Count) ShareOf(int count) => (0, count);
+        public int DefaultThreads => 1;
+        public TorchSharp.torch.Device DeviceFor(TorchSharp.torch.Device device) => device;
+        public void Abort(int exitCode) { }
+    }
+
+    [Fact]
+    public void Every_rank_takes_rank_0s_seconds_so_schedule_and_stop_agree()
+    {
+        var budget = new TrainingBudget(10, long.MaxValue, 0, new OneSecondPerReading());
+        budget.Time(() => 0);
+        Assert.Equal(1.0, budget.UsedSeconds);
+        budget.Agree(new SecondRank(rootSeconds: 10));
+        Assert.Equal(10.0, budget.UsedSeconds);
+        Assert.True(budget.TimeSpent);
+        Assert.Equal(1.0, budget.Progress(1));
+        // Without a time budget nothing is exchanged (the fake's seconds would show).
+        var steps = new TrainingBudget(0, 100, 0, new OneSecondPerReading());
+        steps.Agree(new SecondRank(rootSeconds: 10));
+        Assert.Equal((0.0, false, 0.5), (steps.UsedSeconds, steps.TimeSpent, steps.Progress(50)));
+    }
+
     [Fact]
     public void The_schedule_follows_the_larger_of_the_step_and_time_shares()
     {

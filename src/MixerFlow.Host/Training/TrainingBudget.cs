@@ -1,3 +1,5 @@
+using MixerFlow.Host.Distributed;
+
 namespace MixerFlow.Host.Training;
 
 /// <summary>
@@ -39,6 +41,18 @@ internal sealed class TrainingBudget
         long started = clock.GetTimestamp();
         try { return step(); }
         finally { UsedSeconds += clock.GetElapsedTime(started).TotalSeconds; }
+    }
+
+    /// <summary>
+    /// Every rank takes rank 0's seconds (one allreduce of one number; nothing without a time
+    /// budget): the schedule and the stop then agree on every rank whatever their clocks say.
+    /// </summary>
+    public void Agree(ICommunicator ranks)
+    {
+        if (MaxSeconds <= 0 || ranks.Size == 1) return;
+        var used = new[] { ranks.IsRoot ? UsedSeconds : 0.0 };
+        ranks.AllReduceSum(used);
+        UsedSeconds = used[0];
     }
 
     /// <summary>How far the run is through its budget at <paramref name="step"/>, in [0, 1]: the schedule's progress.</summary>

@@ -68,8 +68,8 @@ internal sealed partial class TrainingRun : IDisposable
         Prepare();
         bool stoppedEarly = false;
         model.train();
-        // Every rank stops where any rank's clock says the time budget is spent.
-        bool timeUp = ranks.Any(budget.TimeSpent);
+        // Rank 0's clock decides (Agree): every rank follows the same schedule and stops at the same step.
+        bool timeUp = budget.TimeSpent;
         while (step < totalSteps && !timeUp)
         {
             // A signal may reach the ranks at different steps: they stop together at the first step any of them saw it.
@@ -78,6 +78,7 @@ internal sealed partial class TrainingRun : IDisposable
             var batch = GlobalBatch(epoch);
             double lr = schedule.At(step, budget.Progress(step)) * drops.LearningRateScale;
             var outcome = budget.Time(() => TakeStep(batch, lr));
+            budget.Agree(ranks);
             stepsTimed++;
             ReportGradientPath();
             if (!outcome.Kept)
@@ -92,7 +93,7 @@ internal sealed partial class TrainingRun : IDisposable
             guard.Keep(step, outcome.BitsPerDim);
             step++;
             Count(batch.Length, outcome.BitsPerDim);
-            if (s.MaxSeconds > 0) timeUp = ranks.Any(budget.TimeSpent);
+            timeUp = budget.TimeSpent;
             bool last = step == totalSteps || timeUp;
             if (step % ReportEvery == 0 || last) ReportProgress(epoch, lr);
             if (step % s.CheckpointEvery == 0) SaveLast(epoch);
