@@ -62,7 +62,9 @@ internal sealed partial class TrainingRun : IDisposable
     {
         if (start.Finished is { } finished)
         {
-            report.OnMessage($"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
+            report.OnMessage(s.MaxSeconds > 0
+                ? $"run already finished at step {start.Resumed!.Step} (its budget of {s.MaxSeconds} s of training steps spent, or its steps)"
+                : $"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
             return finished;
         }
         Prepare();
