@@ -114,6 +114,21 @@ public class PixelPermutationTests
             Assert.True(Differing(written, asImages) < 0.01, $"{Differing(written, asImages):P1} of the pixels differ from the images");
             Assert.True(Differing(written, asSeen) > 0.1);
 
+            // `sample` writes the model's samples un-permuted: the grid of the same draw, inverse-permuted.
+            string sampled = Path.Combine(dir, "sampled.png"), expected = Path.Combine(dir, "expected.png"), raw = Path.Combine(dir, "raw.png");
+            Assert.Equal(0, CliInProcess.Run("sample", "--checkpoint", checkpoint, "--count", "4", "--seed", "3", "--out", sampled).Code);
+            var (model, _) = Checkpoint.Load(checkpoint);
+            model.eval();
+            manual_seed(3);
+            using (no_grad())
+            using (var drawn = model.Sample(4, MixerFlow.Core.Defaults.SampleTemperature))
+            {
+                ImageGrid.Save(p.Unpermute(drawn), expected);
+                ImageGrid.Save(drawn, raw);
+            }
+            Assert.Equal(0.0, Differing(sampled, expected));
+            Assert.True(Differing(sampled, raw) > 0.05);
+
             // Without the run's settings.json beside it the checkpoint is evaluated on unpermuted data: another score.
             File.Delete(RunFolder.SettingsFile(run));
             Assert.NotEqual(Math.Round(summary.HeldOutBpd, 4), Eval());
