@@ -80,6 +80,8 @@ type TrainArgs =
     | Resume of dir: string
     | Checkpoint_Every of steps: int
     | Extend_Steps of steps: int
+    | Seconds of seconds: float
+    | Permute_Pixels of seed: int
     interface IArgParserTemplate with
         member a.Usage =
             let d = TrainingSettings()
@@ -99,6 +101,8 @@ type TrainArgs =
             | Resume _ -> "continue the run in this folder from its last checkpoint (optimiser state and step included) under its saved settings.json; options given that contradict those are refused, a finished run is reported, not retrained."
             | Extend_Steps _ -> "with --resume: train this many steps beyond the run's saved total; the cosine learning-rate schedule then follows the new total."
             | Checkpoint_Every _ -> sprintf "steps between checkpoints (default %d)." d.CheckpointEvery
+            | Seconds _ -> "time budget: train until this many seconds of training steps are spent (evaluations, checkpoints and pictures not counted), then evaluate and finish; with --steps, whichever comes first. The cosine learning-rate schedule follows the share of the budget spent. Instead of --epochs."
+            | Permute_Pixels _ -> "shuffle the images' pixel positions by one fixed permutation drawn with this seed (>= 1), the same for every image and channel, in training and evaluation; eval, sample and embed on the run's checkpoints apply it too, and pictures are shown un-permuted."
 
 type EvalArgs =
     | [<Mandatory>] Checkpoint of file: string
@@ -358,6 +362,8 @@ type CommandLine =
             let d = TrainingSettings()
             if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Steps then
                 t.Raise("train takes --epochs or --steps, not both")
+            if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Seconds then
+                t.Raise("train takes --epochs or --seconds, not both (--seconds with --steps stops at whichever comes first)")
             let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset)
             let config = t.TryGetResult TrainArgs.Config
             let sets = t.GetResults TrainArgs.Override
@@ -372,7 +378,8 @@ type CommandLine =
             let given =
                 [ t.Contains TrainArgs.Data, "Data"; t.Contains TrainArgs.Epochs, "Epochs"; t.Contains TrainArgs.Steps, "Steps"
                   t.Contains TrainArgs.Batch_Size, "BatchSize"; t.Contains TrainArgs.Lr, "LearningRate"; t.Contains TrainArgs.Seed, "Seed"
-                  t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery" ]
+                  t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery"; t.Contains TrainArgs.Seconds, "MaxSeconds"
+                  t.Contains TrainArgs.Permute_Pixels, "PixelPermutationSeed" ]
                 |> List.filter fst
                 |> List.map snd
             let givenSet : Collections.Generic.IReadOnlySet<string> =
@@ -394,6 +401,11 @@ type CommandLine =
                     Device = (Text.lower (t.GetResult(TrainArgs.Device, defaultValue = Device.Cpu))),
                     Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
                     CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery),
+                    MaxSeconds = (
+                        t.TryPostProcessResult(TrainArgs.Seconds, fun v ->
+                            if v > 0.0 && v <= 1e8 then v else failwithf "must be a number of seconds in (0, 100000000], got %g" v)
+                        |> Option.defaultValue d.MaxSeconds),
+                    PixelPermutationSeed = (t.TryPostProcessResult(TrainArgs.Permute_Pixels, CommandLine.Positive) |> Option.defaultValue d.PixelPermutationSeed),
                     ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
                     Given = givenSet) } :> ICommand
         | MainArgs.Eval e ->

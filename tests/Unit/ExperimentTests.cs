@@ -251,7 +251,13 @@ public class ExperimentTests
     }
 
     [Theory]
-    [InlineData("""{ "runs": [ { "name": "a", "preset": "tiny" } ] }""", "steps: required")]
+    [InlineData("""{ "runs": [ { "name": "a", "preset": "tiny" } ] }""", "run 'a': steps / seconds: required, in the run or at the top")]
+    [InlineData("""{ "seconds": -1, "runs": [ { "name": "a", "preset": "tiny" } ] }""", "seconds: must be a number of seconds in (0, 100000000], got -1")]
+    [InlineData("""{ "seconds": "long", "runs": [ { "name": "a", "preset": "tiny" } ] }""", "seconds: must be a number of seconds in (0, 100000000], got \"long\"")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "seconds": 0 } ] }""", "run 'a': seconds: must be a number of seconds in (0, 100000000], got 0")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "steps": 0 } ] }""", "run 'a': steps: must be an integer in [1, 100000000], got 0")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "permutePixels": -2 } ] }""", "run 'a': permutePixels: must be an integer in [0, 2147483647], got -2")]
+    [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "permutePixels": "x" } ] }""", "run 'a': permutePixels: must be an integer seed")]
     [InlineData("""{ "steps": 5, "runs": [] }""", "runs: required")]
     [InlineData("""{ "steps": 5, "batchsize": 4, "runs": [ { "name": "a", "preset": "tiny" } ] }""", "batchsize: unknown field; known fields: name")]
     [InlineData("""{ "steps": 5, "runs": [ { "name": "a", "preset": "tiny", "set": { "shift": "maybe" } } ] }""", "run 'a': set shift=maybe: shift must be true or false")]

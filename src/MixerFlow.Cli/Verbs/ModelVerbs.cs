@@ -100,7 +100,7 @@ public static class ModelVerbs
     {
         var model = Load(o.Checkpoint, o.Device);
         var c = model.Config;
-        var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
+        var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width).Permuted(RunFolder.PixelPermutationOf(o.Checkpoint, c));
         var set = o.Split == Split.Train ? data.Train : data.HeldOut;
         var (mean, se) = Evaluation.BitsPerDim(model, set, o.BatchSize, model.Device);
         output.WriteLine($"{o.Split.ToString().ToLowerInvariant()} split of {data.Description}");
@@ -142,6 +142,8 @@ public static class ModelVerbs
         var plan = SampleFiles(o);
         foreach (var (_, path, _) in plan) OutputPath.CheckFile(path, "--out", ("--checkpoint", o.Checkpoint));
         var model = Load(o.Checkpoint, Device.Cpu);
+        // A run trained on permuted pixels samples permuted images: shown un-permuted.
+        var permutation = RunFolder.PixelPermutationOf(o.Checkpoint, model.Config);
         manual_seed(o.Seed);
         foreach (var (t, path, inFile) in plan)
         {
@@ -150,7 +152,8 @@ public static class ModelVerbs
             {
                 int n = Math.Min(SampleBatch, inFile - done);
                 using var scope = NewDisposeScope();
-                parts.Add(model.Sample(n, t).MoveToOuterDisposeScope());
+                var drawn = model.Sample(n, t);
+                parts.Add((permutation?.Unpermute(drawn) ?? drawn).MoveToOuterDisposeScope());
             }
             ImageGrid.Save(cat(parts, 0), path);
             foreach (var part in parts) part.Dispose();
@@ -169,8 +172,12 @@ public static class ModelVerbs
         var c = model.Config;
         var from = ImageFolderFormat.ReadFile(o.From, c.Channels, c.Height, c.Width);
         var to = ImageFolderFormat.ReadFile(o.To, c.Channels, c.Height, c.Width);
+        // A run trained on permuted pixels: the images are permuted as it saw them, the strip shown un-permuted.
+        var permutation = RunFolder.PixelPermutationOf(o.Checkpoint, c);
         using var scope = NewDisposeScope();
-        var strip = model.Interpolate(from.Batch([0]), to.Batch([0]), o.Steps, o.Spherical);
+        Tensor Seen(ImageDataset image) => permutation?.Permute(image.Batch([0])) ?? image.Batch([0]);
+        var strip = model.Interpolate(Seen(from), Seen(to), o.Steps, o.Spherical);
+        if (permutation is not null) strip = permutation.Unpermute(strip);
         ImageGrid.Save(strip, o.Out, columns: o.Steps);
         output.WriteLine($"wrote {o.Steps} images from {o.From} to {o.To} ({(o.Spherical ? "spherical" : "linear")} in latent space) to {o.Out}");
         return 0;
@@ -198,7 +205,7 @@ public static class ModelVerbs
         OutputPath.CheckFile(o.Out, "--out", ("--checkpoint", o.Checkpoint), ("--data", o.Data));
         var model = Load(o.Checkpoint, Device.Cpu);
         var c = model.Config;
-        var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width);
+        var data = DatasetLoader.Load(o.Data, c.Channels, c.Height, c.Width).Permuted(RunFolder.PixelPermutationOf(o.Checkpoint, c));
         var train = Evaluation.Latents(model, data.Train);
         var held = Evaluation.Latents(model, data.HeldOut);
         AtomicFile.Write(o.Out, stream =>

@@ -70,6 +70,22 @@ public sealed class ImageDataset
         return new ImageDataset(pixels, indices.Length, Channels, Height, Width, labels, Source);
     }
 
+    /// <summary>
+    /// The same images with their pixel positions rearranged by <paramref name="permutation"/> (the
+    /// same rearrangement for every image and channel), as a new dataset with the same labels.
+    /// </summary>
+    public ImageDataset Permuted(PixelPermutation permutation)
+    {
+        ArgumentNullException.ThrowIfNull(permutation);
+        int plane = Height * Width;
+        if (permutation.Positions.Count != plane)
+            throw new ArgumentException($"a permutation of {permutation.Positions.Count} positions for images of {Height}x{Width}", nameof(permutation));
+        var pixels = new byte[Pixels.LongLength];
+        for (long start = 0; start < pixels.LongLength; start += plane)
+            permutation.Apply(Pixels.AsSpan((int)start, plane), pixels.AsSpan((int)start, plane));
+        return new ImageDataset(pixels, Count, Channels, Height, Width, Labels, Source);
+    }
+
     int Offset(int index)
     {
         if ((uint)index >= (uint)Count)
@@ -79,4 +95,10 @@ public sealed class ImageDataset
 }
 
 /// <summary>Training images, images held out for evaluation, and a line saying where they came from.</summary>
-public sealed record DataSplits(ImageDataset Train, ImageDataset HeldOut, string Description);
+public sealed record DataSplits(ImageDataset Train, ImageDataset HeldOut, string Description)
+{
+    /// <summary>Both splits with their pixels rearranged by <paramref name="permutation"/> (none: these splits).</summary>
+    public DataSplits Permuted(PixelPermutation? permutation) => permutation is null ? this
+        : new DataSplits(Train.Permuted(permutation), HeldOut.Permuted(permutation),
+            $"{Description}, pixels permuted (seed {permutation.Seed})");
+}

@@ -109,7 +109,7 @@ public sealed partial class Experiment
                 log.WriteLine($"{label}: no checkpoint in the earlier attempt, starting afresh");
                 Directory.Delete(folder, recursive: true);
             }
-            log.WriteLine(resume ? $"{label}: resuming from its last checkpoint" : $"{label}: training {spec.Steps} steps");
+            log.WriteLine(resume ? $"{label}: resuming from its last checkpoint" : $"{label}: training {Budget(run)}");
             var trainer = new Trainer(spec.SettingsFor(run, seed, folder, resume), observerFor?.Invoke(label) ?? new TextObserver(new PrefixWriter(log, label + ": ")));
             summary = trainer.Run();
             if (summary.StoppedEarly) throw new UserError($"{label}: training stopped early; run the experiment again to continue");
@@ -118,9 +118,9 @@ public sealed partial class Experiment
             trainedHere = true;
         }
         model ??= Checkpoint.Load(Path.Combine(folder, RunFolder.LastCheckpoint)).Model;
-        double probe = Probe(model, seed);
+        double probe = Probe(model, seed, run.PixelPermutationSeed);
         var result = new ExperimentSeedResult(run.Name, seed, summary.Parameters, summary.ImagesPerSecond,
-            summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps);
+            summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps, summary.TrainingSeconds);
         AtomicFile.WriteAllText(resultPath, JsonSerializer.Serialize(result, Json));
         return result;
     }
@@ -149,6 +149,14 @@ public sealed partial class Experiment
                                 $"({string.Join("; ", diffs.Select(d => $"{d.Field}: trained with {d.Saved}, the spec says {d.Now}"))}); " +
                                 "give another --out folder, or delete the run's folder to train it again");
     }
+
+    /// <summary>A run's budget in words: "2000 steps", "600 s of training steps", or both.</summary>
+    static string Budget(ExperimentRun run) => (run.Steps, run.Seconds) switch
+    {
+        (> 0, > 0) => $"{run.Steps} steps or {run.Seconds} s of training steps, whichever comes first",
+        (_, > 0) => $"{run.Seconds} s of training steps",
+        _ => $"{run.Steps} steps",
+    };
 
     /// <summary>Prefixes every line written through it (the runs' progress lines).</summary>
     sealed class PrefixWriter(TextWriter inner, string prefix) : TextWriter

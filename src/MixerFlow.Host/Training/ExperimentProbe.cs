@@ -9,13 +9,14 @@ public sealed partial class Experiment
 {
     /// <summary>
     /// Linear-probe accuracy of the model's latents (NaN without labels or with the probe off), on
-    /// the run's own split (data without a test split is split by the run's seed, as the Trainer does).
+    /// the run's own split and pixel permutation (data without a test split is split by the run's seed, as the Trainer does).
     /// </summary>
-    double Probe(ImageFlow model, int seed)
+    double Probe(ImageFlow model, int seed, int permutationSeed)
     {
         if (spec.ProbeTrainImages == 0) return double.NaN;
         var c = model.Config;
-        var data = DatasetLoader.Load(spec.Data, c.Channels, c.Height, c.Width, seed);
+        var data = DatasetLoader.Load(spec.Data, c.Channels, c.Height, c.Width, seed)
+            .Permuted(PixelPermutation.Of(permutationSeed, c.Height, c.Width));
         if (data.Train.Labels is null || data.HeldOut.Labels is null) return double.NaN;
         var train = First(data.Train, spec.ProbeTrainImages);
         var test = spec.ProbeTestImages > 0 ? First(data.HeldOut, spec.ProbeTestImages) : data.HeldOut;

@@ -9,7 +9,11 @@ namespace MixerFlow.Host.Training;
 /// <param name="Model">The resolved configuration (preset or file, then <paramref name="Set"/>).</param>
 /// <param name="Set">The overrides, as given (key, value), applied with <see cref="ConfigOverrides"/>.</param>
 /// <param name="Seeds">Seeds of initialisation, data order and noise; one training run each.</param>
-public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList<(string Key, string Value)> Set, IReadOnlyList<int> Seeds);
+/// <param name="Steps">The run's optimiser steps (0: no step budget); its own "steps" or the spec's.</param>
+/// <param name="Seconds">The run's seconds of training steps (0: no time budget); its own "seconds" or the spec's.</param>
+/// <param name="PixelPermutationSeed">The seed of the run's fixed pixel permutation ("permutePixels"; 0: none).</param>
+public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList<(string Key, string Value)> Set, IReadOnlyList<int> Seeds,
+                                   long Steps = 0, double Seconds = 0, int PixelPermutationSeed = 0);
 
 /// <summary>
 /// An experiment: runs (models) trained under one shared budget and data set, then compared on the
@@ -23,6 +27,10 @@ public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList
 ///             { "name": "shift-off", "preset": "fashion-mnist", "set": { "shift": false } },
 ///             { "name": "mine", "config": "my-model.json", "seeds": [3] } ] }
 /// </code>
+/// <c>steps</c> and <c>seconds</c> (seconds of training steps, evaluations not counted) are each
+/// optional at the top and in a run (a run's own wins); every run needs at least one, and with both
+/// it stops at whichever is reached first. A run's <c>permutePixels</c> (a seed, 0 for none) trains
+/// and evaluates it on images whose pixel positions are shuffled by one fixed permutation.
 /// <c>data</c>: a folder or file as <c>train --data</c> takes (relative paths from the spec's folder),
 /// null for the bundled Fashion-MNIST test split. The held-out (test) split is the data's own test
 /// split where it has one (IDX t10k-*, CIFAR-10 test_batch), otherwise a seeded 10%. Unset budget
@@ -34,8 +42,10 @@ public sealed record ExperimentSpec
 
     public string Name { get; init; } = "experiment";
     public string? Data { get; init; }
-    /// <summary>Optimiser steps of every run.</summary>
+    /// <summary>Optimiser steps of every run without its own (0: none).</summary>
     public long Steps { get; init; }
+    /// <summary>Seconds of training steps of every run without its own (0: none).</summary>
+    public double Seconds { get; init; }
     public int BatchSize { get; init; } = D.BatchSize;
     public double LearningRate { get; init; } = D.LearningRate;
     public int WarmupSteps { get; init; } = D.WarmupSteps;
@@ -67,7 +77,8 @@ public sealed record ExperimentSpec
         {
             Name = ExperimentSpecFile.NonEmpty(file.Name, "name", source) ?? Path.GetFileNameWithoutExtension(source),
             Data = ExperimentSpecFile.NonEmpty(file.Data, "data", source) is { } data ? (Path.IsPathRooted(data) ? data : Path.GetFullPath(Path.Combine(baseDirectory, data))) : null,
-            Steps = ExperimentSpecFile.InRange(file.Steps, "steps", source, 1, 100_000_000) ?? throw new UserError($"{source}: steps: required (optimiser steps of every run, >= 1)"),
+            Steps = ExperimentSpecFile.InRange(file.Steps, "steps", source, 1, 100_000_000) ?? 0,
+            Seconds = ExperimentSpecFile.CheckSeconds(file.Seconds, source) ?? 0,
             BatchSize = (int)(ExperimentSpecFile.InRange(file.BatchSize, "batchSize", source, 1, 1_000_000) ?? d.BatchSize),
             LearningRate = file.LearningRate ?? d.LearningRate,
             WarmupSteps = (int)(ExperimentSpecFile.InRange(file.WarmupSteps, "warmupSteps", source, 0, 100_000_000) ?? d.WarmupSteps),
@@ -81,7 +92,11 @@ public sealed record ExperimentSpec
         var seeds = ExperimentSpecFile.CheckSeeds(file.Seeds, source) ?? [0];
         if (file.Runs is not { Count: > 0 })
             throw new UserError($"{source}: runs: required, a non-empty list of {{ \"name\", \"preset\" or \"config\", \"set\", \"seeds\" }}");
-        var list = file.Runs.Select((r, i) => ResolveRun(r, $"{source}: runs[{i}]", seeds, baseDirectory)).ToList();
+        var list = file.Runs.Select((r, i) => ResolveRun(r, $"{source}: runs[{i}]", seeds, baseDirectory))
+            .Select(r => r with { Steps = r.Steps > 0 ? r.Steps : spec.Steps, Seconds = r.Seconds > 0 ? r.Seconds : spec.Seconds }).ToList();
+        if (list.FirstOrDefault(r => r.Steps == 0 && r.Seconds == 0) is { } unbounded)
+            throw new UserError($"{source}: run '{unbounded.Name}': steps / seconds: required, in the run or at the top of the spec " +
+                                "(optimiser steps >= 1, or seconds of training steps > 0; with both, the run stops at whichever comes first)");
         foreach (var dup in list.GroupBy(r => r.Name, StringComparer.OrdinalIgnoreCase).Where(g => g.Count() > 1))
             throw new UserError($"{source}: run '{dup.Key}': name: used by {dup.Count()} runs; run names must differ");
         // What training would refuse, refused before the first run trains.
@@ -111,7 +126,9 @@ public sealed record ExperimentSpec
         }
         catch (UserError e) { throw new UserError($"{where}: config: {e.Message}", e); }
         var model = ConfigOverrides.Apply(baseConfig, set, $"{where}: set");
-        return new ExperimentRun(name, model, set, ExperimentSpecFile.CheckSeeds(r.Seeds, where) ?? defaultSeeds);
+        return new ExperimentRun(name, model, set, ExperimentSpecFile.CheckSeeds(r.Seeds, where) ?? defaultSeeds,
+            ExperimentSpecFile.InRange(r.Steps, "steps", where, 1, 100_000_000) ?? 0, ExperimentSpecFile.CheckSeconds(r.Seconds, where) ?? 0,
+            (int)(ExperimentSpecFile.InRange(r.PermutePixels, "permutePixels", where, 0, int.MaxValue) ?? 0));
     }
 
     static string SetValue(string key, JsonElement value, string where) => value.ValueKind switch
@@ -124,7 +141,8 @@ public sealed record ExperimentSpec
     /// <summary>The training settings of one run and seed (the shared budget).</summary>
     public TrainingSettings SettingsFor(ExperimentRun run, int seed, string folder, bool resume) => new()
     {
-        Model = run.Model, Data = Data, RunFolder = folder, Resume = resume, Steps = Steps, BatchSize = BatchSize,
+        Model = run.Model, Data = Data, RunFolder = folder, Resume = resume, Steps = run.Steps, MaxSeconds = run.Seconds,
+        PixelPermutationSeed = run.PixelPermutationSeed, BatchSize = BatchSize,
         LearningRate = LearningRate, WarmupSteps = WarmupSteps, Seed = seed, Threads = Threads, CheckpointEvery = CheckpointEvery,
     };
 }

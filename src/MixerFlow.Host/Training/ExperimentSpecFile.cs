@@ -15,6 +15,7 @@ internal sealed partial class ExperimentSpecFile
     public string? Description { get; set; }
     public string? Data { get; set; }
     public long? Steps { get; set; }
+    public double? Seconds { get; set; }
     public long? BatchSize { get; set; }
     public double? LearningRate { get; set; }
     public long? WarmupSteps { get; set; }
@@ -35,12 +36,15 @@ internal sealed partial class ExperimentSpecFile
         public string? Config { get; set; }
         public Dictionary<string, JsonElement>? Set { get; set; }
         public List<int>? Seeds { get; set; }
+        public long? Steps { get; set; }
+        public double? Seconds { get; set; }
+        public long? PermutePixels { get; set; }
     }
 
     static readonly string[] TopKeys =
-        ["name", "description", "data", "steps", "batchSize", "learningRate", "warmupSteps", "checkpointEvery", "threads",
+        ["name", "description", "data", "steps", "seconds", "batchSize", "learningRate", "warmupSteps", "checkpointEvery", "threads",
          "probeTrainImages", "probeTestImages", "samplesPerRun", "seeds", "runs"];
-    static readonly string[] RunKeys = ["name", "description", "preset", "config", "set", "seeds"];
+    static readonly string[] RunKeys = ["name", "description", "preset", "config", "set", "seeds", "steps", "seconds", "permutePixels"];
 
     const string RunShape = "{ \"name\", \"preset\" or \"config\", \"set\", \"seeds\" }";
 
@@ -49,7 +53,8 @@ internal sealed partial class ExperimentSpecFile
     {
         ["name"] = "a non-empty string", ["description"] = "a string", ["data"] = "a non-empty string (a data file or folder)",
         ["preset"] = "a non-empty string", ["config"] = "a non-empty string (a model JSON file or checkpoint)",
-        ["steps"] = "an integer in [1, 100000000]", ["batchSize"] = "an integer in [1, 1000000]", ["learningRate"] = "a number",
+        ["steps"] = "an integer in [1, 100000000]", ["seconds"] = "a number of seconds in (0, 100000000]",
+        ["permutePixels"] = "an integer seed in [0, 2147483647] (0: no permutation)", ["batchSize"] = "an integer in [1, 1000000]", ["learningRate"] = "a number",
         ["warmupSteps"] = "an integer in [0, 100000000]", ["checkpointEvery"] = "an integer in [1, 100000000]",
         ["threads"] = $"an integer in [0, {TrainingSettings.MaxThreads}]", ["probeTrainImages"] = "an integer in [0, 10000000]",
         ["probeTestImages"] = "an integer in [0, 10000000]", ["samplesPerRun"] = "an integer in [1, 64]",
@@ -126,6 +131,11 @@ internal sealed partial class ExperimentSpecFile
     public static long? InRange(long? value, string key, string where, long low, long high) =>
         value is not long n ? null : n >= low && n <= high ? n
         : throw new UserError($"{where}: {key}: must be an integer in [{low}, {high}], got {n}");
+
+    /// <summary>A number of seconds: null when absent, refused outside (0, 100000000].</summary>
+    public static double? CheckSeconds(double? value, string where) =>
+        value is not double v ? null : v > 0 && v <= 100_000_000 ? v
+        : throw new UserError($"{where}: seconds: must be a number of seconds in (0, 100000000], got {v}");
 
     /// <summary>A seeds list: null when absent, refused when empty, negative or repeated.</summary>
     public static IReadOnlyList<int>? CheckSeeds(List<int>? seeds, string where)

@@ -55,6 +55,20 @@ public sealed partial class RunFolder
     }
 
     /// <summary>
+    /// The pixel permutation the run that wrote <paramref name="checkpoint"/> trained under, from the
+    /// settings.json beside it (<see cref="TrainingSettings.PixelPermutationSeed"/>); null when the run
+    /// permuted nothing or the checkpoint has no settings.json beside it (a copied checkpoint).
+    /// </summary>
+    public static Data.PixelPermutation? PixelPermutationOf(string checkpoint, ModelConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        ArgumentNullException.ThrowIfNull(config);
+        var folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(checkpoint)) ?? ".";
+        if (!File.Exists(SettingsFile(folder))) return null;
+        return Data.PixelPermutation.Of(ReadSettings(folder).PixelPermutationSeed, config.Height, config.Width);
+    }
+
+    /// <summary>
     /// The model configuration of the run in <paramref name="folder"/> (its config.json, without the
     /// "training" object); null when the file is missing, a <see cref="UserError"/> naming it when it
     /// cannot be read.

@@ -239,10 +239,19 @@ public sealed partial class RunFolder
         manual_seed(seed);
         using var scope = NewDisposeScope();
         foreach (var t in new[] { 0.5, 0.7, 1.0 })
-            ImageGrid.Save(model.Sample(64, t), System.IO.Path.Combine(Path, $"samples-t{t.ToString("0.0", CultureInfo.InvariantCulture)}.png"));
+            ImageGrid.Save(Picture(model.Sample(64, t)), System.IO.Path.Combine(Path, $"samples-t{t.ToString("0.0", CultureInfo.InvariantCulture)}.png"));
         var originals = heldOut.Batch(Enumerable.Range(0, Math.Min(16, heldOut.Count)).ToArray()).to(model.Device);
-        using (no_grad()) ImageGrid.SavePairs(originals, model.Reconstruct(originals), System.IO.Path.Combine(Path, "reconstructions.png"));
+        using (no_grad()) ImageGrid.SavePairs(Picture(originals), Picture(model.Reconstruct(originals)), System.IO.Path.Combine(Path, "reconstructions.png"));
     }
+
+    /// <summary>
+    /// The pixel permutation the run trains under (null: none): the pictures (samples,
+    /// reconstructions) are un-permuted by it before they are written, so they show images.
+    /// </summary>
+    public PixelPermutation? PixelPermutation { get; set; }
+
+    /// <summary>Images as a picture shows them: un-permuted where the run permutes its pixels.</summary>
+    Tensor Picture(Tensor images) => PixelPermutation?.Unpermute(images) ?? images;
 
     /// <summary>The folder of the per-epoch sample grids (samples/epoch-NNN.png).</summary>
     public string SamplesFolder => System.IO.Path.Combine(Path, "samples");
@@ -256,7 +265,7 @@ public sealed partial class RunFolder
     {
         using var scope = NewDisposeScope();
         Directory.CreateDirectory(SamplesFolder);
-        ImageGrid.Save(model.Decode(noise.mul(Ops.Scalar(0.7))), System.IO.Path.Combine(SamplesFolder, $"epoch-{epoch:000}.png"));
+        ImageGrid.Save(Picture(model.Decode(noise.mul(Ops.Scalar(0.7)))), System.IO.Path.Combine(SamplesFolder, $"epoch-{epoch:000}.png"));
     });
 
     public void SaveSummary(TrainSummary summary) =>

@@ -1,3 +1,4 @@
+using System.Text.Json;
 using MixerFlow.Core;
 using MixerFlow.Host.Data;
 using MixerFlow.Host.Distributed;
@@ -35,13 +36,14 @@ internal sealed class RunOutput : IDisposable
     /// refused with the holder's PID), removes temporary files of interrupted writes and, for a
     /// resumed run, the metrics after its step. Under MPI the writer alone holds the folder.
     /// </summary>
-    public static RunOutput Open(RunSetup run, ICommunicator ranks, ImageFlow model, Checkpoint.Header? resumed, ITrainingObserver report)
+    public static RunOutput Open(RunSetup run, ICommunicator ranks, ImageFlow model, Checkpoint.Header? resumed, ITrainingObserver report,
+                                 PixelPermutation? permutation = null)
     {
         if (!ranks.IsWriter) return new RunOutput(null, null, run.RunPath, false, null);
         var runLock = RunFolder.Lock(run.RunPath);
         try
         {
-            var folder = new RunFolder(run.RunPath);
+            var folder = new RunFolder(run.RunPath) { PixelPermutation = permutation };
             foreach (var name in folder.RemoveStaleTemps())
                 report.OnMessage($"removed {name}, the temporary file of an interrupted write");
             if (resumed is not null)
@@ -83,6 +85,41 @@ internal sealed class RunOutput : IDisposable
     /// <summary>Saves last.ckpt.</summary>
     public void SaveLast(ImageFlow model, long step, int epoch, double best, Adam adam) =>
         folder?.SaveCheckpoint(RunFolder.LastCheckpoint, model, step, epoch, best, adam);
+
+    /// <summary>The file beside last.ckpt holding the seconds of training steps up to its step (runs with a time budget).</summary>
+    public const string BudgetFile = "budget.json";
+
+    /// <summary>budget.json: the seconds of training steps spent up to <paramref name="step"/> (last.ckpt's).</summary>
+    public void SaveUsedSeconds(long step, double seconds)
+    {
+        if (folder is null) return;
+        Files.AtomicFile.WriteAllText(System.IO.Path.Combine(folder.Path, BudgetFile),
+            JsonSerializer.Serialize(new UsedSeconds(step, seconds), Json));
+    }
+
+    /// <summary>
+    /// The seconds of training steps a run with a time budget spent up to <paramref name="step"/>, read
+    /// from its budget.json; a <see cref="UserError"/> when the file is missing, damaged or of another
+    /// step: the run cannot then continue with the budget it has left.
+    /// </summary>
+    public static double ReadUsedSeconds(string runPath, long step, double maxSeconds)
+    {
+        var path = System.IO.Path.Combine(runPath, BudgetFile);
+        string Refuse(string why) =>
+            $"resume {runPath}: the run has a time budget of {maxSeconds} s of training steps, but {path} {why}; " +
+            "the seconds left are unknown, so it cannot continue (train it afresh in a new folder)";
+        if (!File.Exists(path)) throw new UserError(Refuse("is missing"));
+        UsedSeconds? used;
+        try { used = JsonSerializer.Deserialize<UsedSeconds>(Files.InputFile.ReadAllText(path, Files.InputFile.TextLimit, "a run's budget.json"), Json); }
+        catch (JsonException e) { throw new UserError(Refuse($"is damaged ({e.Message.Split(" Path:")[0]})"), e); }
+        if (used is null || !(used.Seconds >= 0)) throw new UserError(Refuse("holds no seconds"));
+        if (used.Step != step) throw new UserError(Refuse($"is at step {used.Step}, last.ckpt at step {step}"));
+        return used.Seconds;
+    }
+
+    sealed record UsedSeconds(long Step, double Seconds);
+
+    static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase };
 
     /// <summary>Saves best.ckpt.</summary>
     public void SaveBest(ImageFlow model, long step, int epoch, double best, Adam adam) =>

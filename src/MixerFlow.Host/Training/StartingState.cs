@@ -43,7 +43,8 @@ internal sealed class StartingState : IDisposable
         if (fileBytes is null) return new StartingState { Model = model, Optimizer = adam };
         var resumed = Checkpoint.LoadInto(fileBytes, run.ResumeFrom!, model, adam);
         // A finished run (its saved total reached, its summary written) is not trained again.
-        var finished = s.Steps > 0 && resumed.Step >= s.Steps ? RunFolder.ReadSummary(run.RunPath) : null;
+        // One with a time budget is finished once its summary is written.
+        var finished = (s.Steps > 0 && resumed.Step >= s.Steps) || s.MaxSeconds > 0 ? RunFolder.ReadSummary(run.RunPath) : null;
         return new StartingState { Model = model, Optimizer = adam, Resumed = resumed, Finished = finished };
     }
 

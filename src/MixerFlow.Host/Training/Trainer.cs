@@ -10,7 +10,7 @@ namespace MixerFlow.Host.Training;
 public sealed record TrainSummary(
     string Model, long Parameters, long Steps, int Epochs, double FinalTrainBpd, double HeldOutBpd,
     double HeldOutStdErr, double BestHeldOutBpd, double ImagesPerSecond, double WallSeconds,
-    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly, string GradientPath = "");
+    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly, string GradientPath = "", double TrainingSeconds = 0);
 
 /// <summary>
 /// The training loop: Adam with a <see cref="LearningRateSchedule"/>, one guarded
@@ -77,6 +77,12 @@ public sealed class Trainer
         ranks = communicator ?? Communicator.FromEnvironment();
     }
 
+    /// <summary>
+    /// The clock that times the training steps against <see cref="TrainingSettings.MaxSeconds"/>
+    /// (<see cref="TimeProvider.System"/> unless a test gives its own).
+    /// </summary>
+    public TimeProvider Clock { get; init; } = TimeProvider.System;
+
     /// <summary>The ranks this trainer trains with.</summary>
     public ICommunicator Ranks => ranks;
 
@@ -113,7 +119,7 @@ public sealed class Trainer
     /// </summary>
     public TrainSummary Run(CancellationToken cancellationToken)
     {
-        using var run = new TrainingRun(settings, observer, ranks);
+        using var run = new TrainingRun(settings, observer, ranks, Clock);
         Model = run.Model;
         return run.Train(cancellationToken);
     }

@@ -14,7 +14,7 @@ internal sealed partial class TrainingRun
     double lastTrainBpd = double.NaN, runningBpd = double.NaN, imagesPerSecond;
     (double Bpd, double StdErr)? lastHeldOut;
     readonly Stopwatch throughput = Stopwatch.StartNew();
-    long imagesSinceReport;
+    long imagesSinceReport, stepsTimed;
 
     /// <summary>The step's global batch: its slice of the epoch's order (<see cref="Trainer.EpochOrder"/>).</summary>
     int[] GlobalBatch(int epoch)
@@ -88,7 +88,7 @@ internal sealed partial class TrainingRun
         imagesSinceReport = 0;
         throughput.Restart();
         output.Record(step, epoch, runningBpd, null, lr, imagesPerSecond, drops.Dropped);
-        report.OnProgress(new StepReport(step, totalSteps, epoch, runningBpd, lr, imagesPerSecond, drops.Dropped));
+        report.OnProgress(new StepReport(step, budget.ReportedTotal(step, stepsTimed), epoch, runningBpd, lr, imagesPerSecond, drops.Dropped));
     }
 
     /// <summary>Held-out evaluation, best and last checkpoints, and the epoch's pictures.</summary>
@@ -104,7 +104,7 @@ internal sealed partial class TrainingRun
             best = held;
             output.SaveBest(model, step, epoch, best, start.Optimizer);
         }
-        output.SaveLast(model, step, epoch, best, start.Optimizer);
+        SaveLast(epoch);
         output.SaveEpochPictures(model, (int)Math.Ceiling(step / (double)stepsPerEpoch));
         // The evaluation's and the pictures' buffers, freed: back to the system, not left resident
         // for the rest of the run (malloc keeps freed memory; see HugePages).
@@ -124,10 +124,10 @@ internal sealed partial class TrainingRun
         var (finalHeld, finalSe) = lastHeldOut is { } lh ? lh : stoppedEarly ? (double.NaN, double.NaN) : Evaluate();
         var summary = new TrainSummary(model.Config.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
             lastTrainBpd, finalHeld, finalSe, Math.Min(best, finalHeld), imagesPerSecond, wall.Elapsed.TotalSeconds,
-            drops.Dropped, drops.Rollbacks, data.Description, output.Path, stoppedEarly, gradientPath);
+            drops.Dropped, drops.Rollbacks, data.Description, output.Path, stoppedEarly, gradientPath, budget.UsedSeconds);
         if (!stoppedEarly) output.SaveSummary(summary);
         report.OnMessage($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
-                         $"{step} steps, {summary.WallSeconds:0} s, {imagesPerSecond:0} images/s, {drops.Dropped} dropped steps; run folder {summary.RunFolder}");
+                         $"{step} steps, {summary.WallSeconds:0} s ({budget.UsedSeconds:0} s in training steps), {imagesPerSecond:0} images/s, {drops.Dropped} dropped steps; run folder {summary.RunFolder}");
         return summary;
     }
 

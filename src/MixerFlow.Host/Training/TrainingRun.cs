@@ -30,7 +30,10 @@ internal sealed partial class TrainingRun : IDisposable
     readonly Stopwatch wall = Stopwatch.StartNew();
     readonly DivergenceGuard guard = new();
     readonly DroppedSteps drops;
+    readonly TimeProvider clock;
     DataSplits data = null!;
+    PixelPermutation? permutation;
+    TrainingBudget budget = null!;
     RunOutput output = null!;
     LearningRateSchedule schedule = null!;
     TrainingStep trainingStep = null!;
@@ -38,8 +41,9 @@ internal sealed partial class TrainingRun : IDisposable
     int stepsPerEpoch;
     double best;
 
-    public TrainingRun(TrainingSettings given, ITrainingObserver observer, ICommunicator ranks)
+    public TrainingRun(TrainingSettings given, ITrainingObserver observer, ICommunicator ranks, TimeProvider clock)
     {
+        this.clock = clock;
         this.ranks = ranks;
         this.observer = observer;
         report = ranks.IsWriter ? observer : NullObserver.Instance;
@@ -58,20 +62,26 @@ internal sealed partial class TrainingRun : IDisposable
     {
         if (start.Finished is { } finished)
         {
-            report.OnMessage($"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
+            report.OnMessage(s.MaxSeconds > 0
+                ? $"run already finished at step {start.Resumed!.Step} (its budget of {s.MaxSeconds} s of training steps spent, or its steps)"
+                : $"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
             return finished;
         }
         Prepare();
         bool stoppedEarly = false;
         model.train();
-        while (step < totalSteps)
+        // Rank 0's clock decides (Agree): every rank follows the same schedule and stops at the same step.
+        bool timeUp = budget.TimeSpent;
+        while (step < totalSteps && !timeUp)
         {
             // A signal may reach the ranks at different steps: they stop together at the first step any of them saw it.
             if (ranks.Any(cancellationToken.IsCancellationRequested)) throw Interrupted(cancellationToken);
             int epoch = (int)(step / stepsPerEpoch);
             var batch = GlobalBatch(epoch);
-            double lr = schedule.At(step) * drops.LearningRateScale;
-            var outcome = TakeStep(batch, lr);
+            double lr = schedule.At(step, budget.Progress(step)) * drops.LearningRateScale;
+            var outcome = budget.Time(() => TakeStep(batch, lr));
+            budget.Agree(ranks);
+            stepsTimed++;
             ReportGradientPath();
             if (!outcome.Kept)
             {
@@ -85,9 +95,11 @@ internal sealed partial class TrainingRun : IDisposable
             guard.Keep(step, outcome.BitsPerDim);
             step++;
             Count(batch.Length, outcome.BitsPerDim);
-            if (step % ReportEvery == 0 || step == totalSteps) ReportProgress(epoch, lr);
-            if (step % s.CheckpointEvery == 0) output.SaveLast(model, step, epoch, best, start.Optimizer);
-            if (step % stepsPerEpoch == 0 || step == totalSteps) EndEpoch(epoch, lr);
+            timeUp = budget.TimeSpent;
+            bool last = step == totalSteps || timeUp;
+            if (step % ReportEvery == 0 || last) ReportProgress(epoch, lr);
+            if (step % s.CheckpointEvery == 0) SaveLast(epoch);
+            if (step % stepsPerEpoch == 0 || last) EndEpoch(epoch, lr);
             if (ranks.Any(observer.ShouldStop(step))) { stoppedEarly = true; break; }
         }
         return Finish(stoppedEarly);
@@ -100,20 +112,25 @@ internal sealed partial class TrainingRun : IDisposable
     void Prepare()
     {
         var cfg = model.Config;
-        data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed);
+        permutation = PixelPermutation.Of(s.PixelPermutationSeed, cfg.Height, cfg.Width);
+        data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed).Permuted(permutation);
         int globalBatch = s.GlobalBatchSize;
         if (globalBatch > data.Train.Count) throw BatchTooLarge(globalBatch);
-        output = RunOutput.Open(run, ranks, model, start.Resumed, report);
+        output = RunOutput.Open(run, ranks, model, start.Resumed, report, permutation);
         if (ranks.Size > 1)
             report.OnMessage($"data-parallel on {ranks.Size} MPI ranks ({ranks.Description}): batch {s.BatchSize} per rank, global batch {globalBatch}");
         stepsPerEpoch = Math.Max(1, data.Train.Count / globalBatch);
-        totalSteps = s.Steps > 0 ? s.Steps : (long)stepsPerEpoch * s.Epochs;
-        output.WriteSettings(cfg, s, totalSteps);
+        totalSteps = s.Steps > 0 ? s.Steps : s.MaxSeconds > 0 ? long.MaxValue : (long)stepsPerEpoch * s.Epochs;
+        output.WriteSettings(cfg, s, totalSteps == long.MaxValue ? 0 : totalSteps);
         schedule = new LearningRateSchedule(s.LearningRate, totalSteps, s.WarmupSteps);
+        budget = new TrainingBudget(s.MaxSeconds, totalSteps, UsedSecondsAtStart(), clock);
+        if (s.MaxSeconds > 0)
+            report.OnMessage($"time budget: {s.MaxSeconds} s of training steps ({budget.UsedSeconds:0.#} s used)" +
+                             (totalSteps == long.MaxValue ? "" : $", at most {totalSteps} steps"));
         trainingStep = new TrainingStep(model, start.Optimizer, s.ClipNorm, ranks);
         step = start.Resumed?.Step ?? 0;
         best = start.Resumed?.BestHeldOutBpd ?? double.PositiveInfinity;
-        report.OnStart(output.Path, cfg.Name, model.ParameterCount, data.Description, step, totalSteps);
+        report.OnStart(output.Path, cfg.Name, model.ParameterCount, data.Description, step, budget.ReportedTotal(step, 0));
         if (start.Resumed is not null) return;
         // A rollback target from the start: a run that goes bad before its first checkpoint rolls
         // back to the untrained model, whose held-out score starts the curve.
@@ -132,10 +149,29 @@ internal sealed partial class TrainingRun : IDisposable
     (double Bpd, double StdErr) Evaluate() =>
         Evaluation.BitsPerDim(model, data.HeldOut, Evaluation.DefaultBatchSize, run.Device, communicator: ranks);
 
+    /// <summary>
+    /// The seconds a resumed run under a time budget spent before its checkpoint (rank 0 reads
+    /// budget.json and hands them on; a missing or mismatched file is refused): 0 for a fresh run.
+    /// </summary>
+    double UsedSecondsAtStart()
+    {
+        if (s.MaxSeconds <= 0 || start.Resumed is not { } resumed) return 0;
+        var used = new[] { ranks.IsRoot ? RunOutput.ReadUsedSeconds(run.RunPath, resumed.Step, s.MaxSeconds) : 0.0 };
+        ranks.AllReduceSum(used);
+        return used[0];
+    }
+
+    /// <summary>last.ckpt, with the seconds spent so far where the run has a time budget.</summary>
+    void SaveLast(int epoch)
+    {
+        output.SaveLast(model, step, epoch, best, start.Optimizer);
+        if (s.MaxSeconds > 0) output.SaveUsedSeconds(step, budget.UsedSeconds);
+    }
+
     /// <summary>Between steps: the last one finished, so the state is whole; save it and stop.</summary>
     TrainingInterruptedException Interrupted(CancellationToken cancellationToken)
     {
-        output.SaveLast(model, step, (int)(Math.Max(0, step - 1) / stepsPerEpoch), best, start.Optimizer);
+        SaveLast((int)(Math.Max(0, step - 1) / stepsPerEpoch));
         return new TrainingInterruptedException(step, output.Last, output.Path,
             cancellationToken.IsCancellationRequested ? cancellationToken : new CancellationToken(true));
     }

@@ -58,6 +58,27 @@ public sealed record TrainingSettings
     /// <summary>Optimiser steps; 0 means <see cref="Epochs"/> epochs.</summary>
     public long Steps { get; init; }
 
+    /// <summary>
+    /// Seconds of training steps the run may take; 0 for no time budget. The run stops after the
+    /// step that spends it (or at <see cref="Steps"/>, whichever comes first), then evaluates and
+    /// finishes as at its last step. Only the steps are timed (the batch, forward and backward
+    /// passes, the optimiser step): evaluations, checkpoints and pictures are not counted. With a
+    /// time budget and <see cref="Steps"/> 0 the steps are unbounded (<see cref="Epochs"/> is not
+    /// used), and the cosine schedule follows the share of the budget spent (see
+    /// <see cref="TrainingBudget"/>). Decides what the run computes: a resume may not change it, and
+    /// continues with the seconds left (saved beside last.ckpt as budget.json).
+    /// </summary>
+    public double MaxSeconds { get; init; }
+
+    /// <summary>
+    /// The seed of one fixed random permutation of the images' H x W pixel positions, applied to the
+    /// training, held-out and test images alike (<see cref="Data.PixelPermutation"/>); 0 for none.
+    /// Saved in settings.json, so <c>eval</c>, <c>sample</c> and <c>embed</c> on the run's checkpoints
+    /// permute their data and un-permute their pictures. Decides what the run computes: a resume may
+    /// not change it.
+    /// </summary>
+    public int PixelPermutationSeed { get; init; }
+
     /// <summary>Images per step.</summary>
     public int BatchSize { get; init; } = 64;
 
@@ -111,7 +132,9 @@ public sealed record TrainingSettings
     public IReadOnlyList<string> Problems()
     {
         var p = new List<string>();
-        if (Epochs < 1 && Steps < 1) p.Add($"epochs / steps: one must be positive, got {Epochs} / {Steps}");
+        if (Epochs < 1 && Steps < 1 && MaxSeconds <= 0) p.Add($"epochs / steps / maxSeconds: one must be positive, got {Epochs} / {Steps} / {MaxSeconds}");
+        if (!(MaxSeconds >= 0 && double.IsFinite(MaxSeconds))) p.Add($"maxSeconds: must be a finite number >= 0 (0: no time budget), got {MaxSeconds}");
+        if (PixelPermutationSeed < 0) p.Add($"pixelPermutationSeed: must be >= 0 (0: no permutation), got {PixelPermutationSeed}");
         if (Steps < 0) p.Add($"steps: must be >= 0, got {Steps}");
         if (BatchSize < 1) p.Add($"batchSize: must be >= 1, got {BatchSize}");
         if (!(LearningRate > 0 && LearningRate < 1)) p.Add($"learningRate: must lie in (0, 1), got {LearningRate}");
@@ -142,7 +165,11 @@ public sealed record TrainingSettings
     /// </summary>
     public static readonly IReadOnlyList<string> PerCall = [nameof(Model), nameof(RunFolder), nameof(Resume), nameof(ExtendSteps), nameof(Given)];
 
-    /// <summary>The settings a resumed run may change: where and how fast it computes, and whether it draws pictures.</summary>
+    /// <summary>
+    /// The settings a resumed run may change: where and how fast it computes, and whether it draws
+    /// pictures. <see cref="MaxSeconds"/> and <see cref="PixelPermutationSeed"/> are not among them:
+    /// the one sets the schedule, the other the data.
+    /// </summary>
     public static readonly IReadOnlyList<string> Adjustable = [nameof(Device), nameof(Threads), nameof(Pictures)];
 
     /// <summary>
@@ -176,6 +203,8 @@ public sealed record TrainingSettings
             .Concat(Steps == 0 ? [nameof(Steps)] : []);
         var clashes = SettingDifference.Except(Differences(saved, this), ignored)
             .Select(d => $"{d.Field}: the run was started with {d.Saved}, now given {d.Now}").ToList();
+        if (ExtendSteps > 0 && saved.MaxSeconds > 0)
+            clashes.Add($"extendSteps: the run has a time budget ({saved.MaxSeconds} s of training steps), which --extend-steps does not extend");
         if (clashes.Count > 0)
             throw new UserError($"resume {RunFolder}: settings differ from the run's settings.json ({string.Join("; ", clashes)}); " +
                                 "leave them out to continue as started, or use --extend-steps N to train N more steps");
