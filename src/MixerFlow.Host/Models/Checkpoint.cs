@@ -38,6 +38,8 @@ public static class Checkpoint
     const int FirstChecksummed = 3;
     const int HashBytes = 32;
 
+    /// <summary>What a checkpoint's header holds: the model's configuration, the step and epoch it was saved at,
+    /// the best held-out bits/dim so far, whether the optimiser's state follows, and the file format's version.</summary>
     public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion);
 
     public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
