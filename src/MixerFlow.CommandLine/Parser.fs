@@ -24,6 +24,8 @@ type ParsedCommand(command: ICommand, message: string, exitCode: int, verbose: b
     /// Parsing stopped at a bad argument (not at --help).
     member _.IsError = isNull command && exitCode <> 0
 
+/// Parses `mixerflow`'s arguments into a <see cref="ParsedCommand"/>: a verb record, or the help or
+/// error text with its exit code (0 for help, 2 for a usage error).
 [<AbstractClass; Sealed>]
 type CommandLine =
     static member private Parser = ArgumentParser.Create<MainArgs>(programName = "mixerflow")
