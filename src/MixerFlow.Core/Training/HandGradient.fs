@@ -6,7 +6,7 @@ open MixerFlow.Core.Ops
 
 /// A forward pass taken for <see cref="HandGradient"/>: log p(x) per sample, and the tape of its
 /// backward pass.
-[<Sealed>]
+[<Sealed; AllowNullLiteral>]
 type HandGradientPass internal (plan: HandGradientPlan, generation: int64, z: Tensor, tape: obj, logProb: Tensor) =
     let mutable used = false
     /// log p(x) per sample, [B]: an inference tensor (no autograd history; see HandGradient.Forward).
@@ -111,8 +111,22 @@ type HandGradient =
     /// <param name="flow">A flow that <see cref="Supports"/> x.</param>
     /// <param name="x">The batch.</param>
     static member Forward(flow: Flow, x: Tensor) : HandGradientPass =
-        let struct (plan, why) = HandGradient.PlanOrReason(flow, x)
-        if isNull (box plan) then invalidArg "flow" (sprintf "HandGradient: hand-written gradients do not take this flow: %s" why)
+        let mutable why = null
+        match HandGradient.TryForward(flow, x, &why) with
+        | null -> invalidArg "flow" (sprintf "HandGradient: hand-written gradients do not take this flow: %s" why)
+        | pass -> pass
+    /// <see cref="Forward"/> where the flow and batch take it; else null, with the reason in
+    /// <paramref name="why"/> (<see cref="WhyNot"/>'s), from one look at the plan: for a training step
+    /// that takes whichever path the flow allows.
+    /// <param name="flow">The flow.</param>
+    /// <param name="x">The batch.</param>
+    /// <param name="why">Null when the pass ran, else why autograd must take the step.</param>
+    static member TryForward(flow: Flow, x: Tensor, [<Runtime.InteropServices.Out>] why: byref<string>) : HandGradientPass =
+        let struct (plan, reason) = HandGradient.PlanOrReason(flow, x)
+        why <- reason
+        if isNull (box plan) then null
+        else HandGradient.Run(plan, x)
+    static member private Run(plan: HandGradientPlan, x: Tensor) : HandGradientPass =
         // Inference mode rather than no_grad: LibTorch's dispatcher then skips its autograd layer
         // for every operation. The results are inference tensors: read them, compute with them,
         // but they cannot be trained through.

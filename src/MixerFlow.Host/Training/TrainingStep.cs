@@ -92,11 +92,11 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
         LastPlan is { } plan ? "hand-written gradients, by these rules:" + Environment.NewLine + plan.Describe()
         : $"autograd for the whole step (because {AutogradReason})";
 
-    /// <summary>Why a step on this batch would take autograd's path (null: the hand-written one).</summary>
-    string? WhyAutograd(Tensor batch) =>
+    /// <summary>Why no step takes the hand-written path whatever the batch (null: the flow and batch decide).</summary>
+    string? WhyAutogradAlways() =>
         !HandGradients ? "hand-written gradients are turned off (TrainingStep.HandGradients, MIXERFLOW_HAND_GRADIENTS=0)"
         : !model.training ? "the model is in evaluation mode"
-        : HandGradient.WhyNot(model, batch);
+        : null;
 
     /// <summary>
     /// Takes one step on <paramref name="batch"/> (pixels 0..255, on the model's device) at learning
@@ -158,18 +158,19 @@ public sealed class TrainingStep(ImageFlow model, Adam optimizer, double clipNor
     }
 
     /// <summary>
-    /// The forward pass up to the loss: hand-written where <see cref="WhyAutograd"/> finds nothing
-    /// against it, else through autograd. On the hand-written path the loss hook is handed the mean
+    /// The forward pass up to the loss: hand-written where neither <see cref="WhyAutogradAlways"/> nor
+    /// the flow's plan (<see cref="HandGradient.TryForward"/>) finds anything against it, else through autograd. On the hand-written path the loss hook is handed the mean
     /// bits/dim as a leaf that requires a gradient (returned too), so that whatever the hook makes
     /// of it is differentiated by the chain rule (<see cref="LossHookSlope"/>).
     /// </summary>
     (HandGradientPass? Hand, Tensor? LossLeaf, Tensor Loss) Forward(Tensor batch, Func<Tensor, Tensor>? transformLoss)
     {
-        AutogradReason = WhyAutograd(batch);
-        if (AutogradReason is null)
+        string? why = WhyAutogradAlways();
+        var hand = why is null ? HandGradient.TryForward(model, batch, out why) : null;
+        AutogradReason = why;
+        if (hand is not null)
         {
             LastGradientPath = GradientPath.HandWritten;
-            var hand = HandGradient.Forward(model, batch);
             LastPlan = hand.Plan;
             var leaf = Likelihood.BitsPerDim(hand.LogProb, model.Config.Dimensions).mean().detach().requires_grad_(true);
             return (hand, leaf, transformLoss is null ? leaf : transformLoss(leaf));
