@@ -167,12 +167,14 @@ public static class SampleQuality
     /// <paramref name="data"/>: <paramref name="samples"/> images per temperature (default: <see cref="DefaultSamples"/>,
     /// at most the test split's size), drawn in batches without gradients after seeding LibTorch's generator with
     /// <paramref name="seed"/> (the same for each temperature). The classifier is trained on the training split
-    /// the first time and cached (<see cref="FeatureClassifier.GetOrTrain"/>).
+    /// the first time and cached (<see cref="FeatureClassifier.GetOrTrain"/>). A model trained on pixel-permuted
+    /// images (<paramref name="permutation"/>) has its samples un-permuted before they are scored against
+    /// <paramref name="data"/>, which holds the images as they are.
     /// </summary>
     /// <exception cref="UserError">The data has no labels, or the model's image shape does not match the data's.</exception>
     public static IReadOnlyList<QualityScore> Score(ImageFlow model, DataSplits data, IReadOnlyList<double> temperatures,
         int? samples = null, int seed = 0, ClassifierSettings? classifier = null, string? cacheFolder = null,
-        IProgress<QualityProgress>? progress = null)
+        IProgress<QualityProgress>? progress = null, PixelPermutation? permutation = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(data);
@@ -190,7 +192,9 @@ public static class SampleQuality
         var scores = new List<QualityScore>();
         foreach (var t in temperatures)
         {
-            var images = Sample(model, n, t, seed, progress);
+            var sampled = Sample(model, n, t, seed, progress);
+            var images = permutation?.Unpermute(sampled) ?? sampled;
+            if (!ReferenceEquals(images, sampled)) sampled.Dispose();
             scores.Add(ScoreImages(net, images, real, t));
             images.Dispose();
         }

@@ -12,7 +12,8 @@ namespace MixerFlow.Host.Training;
 /// shared budget in its own folder (<c>runs/NAME/seed-N</c> of the results folder), scored on the
 /// held-out split with its standard error, its latents linearly probed where the data has labels;
 /// then results.csv, results.md, heldout-curves.png (held-out bits/dim against step, one line per
-/// run, averaged over seeds) and samples.png (a labelled row of samples at temperature 0.7 per run).
+/// run, averaged over seeds) and samples.png (a labelled row of samples at temperature 0.7 per run);
+/// with <see cref="ExperimentSpec.QualityTemperatures"/>, each seed's sample quality at those temperatures.
 /// Resumable: a seed whose summary.json exists is not trained again; one with a last.ckpt continues
 /// from it; one with neither starts afresh.
 /// </summary>
@@ -71,7 +72,7 @@ public sealed partial class Experiment
             curves.Add((run.Name, MeanHeldOutCurve(run)));
         }
         WriteCsv(rows);
-        WriteMarkdown(rows);
+        WriteMarkdown(rows, DataQuality());
         TrainingCurve.SaveSeries(curves, Path.Combine(output, CurvesPng), $"{spec.Name}: held-out bits/dim");
         SaveSampleSheet();
         log.WriteLine($"experiment {spec.Name}: {rows.Count} runs; results in {Path.Combine(output, ResultsMarkdown)}");
@@ -88,8 +89,14 @@ public sealed partial class Experiment
         if (earlier is not null && File.Exists(resultPath))
         {
             log.WriteLine($"{label}: finished earlier, not retrained");
-            return JsonSerializer.Deserialize<ExperimentSeedResult>(InputFile.ReadAllText(resultPath, InputFile.TextLimit, "a run's result file"), Json)
-                   ?? throw new UserError($"{resultPath}: empty");
+            var finished = JsonSerializer.Deserialize<ExperimentSeedResult>(InputFile.ReadAllText(resultPath, InputFile.TextLimit, "a run's result file"), Json)
+                           ?? throw new UserError($"{resultPath}: empty");
+            if (spec.QualityTemperatures.All(t => finished.Quality?.Any(q => q.Temperature == t) == true)) return finished;
+            // Scored at other temperatures or not at all: score it now, from its last checkpoint.
+            var last = Checkpoint.Load(Path.Combine(folder, RunFolder.LastCheckpoint)).Model;
+            finished = finished with { Quality = Quality(last, seed, run.PixelPermutationSeed, label) };
+            AtomicFile.WriteAllText(resultPath, JsonSerializer.Serialize(finished, Json));
+            return finished;
         }
         var wall = Stopwatch.StartNew();
         TrainSummary summary;
@@ -120,7 +127,8 @@ public sealed partial class Experiment
         model ??= Checkpoint.Load(Path.Combine(folder, RunFolder.LastCheckpoint)).Model;
         double probe = Probe(model, seed, run.PixelPermutationSeed);
         var result = new ExperimentSeedResult(run.Name, seed, summary.Parameters, summary.ImagesPerSecond,
-            summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps, summary.TrainingSeconds);
+            summary.HeldOutBpd, summary.HeldOutStdErr, probe, (trainedHere ? 0 : summary.WallSeconds) + wall.Elapsed.TotalSeconds, summary.Steps, summary.TrainingSeconds,
+            Quality(model, seed, run.PixelPermutationSeed, label));
         AtomicFile.WriteAllText(resultPath, JsonSerializer.Serialize(result, Json));
         return result;
     }

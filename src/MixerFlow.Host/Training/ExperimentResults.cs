@@ -11,7 +11,8 @@ namespace MixerFlow.Host.Training;
 /// <summary>One trained seed of a run, as evaluated (also written as experiment-result.json in its folder).</summary>
 public sealed record ExperimentSeedResult(
     string Run, int Seed, long Parameters, double ImagesPerSecond, double TestBpd, double TestStdErr,
-    double ProbeAccuracy, double WallSeconds, long Steps, double TrainingSeconds = 0);
+    double ProbeAccuracy, double WallSeconds, long Steps, double TrainingSeconds = 0,
+    IReadOnlyList<ExperimentQuality>? Quality = null);
 
 /// <summary>One row of results.csv: a run over its seeds.</summary>
 /// <param name="Run">The run's name in the specification.</param>
@@ -25,14 +26,16 @@ public sealed record ExperimentSeedResult(
 /// <param name="WallSeconds">Training and evaluation time over all seeds (the time of this process's work; a run resumed counts its last part).</param>
 /// <param name="Steps">Optimiser steps taken, mean over seeds (a run under a time budget takes as many as fit).</param>
 /// <param name="TrainingSeconds">Seconds spent in training steps (the time budget's measure), mean over seeds.</param>
+/// <param name="Quality">Sample quality at each of the spec's temperatures, mean over seeds (empty without it).</param>
 public sealed record ExperimentRow(
     string Run, int Seeds, long Parameters, double ImagesPerSecond, double TestBpd, double TestStdErr,
-    double SeedSpread, double ProbeAccuracy, double WallSeconds, double Steps = 0, double TrainingSeconds = 0);
+    double SeedSpread, double ProbeAccuracy, double WallSeconds, double Steps = 0, double TrainingSeconds = 0,
+    IReadOnlyList<ExperimentQuality>? Quality = null);
 
 /// <summary>The experiment's results: the rows over seeds, results.csv, results.md, the held-out curves and the sample sheet.</summary>
 public sealed partial class Experiment
 {
-    static ExperimentRow Aggregate(string name, IReadOnlyList<ExperimentSeedResult> seeds)
+    ExperimentRow Aggregate(string name, IReadOnlyList<ExperimentSeedResult> seeds)
     {
         int n = seeds.Count;
         double mean = seeds.Average(s => s.TestBpd);
@@ -40,7 +43,8 @@ public sealed partial class Experiment
         double se = Math.Sqrt(seeds.Sum(s => s.TestStdErr * s.TestStdErr)) / n;
         double probe = seeds.All(s => double.IsNaN(s.ProbeAccuracy)) ? double.NaN : seeds.Where(s => !double.IsNaN(s.ProbeAccuracy)).Average(s => s.ProbeAccuracy);
         return new ExperimentRow(name, n, seeds[0].Parameters, seeds.Average(s => s.ImagesPerSecond), mean, se, spread, probe, seeds.Sum(s => s.WallSeconds),
-            seeds.Average(s => (double)s.Steps), seeds.Average(s => s.TrainingSeconds));
+            seeds.Average(s => (double)s.Steps), seeds.Average(s => s.TrainingSeconds),
+            ExperimentQuality.Mean(seeds.Select(s => s.Quality), spec.QualityTemperatures));
     }
 
     /// <summary>Held-out bits/dim by step from the seeds' metrics.csv, averaged over the seeds at the steps they all have.</summary>
@@ -90,14 +94,25 @@ public sealed partial class Experiment
 
     void WriteCsv(IReadOnlyList<ExperimentRow> rows)
     {
-        var sb = new StringBuilder("run,seeds,parameters,images_per_s,test_bpd,test_bpd_stderr,seed_sd,probe_accuracy,wall_s,steps,train_s\n");
+        var sb = new StringBuilder("run,seeds,parameters,images_per_s,test_bpd,test_bpd_stderr,seed_sd,probe_accuracy,wall_s,steps,train_s");
+        foreach (var t in spec.QualityTemperatures.Select(ExperimentQuality.Name))
+            sb.Append(CultureInfo.InvariantCulture, $",fd_t{t},precision_t{t},recall_t{t}");
+        sb.Append('\n');
         foreach (var r in rows)
+        {
             sb.Append(CultureInfo.InvariantCulture,
-                $"{r.Run},{r.Seeds},{r.Parameters},{F(r.ImagesPerSecond, "0.0")},{F(r.TestBpd, "0.00000")},{F(r.TestStdErr, "0.00000")},{F(r.SeedSpread, "0.00000")},{F(r.ProbeAccuracy, "0.0000")},{F(r.WallSeconds, "0.0")},{F(r.Steps, "0.#")},{F(r.TrainingSeconds, "0.0")}\n");
+                $"{r.Run},{r.Seeds},{r.Parameters},{F(r.ImagesPerSecond, "0.0")},{F(r.TestBpd, "0.00000")},{F(r.TestStdErr, "0.00000")},{F(r.SeedSpread, "0.00000")},{F(r.ProbeAccuracy, "0.0000")},{F(r.WallSeconds, "0.0")},{F(r.Steps, "0.#")},{F(r.TrainingSeconds, "0.0")}");
+            foreach (var t in spec.QualityTemperatures)
+            {
+                var q = r.Quality?.FirstOrDefault(x => x.Temperature == t);
+                sb.Append(CultureInfo.InvariantCulture, $",{F(q?.FrechetDistance ?? double.NaN, "0.0000")},{F(q?.Precision ?? double.NaN, "0.0000")},{F(q?.Recall ?? double.NaN, "0.0000")}");
+            }
+            sb.Append('\n');
+        }
         AtomicFile.WriteAllText(Path.Combine(output, ResultsCsv), sb.ToString());
     }
 
-    void WriteMarkdown(IReadOnlyList<ExperimentRow> rows)
+    void WriteMarkdown(IReadOnlyList<ExperimentRow> rows, ExperimentQuality? floor)
     {
         var sb = new StringBuilder();
         sb.Append(CultureInfo.InvariantCulture, $"# {spec.Name}\n\n");
@@ -111,8 +126,27 @@ public sealed partial class Experiment
                 $"| {r.Run} | {r.Parameters:N0} | {r.ImagesPerSecond:0} | {r.TestBpd:0.0000} ± {r.TestStdErr:0.0000} | ") + string.Create(CultureInfo.InvariantCulture,
                 $"{(r.Seeds > 1 ? $"{r.TestBpd:0.0000} ± {r.SeedSpread:0.0000} ({r.Seeds} seeds)" : "1 seed")} | " +
                 $"{(double.IsNaN(r.ProbeAccuracy) ? "n/a" : r.ProbeAccuracy.ToString("P1", CultureInfo.InvariantCulture))} | {r.Steps:0.#} | {r.TrainingSeconds:0} s | {r.WallSeconds:0} s |\n"));
+        AppendQuality(sb, rows, floor);
         sb.Append(CultureInfo.InvariantCulture, $"\n![held-out bits/dim]({CurvesPng})\n\n![samples at temperature 0.7]({SamplesPng})\n");
         AtomicFile.WriteAllText(Path.Combine(output, ResultsMarkdown), sb.ToString());
     }
 
+    /// <summary>The sample-quality table: one line per run and temperature, and the data's own score as the floor.</summary>
+    void AppendQuality(StringBuilder sb, IReadOnlyList<ExperimentRow> rows, ExperimentQuality? floor)
+    {
+        var scored = rows.Where(r => r.Quality is { Count: > 0 }).ToList();
+        if (scored.Count == 0) return;
+        var any = scored[0].Quality![0];
+        sb.Append(CultureInfo.InvariantCulture,
+            $"\nSample quality as `mixerflow score` measures it: {any.Samples:N0} samples per temperature against the held-out images, ");
+        sb.Append(CultureInfo.InvariantCulture,
+            $"in the features of a classifier trained on the training split ({any.ClassifierAccuracy:P1} held-out accuracy); with several seeds, the mean. Lower Fréchet distance is better.\n\n");
+        sb.Append("| run | temperature | Fréchet distance | precision | recall |\n| --- | ---: | ---: | ---: | ---: |\n");
+        foreach (var r in scored)
+            foreach (var q in r.Quality!)
+                sb.Append(CultureInfo.InvariantCulture, $"| {r.Run} | {ExperimentQuality.Name(q.Temperature)} | {q.FrechetDistance:0.000} | {q.Precision:0.000} | {q.Recall:0.000} |\n");
+        if (floor is not null)
+            sb.Append(CultureInfo.InvariantCulture,
+                $"| *training images (the floor)* | | {floor.FrechetDistance:0.000} | {floor.Precision:0.000} | {floor.Recall:0.000} |\n");
+    }
 }

@@ -29,7 +29,8 @@ public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList
 /// </code>
 /// <c>steps</c> and <c>seconds</c> (seconds of training steps, evaluations not counted) are each
 /// optional at the top and in a run (a run's own wins); every run needs at least one, and with both
-/// it stops at whichever is reached first. A run's <c>permutePixels</c> (a seed, 0 for none) trains
+/// it stops at whichever is reached first. <c>qualityTemperatures</c> (for example <c>[0.7, 1.0]</c>)
+/// and <c>qualitySamples</c> score each seed's samples (<see cref="QualityTemperatures"/>). A run's <c>permutePixels</c> (a seed, 0 for none) trains
 /// and evaluates it on images whose pixel positions are shuffled by one fixed permutation.
 /// <c>data</c>: a folder or file as <c>train --data</c> takes (relative paths from the spec's folder),
 /// null for the bundled Fashion-MNIST test split. The held-out (test) split is the data's own test
@@ -58,6 +59,18 @@ public sealed record ExperimentSpec
     public int ProbeTestImages { get; init; } = 2000;
     /// <summary>Images per run in the sample sheet (temperature 0.7).</summary>
     public int SamplesPerRun { get; init; } = 8;
+    /// <summary>
+    /// Temperatures at which each seed's samples are scored by <see cref="Quality.SampleQuality"/> against the
+    /// held-out images (columns of results.csv and a table of results.md); empty: no sample quality. The first
+    /// time, the feature classifier is trained on the data's training split and cached.
+    /// </summary>
+    public IReadOnlyList<double> QualityTemperatures { get; init; } = [];
+    /// <summary>Samples scored per temperature; 0: <see cref="Quality.SampleQuality.DefaultSamples"/> or the held-out split's size where smaller.</summary>
+    public int QualitySamples { get; init; }
+    /// <summary>The feature classifier's settings (code only; the spec file takes the defaults).</summary>
+    public Quality.ClassifierSettings QualityClassifier { get; init; } = new();
+    /// <summary>The classifier cache folder (code only); null: <see cref="Quality.FeatureClassifier.CacheFolder"/>.</summary>
+    public string? QualityCacheFolder { get; init; }
     public IReadOnlyList<ExperimentRun> Runs { get; init; } = [];
 
     /// <summary>Reads and validates the spec file at <paramref name="path"/>.</summary>
@@ -87,6 +100,8 @@ public sealed record ExperimentSpec
             ProbeTrainImages = (int)(ExperimentSpecFile.InRange(file.ProbeTrainImages, "probeTrainImages", source, 0, 10_000_000) ?? d.ProbeTrainImages),
             ProbeTestImages = (int)(ExperimentSpecFile.InRange(file.ProbeTestImages, "probeTestImages", source, 0, 10_000_000) ?? d.ProbeTestImages),
             SamplesPerRun = (int)(ExperimentSpecFile.InRange(file.SamplesPerRun, "samplesPerRun", source, 1, 64) ?? d.SamplesPerRun),
+            QualityTemperatures = ExperimentSpecFile.CheckTemperatures(file.QualityTemperatures, source),
+            QualitySamples = (int)(ExperimentSpecFile.InRange(file.QualitySamples, "qualitySamples", source, 4, 100_000) ?? 0),
         };
         if (!(spec.LearningRate > 0 && spec.LearningRate < 1)) throw new UserError($"{source}: learningRate: must lie in (0, 1), got {spec.LearningRate}");
         var seeds = ExperimentSpecFile.CheckSeeds(file.Seeds, source) ?? [0];

@@ -24,6 +24,8 @@ internal sealed partial class ExperimentSpecFile
     public long? ProbeTrainImages { get; set; }
     public long? ProbeTestImages { get; set; }
     public long? SamplesPerRun { get; set; }
+    public List<double>? QualityTemperatures { get; set; }
+    public long? QualitySamples { get; set; }
     public List<int>? Seeds { get; set; }
     public List<Run?>? Runs { get; set; }
 
@@ -43,7 +45,7 @@ internal sealed partial class ExperimentSpecFile
 
     static readonly string[] TopKeys =
         ["name", "description", "data", "steps", "seconds", "batchSize", "learningRate", "warmupSteps", "checkpointEvery", "threads",
-         "probeTrainImages", "probeTestImages", "samplesPerRun", "seeds", "runs"];
+         "probeTrainImages", "probeTestImages", "samplesPerRun", "qualityTemperatures", "qualitySamples", "seeds", "runs"];
     static readonly string[] RunKeys = ["name", "description", "preset", "config", "set", "seeds", "steps", "seconds", "permutePixels"];
 
     const string RunShape = "{ \"name\", \"preset\" or \"config\", \"set\", \"seeds\" }";
@@ -58,6 +60,8 @@ internal sealed partial class ExperimentSpecFile
         ["warmupSteps"] = "an integer in [0, 100000000]", ["checkpointEvery"] = "an integer in [1, 100000000]",
         ["threads"] = $"an integer in [0, {TrainingSettings.MaxThreads}]", ["probeTrainImages"] = "an integer in [0, 10000000]",
         ["probeTestImages"] = "an integer in [0, 10000000]", ["samplesPerRun"] = "an integer in [1, 64]",
+        ["qualityTemperatures"] = "a list of temperatures in [0, 10] (sample quality scored at each; empty or absent: none)",
+        ["qualitySamples"] = "an integer in [4, 100000] (samples scored per temperature)",
         ["seeds"] = "a non-empty list of integers >= 0", ["runs"] = $"a non-empty list of {RunShape}",
         ["set"] = "an object of field: value (for example { \"shift\": false })",
     };
@@ -136,6 +140,17 @@ internal sealed partial class ExperimentSpecFile
     public static double? CheckSeconds(double? value, string where) =>
         value is not double v ? null : v > 0 && v <= 100_000_000 ? v
         : throw new UserError($"{where}: seconds: must be a number of seconds in (0, 100000000], got {v}");
+
+    /// <summary>A temperatures list: empty when absent, refused outside [0, 10] or repeated.</summary>
+    public static IReadOnlyList<double> CheckTemperatures(List<double>? temperatures, string where)
+    {
+        if (temperatures is null) return [];
+        string text = $"[{string.Join(", ", temperatures.Select(t => t.ToString(System.Globalization.CultureInfo.InvariantCulture)))}]";
+        if (temperatures.Any(t => !(t >= 0 && t <= 10)))
+            throw new UserError($"{where}: qualityTemperatures: must be temperatures in [0, 10], got {text}");
+        if (temperatures.Distinct().Count() != temperatures.Count) throw new UserError($"{where}: qualityTemperatures: repeated temperature in {text}");
+        return temperatures;
+    }
 
     /// <summary>A seeds list: null when absent, refused when empty, negative or repeated.</summary>
     public static IReadOnlyList<int>? CheckSeeds(List<int>? seeds, string where)
