@@ -30,7 +30,8 @@ public class MultiScaleTests
         m.train();
         using (no_grad())
         {
-            m.Body.Forward(BodyInputs(16, config));
+            var context = config.Classes > 0 ? m.OneHot(Enumerable.Range(0, 16).Select(i => i % config.Classes).ToList()) : null;
+            m.Body.Forward(BodyInputs(16, config), context);
             foreach (var p in m.parameters()) p.add_(randn_like(p) * 0.05);
         }
         m.eval();
@@ -194,6 +195,13 @@ public class MultiScaleTests
         var u = BodyInputs(4, config);
         var z = model.Body.Forward(u).Value;
         Assert.True((model.Body.Inverse(z).Value - u).abs().max().item<double>() < 1e-9);
+        // A class-conditional one: the split prior's conditioner also sees the class.
+        var conditional = Small(variant) with { Classes = 3 };
+        using var classModel = RandomisedFloat64(conditional, 13);
+        var context = classModel.OneHot([0, 2, 1, 2]);
+        var zc = classModel.Body.Forward(u, context).Value;
+        Assert.True((classModel.Body.Inverse(zc, context).Value - u).abs().max().item<double>() < 1e-9);
+        Assert.True((classModel.Body.Forward(u, classModel.OneHot([1, 1, 1, 1])).Value - zc).abs().max().item<double>() > 1e-6);
         // A full-size model in float32, on pixels: back within a thousandth, exact after rounding.
         var fm = Presets.Get("fashion-mnist").With([("splitAfter", "1,3")]);
         var m = ModelTests.Randomised(fm, 3);
