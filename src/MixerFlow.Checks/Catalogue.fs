@@ -201,6 +201,25 @@ module Catalogue =
                 if r.Next 2 = 0 then new Chain([ new Squeeze([| k; h; w |]) :> Bijector; new ActNorm([| 4L * k; h / 2L; w / 2L |]); new Inverted(new Squeeze([| k; h; w |])) ])
                 else LULinear.Conv1x1(k, h, w) :> Bijector
             new Partial([| c; h; w |], k, inner))
+    /// Partial along the second axis of a patches x features matrix [p, d]: mixing layers (rows,
+    /// a normalisation, columns) on its first k columns, as multi-scale MixerFlow's later layers.
+    [<CompiledName("PartialColumns")>]
+    let partialColumns =
+        spec "partial-columns" (fun r ->
+            let p, d = between r 2 4, between r 3 6
+            let k = between r 2 (int d - 1)
+            let inner = new Chain([ new RowWise(p, vectorFlow r k) :> Bijector; new ActNorm([| p; k |]); new ColumnWise(k, vectorFlow r p) ])
+            new Partial([| p; d |], 1, k, inner))
+    /// Multi-scale MixerFlow's split of a matrix [p, d]: each row's second half under an affine
+    /// coupling given its first half (the Gaussian split prior), then mixing on the first half.
+    [<CompiledName("MatrixSplit")>]
+    let matrixSplit =
+        spec "matrix-split" (fun r ->
+            let p, d = between r 2 4, between r 4 7
+            let k = d / 2L
+            let prior = new RowWise(p, new Coupling([| d |], Partition.Halves d, mlp r, Affine()))
+            let mixing = new Chain([ new RowWise(p, new AffineCoupling([| k |], partition r k, mlp r)) :> Bijector; new ActNorm([| p; k |]); new ColumnWise(k, new AffineCoupling([| p |], partition r p, mlp r)) ])
+            new Chain([ prior :> Bijector; new Partial([| p; d |], 1, k, mixing) ]))
     [<CompiledName("SplitPrior")>]
     let splitPrior =
         spec "split-prior" (fun r ->
@@ -240,7 +259,7 @@ module Catalogue =
     let all : Collections.Generic.IReadOnlyList<BijectorSpec> =
         [| actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
            permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
-           patchifyStripes; shift; reshape; rowWise; columnWise; partial; splitPrior; dequantize; logit; chain; inverted
+           patchifyStripes; shift; reshape; rowWise; columnWise; partial; partialColumns; matrixSplit; splitPrior; dequantize; logit; chain; inverted
            coupling; splineMaf; conditionalCoupling; conditionalMaf; affineCouplingKan; couplingKan |]
 
     /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core

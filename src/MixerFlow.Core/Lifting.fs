@@ -68,32 +68,41 @@ type RowWise(rows: int64, inner: Bijector) =
 type ColumnWise(columns: int64, inner: Bijector) =
     inherit Lifted("ColumnWise", columns, inner, false)
 
-/// Applies a shape-preserving bijector to the first `count` slices of the first event axis and
-/// leaves the rest alone (log-det of the slice only). Glow's multi-scale structure: after a
-/// split, the next level works on the half that stays.
-type Partial(eventShape: int64[], count: int64, inner: Bijector) as this =
+/// Applies a shape-preserving bijector to the first `count` slices of one event axis and leaves
+/// the rest alone (log-det of the slices only). Glow's multi-scale structure: after a split, the
+/// next level works on the channels that stay (axis 0); multi-scale MixerFlow's next layers work on
+/// the columns of its patches x features matrix that stay (axis 1).
+type Partial(eventShape: int64[], axis: int, count: int64, inner: Bijector) as this =
     inherit Bijector("Partial(" + inner.Name + ")", eventShape, eventShape)
     do
-        if eventShape.Length = 0 || count < 1L || count >= eventShape.[0] then
-            invalidArg "count" (sprintf "Partial: count %d must lie in 1..%d for event shape %s" count (if eventShape.Length = 0 then 0L else eventShape.[0] - 1L) (Shapes.show eventShape))
-        let expected = Array.append [| count |] eventShape.[1..]
+        if axis < 0 || axis >= eventShape.Length then
+            invalidArg "axis" (sprintf "Partial: axis %d must lie in 0..%d for event shape %s" axis (eventShape.Length - 1) (Shapes.show eventShape))
+        if count < 1L || count >= eventShape.[axis] then
+            invalidArg "count" (sprintf "Partial: count %d must lie in 1..%d for axis %d of event shape %s" count (eventShape.[axis] - 1L) axis (Shapes.show eventShape))
+        let expected = Array.copy eventShape
+        expected.[axis] <- count
         if inner.InputShape <> expected || inner.OutputShape <> expected then
             invalidArg "inner" (sprintf "Partial: inner bijector must map %s to itself, got %O" (Shapes.show expected) inner)
     do this.register_module("inner", inner)
+    let dim = int64 axis + 1L
+    /// Along the first event axis (Glow's split).
+    new(eventShape: int64[], count: int64, inner: Bijector) = new Partial(eventShape, 0, count, inner)
     member _.Inner = inner
+    /// The event axis whose first Count slices the inner bijector takes.
+    member _.Axis = axis
+    /// How many slices of the axis the inner bijector takes.
+    member _.Count = count
     member private this.Run(x: Tensor, context: Tensor, inverse: bool) =
         this.CheckShape(x, eventShape, "input")
-        let head = x.narrow(1L, 0L, count)
-        let tail = x.narrow(1L, count, eventShape.[0] - count)
+        let head = x.narrow(dim, 0L, count)
+        let tail = x.narrow(dim, count, eventShape.[axis] - count)
         let r =
             if isNull context then (if inverse then inner.Inverse head else inner.Forward head)
             elif inverse then inner.Inverse(head, context) else inner.Forward(head, context)
-        r.WithValue(torch.cat([| r.Value; tail |], 1L))
+        r.WithValue(torch.cat([| r.Value; tail |], dim))
     override this.Forward(x: Tensor) = this.Run(x, null, false)
     override this.Inverse(y: Tensor) = this.Run(y, null, true)
     override this.Forward(x: Tensor, context: Tensor) = this.Run(x, context, false)
     override this.Inverse(y: Tensor, context: Tensor) = this.Run(y, context, true)
     override _.ContextFeatures = inner.ContextFeatures
     override _.Traits = inner.Traits
-
-

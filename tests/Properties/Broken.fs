@@ -80,6 +80,39 @@ let private registration =
 /// Registers FaultyAffine's rule once.
 let registerRule () = registration.Force()
 
+/// A Partial (correct maths) whose hand-written step forgets the passed-through slices' dL/dy:
+/// its dL/dx holds zeros there, the mistake a split's backward is easiest to make.
+type ForgetfulPartial(eventShape: int64[], axis: int, count: int64, inner: Bijector) =
+    inherit Partial(eventShape, axis, count, inner)
+
+/// ForgetfulPartial's step: the inner step on the first slices, zeros for the rest's gradient.
+type ForgetfulPartialStep(p: ForgetfulPartial, inner: IHandStep) =
+    let dim = int64 p.Axis + 1L
+    interface IHandStep with
+        member _.Forward(x, logDet) =
+            let struct (head, tape) = inner.Forward(x.narrow(dim, 0L, p.Count).contiguous(), logDet)
+            struct (torch.cat([| head; x.narrow(dim, p.Count, x.shape.[int dim] - p.Count) |], dim), tape)
+        member _.Backward(tape, dy, logDetGradient, inputGradient) =
+            let dx = inner.Backward(tape, dy.narrow(dim, 0L, p.Count), logDetGradient, inputGradient)
+            if isNull dx then null
+            else torch.cat([| dx; torch.zeros_like(dy.narrow(dim, p.Count, dy.shape.[int dim] - p.Count)) |], dim)
+        member _.Release() = inner.Release()
+
+let private partialRegistration =
+    lazy (HandRules.Register<ForgetfulPartial>("forgetful partial", null,
+            Func<ForgetfulPartial, HandPlanner, IHandStep>(fun p planner -> ForgetfulPartialStep(p, planner.Compile p.Inner) :> IHandStep)))
+
+/// A Partial along the columns of a matrix [p, d] with an affine coupling of each row's first k
+/// values inside: the correct one, or (forgetful) the one whose hand-written step drops the rest's gradient.
+let partialSpec (forgetful: bool) =
+    partialRegistration.Force()
+    BijectorSpec((if forgetful then "broken-partial-step" else "partial-step"), Func<Random, Bijector>(fun r ->
+        let p, d = int64 (r.Next(2, 4)), int64 (r.Next(4, 7))
+        let k = d / 2L
+        let inner = new RowWise(p, new AffineCoupling([| k |], Partition.Halves k, Conditioners.Mlp(6L, 1)))
+        if forgetful then new ForgetfulPartial([| p; d |], 1, k, inner) :> Bijector
+        else new Partial([| p; d |], 1, k, inner) :> Bijector))
+
 /// A bijector whose save/load loses a buffer: the offset is a plain field, not registered.
 type ForgetfulShift(dim: int64) =
     inherit Bijector("ForgetfulShift", [| dim |], [| dim |])

@@ -62,6 +62,13 @@ let ``a hand-written backward that forgets the log-det's gradient is caught`` ()
     Assert.Contains("dL/dlogScale", r.Message)
 
 [<Fact>]
+let ``a Partial's hand-written step that drops the passed-through slices' gradient is caught`` () =
+    assertAccepted (Broken.partialSpec false) CheckKind.HandGradient
+    assertRejected (Broken.partialSpec true) CheckKind.HandGradient
+    let r = PropertyChecks.run (Broken.partialSpec true) CheckKind.HandGradient quick
+    Assert.Contains("dL/dx", r.Message)
+
+[<Fact>]
 let ``state that is not saved is caught by the save and load check`` () =
     assertRejected Broken.forgetful CheckKind.SaveLoad
 

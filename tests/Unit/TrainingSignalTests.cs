@@ -24,10 +24,13 @@ public class TrainingSignalTests
         { "tiny", "channelFlow=additive,norm=batchNorm" },
         { "tiny", "conditioner=kan" },
         { "tiny", "conditioner=kan,channelFlow=spline,patchFlow=additive" },
+        { "tiny", "splitAfter=1" },
+        { "fashion-mnist", "splitAfter=1,3" },
     };
 
     static ImageFlow Build(string preset, string set) =>
-        new(ConfigOverrides.Apply(Presets.Get(preset), set.Length == 0 ? [] : set.Split(',')));
+        // Assignments separated by commas; a comma not followed by "key=" belongs to a list (splitAfter=1,3).
+        new(ConfigOverrides.Apply(Presets.Get(preset), set.Length == 0 ? [] : System.Text.RegularExpressions.Regex.Split(set, ",(?=[a-zA-Z]+=)")));
 
     static Tensor Pixels(ModelConfig c, int batch) =>
         randint(0, 256, new long[] { batch, c.Channels, c.Height, c.Width }).to_type(float32);

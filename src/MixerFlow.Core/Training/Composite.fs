@@ -61,6 +61,26 @@ type internal LiftedStep(lifted: Lifted, inner: IHandStep) =
                 if lifted.AlongRows then dx else dx.contiguous()
         member _.Release() = inner.Release()
 
+/// Partial by hand: the inner step on the first slices of the axis (copied contiguous, as the
+/// forward pass's first fold would), the rest passed through; dL/dy split the same way, the inner
+/// step's dL/dx joined with the passed-through slices' dL/dy.
+[<Sealed>]
+type internal PartialStep(partial: Partial, inner: IHandStep) =
+    let inputShape = partial.InputShape
+    let dim = int64 partial.Axis + 1L
+    let count = partial.Count
+    let rest = inputShape.[partial.Axis] - count
+    interface IHandStep with
+        member _.Forward(x, logDet) =
+            partial.CheckShape(x, inputShape, "input")
+            let struct (head, tape) = inner.Forward(x.narrow(dim, 0L, count).contiguous(), logDet)
+            struct (torch.cat([| head; x.narrow(dim, count, rest) |], dim), tape)
+        member _.Backward(tape, dy, logDetGradient, inputGradient) =
+            let dx = inner.Backward(tape, dy.narrow(dim, 0L, count), logDetGradient, inputGradient)
+            if isNull dx then null
+            else torch.cat([| dx; dy.narrow(dim, count, rest) |], dim)
+        member _.Release() = inner.Release()
+
 /// A chain by hand: its steps in order (a step covers one part or a run of permutations), each
 /// step's temporaries freed as soon as its backward is done.
 /// <param name="steps">The steps in order.</param>

@@ -33,8 +33,9 @@ type HandGradientPass internal (plan: HandGradientPlan, generation: int64, z: Te
 /// Gradients of a flow's log-likelihood by hand-written steps instead of autograd: the flow's
 /// transform is planned part by part (<see cref="HandGradientPlan"/>, rules in
 /// <see cref="HandRules"/>), a part without a rule running as an autograd island. MixerFlow's parts
-/// (dequantisation, logit, patchify, shifts, row- and column-wise liftings, affine couplings with a
-/// soft-clamped scale and a perceptron conditioner, ActNorm) have rules. A flow with a context, a
+/// (dequantisation, logit, patchify, shifts, row- and column-wise liftings, the partial maps of a
+/// multi-scale model, affine couplings with a soft-clamped scale and a perceptron conditioner,
+/// ActNorm) have rules. A flow with a context, a
 /// base other than the standard normal, or whose parameters lie mostly in islands takes autograd's
 /// path for the whole step. The results equal autograd's up to float rounding (the property tests
 /// compare them at random parameters).

@@ -7,7 +7,7 @@ open MixerFlow.Core.Ops
 
 /// MixerFlow's own rules: affine couplings with a soft-clamped scale and a perceptron conditioner,
 /// ActNorm, dequantisation, the logit, permutations (patchify, shifts and their inverses, runs of
-/// them in a chain as one gather), row- and column-wise liftings and chains.
+/// them in a chain as one gather), row- and column-wise liftings, partial maps and chains.
 module internal BuiltInRules =
     let private floating (x: Tensor) = if x.is_floating_point() then null else "the batch is not floating point"
 
@@ -76,11 +76,16 @@ module internal BuiltInRules =
               "lifting",
               (fun l _ -> if l.Inner.ContextFeatures <> 0L then "its inner bijector is conditional" else null),
               (fun l planner -> LiftedStep(l, planner.Compile l.Inner) :> IHandStep))
+          typeof<Partial>,
+          HandRule.Create<Partial>(
+              "partial",
+              (fun p _ -> if p.Inner.ContextFeatures <> 0L then "its inner bijector is conditional" else null),
+              (fun p planner -> PartialStep(p, planner.Compile p.Inner) :> IHandStep))
           typeof<Chain>, HandRule.Create<Chain>("chain", null, (fun c planner -> chain c planner)) ]
 
 /// The rules that run bijectors by hand, by bijector type: MixerFlow's own (affine couplings with
 /// a soft-clamped scale and a perceptron conditioner, ActNorm, dequantisation, the logit,
-/// permutations, liftings, chains) and any registered. A part is run by the rule of its type, else
+/// permutations, liftings, partial maps, chains) and any registered. A part is run by the rule of its type, else
 /// of its nearest base type with one; a part without one runs as an autograd island.
 [<Sealed>]
 type HandRules private () =

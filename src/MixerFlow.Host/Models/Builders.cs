@@ -46,43 +46,83 @@ public static class MixerFlowBuilder
         ? new ActNorm(shape)
         : new BatchNormFlow(shape);
 
+    /// <summary>The parameter groups of a MixerFlow model, filled while it is built.</summary>
+    sealed class Groups
+    {
+        public readonly List<torch.nn.Module> Channel = new(), Patch = new(), Norms = new(), Reshapes = new(), Priors = new();
+    }
+
+    /// <summary>
+    /// One mixing layer on the patches x features matrix [P, d]: channel mixing (each row), a
+    /// normalisation, patch mixing (each column), a normalisation.
+    /// </summary>
+    static IEnumerable<Bijector> Mixing(MixerFlowConfig c, long p, long d, Groups g)
+    {
+        var channelMixing = new RowWise(p, VectorFlow(c, c.ChannelFlow, d));
+        var patchMixing = new ColumnWise(d, VectorFlow(c, c.PatchFlow, p));
+        var n1 = Norm(c, new[] { p, d });
+        var n2 = Norm(c, new[] { p, d });
+        g.Channel.Add(channelMixing); g.Patch.Add(patchMixing); g.Norms.Add(n1); g.Norms.Add(n2);
+        return new Bijector[] { channelMixing, n1, patchMixing, n2 };
+    }
+
+    /// <summary>
+    /// The split after a layer, on the matrix [P, d]: the second half of every row (patch) is
+    /// factored out under a Gaussian prior given the first half (an affine coupling of each row, as
+    /// Glow's split prior: with a standard normal base, N(mu(kept), sigma(kept)^2)), and the layers
+    /// <paramref name="from"/> to the last (numbered from 0) mix the first half, [P, d / 2], split
+    /// again after the layers <paramref name="splits"/> names.
+    /// </summary>
+    static IEnumerable<Bijector> Split(MixerFlowConfig c, long p, long d, int from, Queue<int> splits, Groups g)
+    {
+        var prior = new RowWise(p, new Coupling(new[] { d }, Partition.Halves(d), Conditioner(c), new Affine(), c.Classes));
+        g.Priors.Add(prior);
+        long kept = d / 2;
+        var rest = new List<Bijector>();
+        int next = splits.Count > 0 ? splits.Dequeue() : c.Layers;
+        for (int l = from; l < next; l++) rest.AddRange(Mixing(c, p, kept, g));
+        if (next < c.Layers) rest.AddRange(Split(c, p, kept, next, splits, g));
+        return new Bijector[] { prior, new Partial(new[] { p, d }, 1, kept, rest.Count == 1 ? rest[0] : new Chain(rest)) };
+    }
+
     public static BuiltFlow Build(MixerFlowConfig c)
     {
         var image = c.ImageShape;
         var geometry = c.Geometry;
         long p = geometry.Patches, d = geometry.Features;
-        var channel = new List<torch.nn.Module>();
-        var patch = new List<torch.nn.Module>();
-        var norms = new List<torch.nn.Module>();
-        var reshapes = new List<torch.nn.Module>();
+        var g = new Groups();
         var parts = new List<Bijector> { new Logit(image, c.Alpha) };
         var preprocess = new List<torch.nn.Module> { parts[0] };
-        for (int l = 0; l < c.Layers; l++)
+        // Layers on the image up to the first split (all of them without one); the split's layer
+        // ends with the split and every later layer inside it, on the matrix (no patch shifts).
+        var splits = new Queue<int>(c.SplitAfter);
+        int imageLayers = splits.Count > 0 ? splits.Dequeue() : c.Layers;
+        for (int l = 0; l < imageLayers; l++)
         {
             var patchify = new Patchify(geometry);
-            var channelMixing = new RowWise(p, VectorFlow(c, c.ChannelFlow, d));
-            var patchMixing = new ColumnWise(d, VectorFlow(c, c.PatchFlow, p));
-            var n1 = Norm(c, new[] { p, d });
-            var n2 = Norm(c, new[] { p, d });
             var unpatchify = new Inverted(new Patchify(geometry));
-            parts.AddRange(new Bijector[] { patchify, channelMixing, n1, patchMixing, n2, unpatchify });
-            channel.Add(channelMixing); patch.Add(patchMixing); norms.Add(n1); norms.Add(n2);
-            reshapes.Add(patchify); reshapes.Add(unpatchify);
+            parts.Add(patchify);
+            parts.AddRange(Mixing(c, p, d, g));
+            if (l == imageLayers - 1 && imageLayers < c.Layers) parts.AddRange(Split(c, p, d, imageLayers, splits, g));
+            parts.Add(unpatchify);
+            g.Reshapes.Add(patchify); g.Reshapes.Add(unpatchify);
             var (dy, dx) = geometry.ShiftAfter(l);
-            if (c.Shift && l < c.Layers - 1 && (dy != 0 || dx != 0))
+            if (c.Shift && l < imageLayers - 1 && (dy != 0 || dx != 0))
             {
                 var shift = new Shift(image, dy, dx);
-                parts.Add(shift); reshapes.Add(shift);
+                parts.Add(shift); g.Reshapes.Add(shift);
             }
         }
-        return new BuiltFlow(new Chain(parts), new Dictionary<string, IReadOnlyList<torch.nn.Module>>
+        var groups = new Dictionary<string, IReadOnlyList<torch.nn.Module>>
         {
             ["preprocess (logit)"] = preprocess,
-            ["patchify and shifts"] = reshapes,
-            ["channel-mixing flows"] = channel,
-            ["patch-mixing flows"] = patch,
-            ["normalisation"] = norms,
-        });
+            ["patchify and shifts"] = g.Reshapes,
+            ["channel-mixing flows"] = g.Channel,
+            ["patch-mixing flows"] = g.Patch,
+            ["normalisation"] = g.Norms,
+        };
+        if (g.Priors.Count > 0) groups["split priors"] = g.Priors;
+        return new BuiltFlow(new Chain(parts), groups);
     }
 }
 

@@ -10,8 +10,8 @@ namespace MixerFlow.Host.Models;
 /// (camelCase, as <see cref="ModelConfig.ToJson"/> writes them), matched case-insensitively;
 /// values are parsed by the field's type: integers, decimal numbers (invariant culture),
 /// <c>true</c>/<c>false</c> (also <c>on</c>/<c>off</c>, <c>yes</c>/<c>no</c>), enum members by name
-/// (case-insensitive, e.g. <c>patches=bands</c>, <c>channelFlow=spline</c>, <c>norm=batchNorm</c>)
-/// and text. An unknown key, an unparsable value or a resulting configuration with
+/// (case-insensitive, e.g. <c>patches=bands</c>, <c>channelFlow=spline</c>, <c>norm=batchNorm</c>),
+/// layer lists as numbers separated by commas (<c>splitAfter=2,3</c>, <c>splitAfter=none</c>) and text. An unknown key, an unparsable value or a resulting configuration with
 /// <see cref="ModelConfig.Problems"/> is a <see cref="UserError"/> that names the field and what it accepts.
 /// </summary>
 public static class ConfigOverrides
@@ -169,6 +169,7 @@ public static class ConfigOverrides
         : t == typeof(int) ? "an integer"
         : t == typeof(double) ? "a number"
         : t == typeof(bool) ? "true or false"
+        : t == typeof(LayerList) ? "layer numbers separated by commas (e.g. 2 or 2,3; none: no split)"
         : "text";
 
     static object Parse(Field f, string value, string source)
@@ -192,6 +193,8 @@ public static class ConfigOverrides
                 "false" or "off" or "no" or "0" => false,
                 _ => throw new UserError(Bad()),
             };
+        if (t == typeof(LayerList))
+            return LayerList.TryParse(v, out var layers) ? layers : throw new UserError(Bad());
         if (t == typeof(string))
             return v.Length > 0 ? v : throw new UserError($"{source} {f.Key}=: {f.Key} must not be empty");
         throw new UserError($"{source} {f.Key}: fields of type {t.Name} cannot be set from text");

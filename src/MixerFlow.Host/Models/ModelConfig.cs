@@ -175,6 +175,14 @@ public sealed record MixerFlowConfig : ModelConfig
     /// conditioner then also sees the one-hot class: <c>LogProb(x, ImageFlow.OneHot(labels))</c>.
     /// </summary>
     public int Classes { get; init; }
+    /// <summary>
+    /// Multi-scale MixerFlow: the layers (numbered from 1, increasing, each below <see cref="Layers"/>)
+    /// after which half of every patch's values leave for the base distribution, under a learned
+    /// Gaussian prior conditioned on the half that stays (Glow's split prior, row by row); the later
+    /// layers mix the matrix of the values that stay, without patch shifts. Empty (the default, and
+    /// what files written before the field existed read as): no split.
+    /// </summary>
+    public LayerList SplitAfter { get; init; } = LayerList.Empty;
 
     /// <summary>The patch layout (Core's <see cref="PatchGeometry"/>); throws for a layout that does not tile the image.</summary>
     [JsonIgnore] public PatchGeometry Geometry => new(ImageShape, Patches, PatchSize);
@@ -196,6 +204,7 @@ public sealed record MixerFlowConfig : ModelConfig
         bool hidden = InRange(p, "hiddenWidth", HiddenWidth, 1, MaxHiddenWidth) & InRange(p, "hiddenDepth", HiddenDepth, 0, MaxHiddenDepth);
         if (hidden) Validated(p, "hiddenWidth / hiddenDepth", () => Conditioners.Mlp(HiddenWidth, HiddenDepth));
         ConditionerProblems(p);
+        SplitProblems(p, g);
         if (ChannelFlow == InnerFlow.Spline || PatchFlow == InnerFlow.Spline)
         {
             if (!(SplineBound > 0 && SplineBound <= MaxSplineBound))
@@ -221,6 +230,33 @@ public sealed record MixerFlowConfig : ModelConfig
         if (!(KanRange > 0 && KanRange <= MaxSplineBound)) p.Add($"kanRange: must lie in (0, {MaxSplineBound}], got {KanRange}");
         if (InRange(p, "kanGrid", KanGrid, 1, MaxKanGrid) && KanRange > 0 && KanRange <= MaxSplineBound && HiddenWidth >= 1 && HiddenDepth >= 1)
             Validated(p, "kanGrid / kanRange", () => Conditioners.Kan(HiddenWidth, HiddenDepth, KanGrid, KanRange));
+    }
+
+    /// <summary>The problems of <see cref="SplitAfter"/>: its layer numbers and the width they leave.</summary>
+    void SplitProblems(List<string> p, PatchGeometry? g)
+    {
+        if (SplitAfter is null) { p.Add("splitAfter: must be a list of layer numbers (empty: no split)"); return; }
+        if (SplitAfter.Count == 0 || Layers < 1 || Layers > MaxLayers) return;
+        int previous = 0;
+        foreach (int s in SplitAfter)
+        {
+            if (s <= previous || s >= Layers)
+            {
+                p.Add($"splitAfter: layer numbers must increase and lie in [1, {Layers - 1}] (layers - 1: a split needs a layer after it), got {SplitAfter}");
+                return;
+            }
+            previous = s;
+        }
+        if (g is not null && KeptFeatures(g.Features, SplitAfter.Count) < 2)
+            p.Add($"splitAfter: {SplitAfter.Count} splits halve each patch's {g.Features} values to {KeptFeatures(g.Features, SplitAfter.Count)}; channel mixing needs at least 2");
+    }
+
+    /// <summary>The values per patch that stay after <paramref name="splits"/> splits of
+    /// <paramref name="features"/> (each keeps the first half, rounded down).</summary>
+    public static long KeptFeatures(long features, int splits)
+    {
+        for (int i = 0; i < splits; i++) features /= 2;
+        return features;
     }
 
     public const int MaxKanGrid = 256;
