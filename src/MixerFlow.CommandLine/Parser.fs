@@ -83,7 +83,8 @@ type CommandLine =
                 [ t.Contains TrainArgs.Data, "Data"; t.Contains TrainArgs.Epochs, "Epochs"; t.Contains TrainArgs.Steps, "Steps"
                   t.Contains TrainArgs.Batch_Size, "BatchSize"; t.Contains TrainArgs.Lr, "LearningRate"; t.Contains TrainArgs.Seed, "Seed"
                   t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery"; t.Contains TrainArgs.Seconds, "MaxSeconds"
-                  t.Contains TrainArgs.Permute_Pixels, "PixelPermutationSeed" ]
+                  t.Contains TrainArgs.Permute_Pixels, "PixelPermutationSeed"; t.Contains TrainArgs.Validation_Images, "ValidationImages"
+                  t.Contains TrainArgs.Ema_Decay, "EmaDecay" ]
                 |> List.filter fst
                 |> List.map snd
             let givenSet : Collections.Generic.IReadOnlySet<string> =
@@ -110,6 +111,12 @@ type CommandLine =
                             if v > 0.0 && v <= 1e8 then v else failwithf "must be a number of seconds in (0, 100000000], got %g" v)
                         |> Option.defaultValue d.MaxSeconds),
                     PixelPermutationSeed = (t.TryPostProcessResult(TrainArgs.Permute_Pixels, CommandLine.Positive) |> Option.defaultValue d.PixelPermutationSeed),
+                    ValidationImages = (
+                        t.TryPostProcessResult(TrainArgs.Validation_Images, fun n -> if n >= 0 then n else failwithf "must be a number of images >= 0, got %d" n)
+                        |> Option.defaultValue d.ValidationImages),
+                    EmaDecay = (
+                        t.TryPostProcessResult(TrainArgs.Ema_Decay, fun v -> if v >= 0.0 && v < 1.0 then v else failwithf "must lie in [0, 1) (0: no average), got %g" v)
+                        |> Option.defaultValue d.EmaDecay),
                     ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
                     Given = givenSet) } :> ICommand
         | MainArgs.Eval e ->
