@@ -36,6 +36,7 @@ public sealed partial class RunFolder
     /// <summary>Training bits/dim (running mean), held-out and validation bits/dim by step, as far as the run has come.</summary>
     public List<(long Step, double Bpd)> TrainCurve { get; } = [];
     public List<(long Step, double Bpd)> HeldOutCurve { get; } = [];
+    /// <summary>Validation bits/dim by step (runs that hold training images out; see <see cref="HasValidation"/>).</summary>
     public List<(long Step, double Bpd)> ValidationCurve { get; } = [];
 
     /// <summary>Whether metrics.csv has validation columns (a run that holds training images out for validation).</summary>
