@@ -85,6 +85,8 @@ type TrainArgs =
     | Extend_Steps of steps: int
     | Seconds of seconds: float
     | Permute_Pixels of seed: int
+    | Validation_Images of count: int
+    | Ema_Decay of decay: float
     interface IArgParserTemplate with
         member a.Usage =
             let d = TrainingSettings()
@@ -106,6 +108,8 @@ type TrainArgs =
             | Checkpoint_Every _ -> sprintf "steps between checkpoints (default %d)." d.CheckpointEvery
             | Seconds _ -> "time budget: train until this many seconds of training steps are spent (evaluations, checkpoints and pictures not counted), then evaluate and finish; with --steps, whichever comes first. The cosine learning-rate schedule follows the share of the budget spent. Instead of --epochs."
             | Permute_Pixels _ -> "shuffle the images' pixel positions by one fixed permutation drawn with this seed (>= 1), the same for every image and channel, in training and evaluation; eval, sample and embed on the run's checkpoints apply it too, and pictures are shown un-permuted."
+            | Validation_Images _ -> "hold this many training images out as a validation set (chosen with --seed, never trained on): the evaluations during training score it, best.ckpt is the checkpoint with the best validation bits/dim, and the held-out (test) split is scored beside it for the record and for best.ckpt at the end (default 0: none; best.ckpt by held-out bits/dim)."
+            | Ema_Decay _ -> "keep an exponential moving average of the parameters with this decay in (0, 1), e.g. 0.999 (about the last 1000 steps), updated after every step: evaluations, pictures and the checkpoints' weights use it, and last.ckpt also keeps the trained weights for --resume (default 0: none)."
 
 /// The arguments of `eval`.
 type EvalArgs =

@@ -60,58 +60,68 @@ type CommandLine =
           Seed = s.GetResult(ScoreArgs.Seed, defaultValue = 0)
           Json = s.TryGetResult ScoreArgs.Json |> Option.toObj }
 
+    /// `train`'s arguments: the library's training settings, with the names of those typed (checked by a resume).
+    static member private TrainCommandOf(t: ParseResults<TrainArgs>) : TrainCommand =
+        let d = TrainingSettings()
+        if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Steps then
+            t.Raise("train takes --epochs or --steps, not both")
+        if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Seconds then
+            t.Raise("train takes --epochs or --seconds, not both (--seconds with --steps stops at whichever comes first)")
+        let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset)
+        let config = t.TryGetResult TrainArgs.Config
+        let sets = t.GetResults TrainArgs.Override
+        let resume = t.TryGetResult TrainArgs.Resume
+        if preset.IsSome && config.IsSome then t.Raise("train takes --preset NAME or --config FILE, not both")
+        if resume.IsSome && (config.IsSome || not sets.IsEmpty) then
+            t.Raise("--config and --set do not apply to --resume: the run's checkpoint carries its model")
+        if t.Contains TrainArgs.Extend_Steps && resume.IsNone then
+            t.Raise("--extend-steps only extends a run continued with --resume DIR")
+        // The settings typed (by TrainingSettings property name): with --resume only these are
+        // checked against the run's saved settings.json; everything else comes from that file.
+        let given =
+            [ t.Contains TrainArgs.Data, "Data"; t.Contains TrainArgs.Epochs, "Epochs"; t.Contains TrainArgs.Steps, "Steps"
+              t.Contains TrainArgs.Batch_Size, "BatchSize"; t.Contains TrainArgs.Lr, "LearningRate"; t.Contains TrainArgs.Seed, "Seed"
+              t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery"; t.Contains TrainArgs.Seconds, "MaxSeconds"
+              t.Contains TrainArgs.Permute_Pixels, "PixelPermutationSeed"; t.Contains TrainArgs.Validation_Images, "ValidationImages"
+              t.Contains TrainArgs.Ema_Decay, "EmaDecay" ]
+            |> List.filter fst
+            |> List.map snd
+        let givenSet : Collections.Generic.IReadOnlySet<string> =
+            if resume.IsSome then Collections.Generic.HashSet<string>(given) else null
+        { Settings =
+            TrainingSettings(
+                Model = (if resume.IsSome then Presets.Get(defaultArg preset Presets.Default)
+                         else ConfigOverrides.Resolve(Option.toObj preset, Option.toObj config, sets)),
+                Data = (t.TryGetResult TrainArgs.Data |> Option.toObj),
+                RunFolder = ((match resume with Some r -> r | None -> t.TryGetResult TrainArgs.Out |> Option.toObj)),
+                Resume = (resume.IsSome),
+                Epochs = (t.TryPostProcessResult(TrainArgs.Epochs, CommandLine.Positive) |> Option.defaultValue d.Epochs),
+                Steps = (t.TryPostProcessResult(TrainArgs.Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue d.Steps),
+                BatchSize = (t.TryPostProcessResult(TrainArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue d.BatchSize),
+                LearningRate = (
+                    t.TryPostProcessResult(TrainArgs.Lr, fun v -> if v > 0.0 && v < 1.0 then v else failwithf "must lie in (0, 1), got %g" v)
+                    |> Option.defaultValue d.LearningRate),
+                Seed = (t.GetResult(TrainArgs.Seed, defaultValue = d.Seed)),
+                Device = (Text.lower (t.GetResult(TrainArgs.Device, defaultValue = Device.Cpu))),
+                Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
+                CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery),
+                MaxSeconds = (
+                    t.TryPostProcessResult(TrainArgs.Seconds, fun v ->
+                        if v > 0.0 && v <= 1e8 then v else failwithf "must be a number of seconds in (0, 100000000], got %g" v)
+                    |> Option.defaultValue d.MaxSeconds),
+                PixelPermutationSeed = (t.TryPostProcessResult(TrainArgs.Permute_Pixels, CommandLine.Positive) |> Option.defaultValue d.PixelPermutationSeed),
+                ValidationImages = (
+                    t.TryPostProcessResult(TrainArgs.Validation_Images, fun n -> if n >= 0 then n else failwithf "must be a number of images >= 0, got %d" n)
+                    |> Option.defaultValue d.ValidationImages),
+                EmaDecay = (
+                    t.TryPostProcessResult(TrainArgs.Ema_Decay, fun v -> if v >= 0.0 && v < 1.0 then v else failwithf "must lie in [0, 1) (0: no average), got %g" v)
+                    |> Option.defaultValue d.EmaDecay),
+                ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
+                Given = givenSet) }
+
     static member private ToCommand(r: ParseResults<MainArgs>) : ICommand =
         match r.GetSubCommand() with
-        | MainArgs.Train t ->
-            let d = TrainingSettings()
-            if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Steps then
-                t.Raise("train takes --epochs or --steps, not both")
-            if t.Contains TrainArgs.Epochs && t.Contains TrainArgs.Seconds then
-                t.Raise("train takes --epochs or --seconds, not both (--seconds with --steps stops at whichever comes first)")
-            let preset = t.TryPostProcessResult(TrainArgs.Preset, CommandLine.KnownPreset)
-            let config = t.TryGetResult TrainArgs.Config
-            let sets = t.GetResults TrainArgs.Override
-            let resume = t.TryGetResult TrainArgs.Resume
-            if preset.IsSome && config.IsSome then t.Raise("train takes --preset NAME or --config FILE, not both")
-            if resume.IsSome && (config.IsSome || not sets.IsEmpty) then
-                t.Raise("--config and --set do not apply to --resume: the run's checkpoint carries its model")
-            if t.Contains TrainArgs.Extend_Steps && resume.IsNone then
-                t.Raise("--extend-steps only extends a run continued with --resume DIR")
-            // The settings typed (by TrainingSettings property name): with --resume only these are
-            // checked against the run's saved settings.json; everything else comes from that file.
-            let given =
-                [ t.Contains TrainArgs.Data, "Data"; t.Contains TrainArgs.Epochs, "Epochs"; t.Contains TrainArgs.Steps, "Steps"
-                  t.Contains TrainArgs.Batch_Size, "BatchSize"; t.Contains TrainArgs.Lr, "LearningRate"; t.Contains TrainArgs.Seed, "Seed"
-                  t.Contains TrainArgs.Checkpoint_Every, "CheckpointEvery"; t.Contains TrainArgs.Seconds, "MaxSeconds"
-                  t.Contains TrainArgs.Permute_Pixels, "PixelPermutationSeed" ]
-                |> List.filter fst
-                |> List.map snd
-            let givenSet : Collections.Generic.IReadOnlySet<string> =
-                if resume.IsSome then Collections.Generic.HashSet<string>(given) else null
-            { Settings =
-                TrainingSettings(
-                    Model = (if resume.IsSome then Presets.Get(defaultArg preset Presets.Default)
-                             else ConfigOverrides.Resolve(Option.toObj preset, Option.toObj config, sets)),
-                    Data = (t.TryGetResult TrainArgs.Data |> Option.toObj),
-                    RunFolder = ((match resume with Some r -> r | None -> t.TryGetResult TrainArgs.Out |> Option.toObj)),
-                    Resume = (resume.IsSome),
-                    Epochs = (t.TryPostProcessResult(TrainArgs.Epochs, CommandLine.Positive) |> Option.defaultValue d.Epochs),
-                    Steps = (t.TryPostProcessResult(TrainArgs.Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue d.Steps),
-                    BatchSize = (t.TryPostProcessResult(TrainArgs.Batch_Size, CommandLine.Positive) |> Option.defaultValue d.BatchSize),
-                    LearningRate = (
-                        t.TryPostProcessResult(TrainArgs.Lr, fun v -> if v > 0.0 && v < 1.0 then v else failwithf "must lie in (0, 1), got %g" v)
-                        |> Option.defaultValue d.LearningRate),
-                    Seed = (t.GetResult(TrainArgs.Seed, defaultValue = d.Seed)),
-                    Device = (Text.lower (t.GetResult(TrainArgs.Device, defaultValue = Device.Cpu))),
-                    Threads = (t.TryPostProcessResult(TrainArgs.Threads, CommandLine.Positive) |> Option.defaultValue d.Threads),
-                    CheckpointEvery = (t.TryPostProcessResult(TrainArgs.Checkpoint_Every, CommandLine.Positive) |> Option.defaultValue d.CheckpointEvery),
-                    MaxSeconds = (
-                        t.TryPostProcessResult(TrainArgs.Seconds, fun v ->
-                            if v > 0.0 && v <= 1e8 then v else failwithf "must be a number of seconds in (0, 100000000], got %g" v)
-                        |> Option.defaultValue d.MaxSeconds),
-                    PixelPermutationSeed = (t.TryPostProcessResult(TrainArgs.Permute_Pixels, CommandLine.Positive) |> Option.defaultValue d.PixelPermutationSeed),
-                    ExtendSteps = (t.TryPostProcessResult(TrainArgs.Extend_Steps, CommandLine.Positive) |> Option.map int64 |> Option.defaultValue 0L),
-                    Given = givenSet) } :> ICommand
+        | MainArgs.Train t -> upcast CommandLine.TrainCommandOf t
         | MainArgs.Eval e ->
             upcast
                 { EvalCommand.Checkpoint = e.GetResult EvalArgs.Checkpoint

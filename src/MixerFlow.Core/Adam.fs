@@ -179,6 +179,17 @@ type Adam(parameters: Parameter seq, learningRate: float, [<Optional; DefaultPar
             syncGradients ()
             flatGrad
 
+    /// The parameters as one flat buffer, in parameter order, with every parameter linked into it
+    /// first: each parameter is a view of it, so changing it in place changes the parameters (a
+    /// `WeightAverage` reads it after every step and swaps its averaged values in for
+    /// evaluation). Owned by the optimiser: do not dispose it.
+    member _.ParameterBuffer() : torch.Tensor =
+        if disposed then raise (ObjectDisposedException "Adam")
+        if ps.Length = 0 then torch.zeros([| 0L |])
+        else
+            for i in 0 .. ps.Length - 1 do linkParameter i
+            flatParam
+
     /// One Adam update of every parameter that has a gradient.
     member this.Step() =
         if disposed then raise (ObjectDisposedException "Adam")

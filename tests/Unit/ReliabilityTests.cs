@@ -27,11 +27,11 @@ public sealed class ReliabilityTests : IDisposable
     // ---------------------------------------------------------------- checksums
 
     [Fact]
-    public void A_saved_checkpoint_is_version_4_and_loads()
+    public void A_saved_checkpoint_is_version_5_and_loads()
     {
         var path = SavedTiny();
         var (_, header) = Checkpoint.Load(path);
-        Assert.Equal(4, header.FileVersion);
+        Assert.Equal(5, header.FileVersion);
         Assert.Equal(17, header.Step);
     }
 

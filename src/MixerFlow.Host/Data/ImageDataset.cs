@@ -94,11 +94,51 @@ public sealed class ImageDataset
     }
 }
 
-/// <summary>Training images, images held out for evaluation, and a line saying where they came from.</summary>
+/// <summary>
+/// Training images, images held out for evaluation (the test split), and a line saying where they
+/// came from; optionally a validation set taken from the training images (<see cref="WithValidation"/>).
+/// </summary>
 public sealed record DataSplits(ImageDataset Train, ImageDataset HeldOut, string Description)
 {
-    /// <summary>Both splits with their pixels rearranged by <paramref name="permutation"/> (none: these splits).</summary>
+    /// <summary>Images taken out of the training split to choose the best checkpoint by; null for none.</summary>
+    public ImageDataset? Validation { get; init; }
+
+    /// <summary>
+    /// The positions in the training split before <see cref="WithValidation"/> of the images now in
+    /// <see cref="Train"/> and in <see cref="Validation"/> (ascending, disjoint; null without a validation set).
+    /// </summary>
+    public (int[] Train, int[] Validation)? ValidationSplit { get; init; }
+
+    /// <summary>Every split with its pixels rearranged by <paramref name="permutation"/> (none: these splits).</summary>
     public DataSplits Permuted(PixelPermutation? permutation) => permutation is null ? this
         : new DataSplits(Train.Permuted(permutation), HeldOut.Permuted(permutation),
-            $"{Description}, pixels permuted (seed {permutation.Seed})");
+            $"{Description}, pixels permuted (seed {permutation.Seed})")
+        { Validation = Validation?.Permuted(permutation), ValidationSplit = ValidationSplit };
+
+    /// <summary>
+    /// Takes <paramref name="count"/> images out of the training split as a validation set (0: these
+    /// splits), chosen by a shuffle seeded with <paramref name="seed"/> (a stream of its own: not the
+    /// data order's, nor the held-out split's), so the same images in every process; both parts keep
+    /// the training split's order. A <see cref="UserError"/> when fewer than <paramref name="count"/> + 1
+    /// training images are there.
+    /// </summary>
+    public DataSplits WithValidation(int count, int seed)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        if (count == 0) return this;
+        if (Validation is not null) throw new InvalidOperationException("these splits already hold a validation set");
+        if (count >= Train.Count)
+            throw new UserError($"validation images: {count} asked for, but the training split holds {Train.Count} ({Description}); " +
+                                $"hold out at most {Train.Count - 1}, so that some are left to train on");
+        var order = Enumerable.Range(0, Train.Count).ToArray();
+        // A fixed arithmetic mix (not HashCode.Combine, which is salted per process).
+        new Random(unchecked(seed * 1_000_003 + 0x7A11DA7E)).Shuffle(order);
+        var validation = order[..count];
+        var train = order[count..];
+        Array.Sort(validation);
+        Array.Sort(train);
+        return new DataSplits(Train.Subset(train), HeldOut,
+            $"{Description}; {count} of the training images held out for validation (seed {seed})")
+        { Validation = Train.Subset(validation), ValidationSplit = (train, validation) };
+    }
 }

@@ -15,21 +15,22 @@ public static class TrainingCurve
     /// <summary>
     /// Writes the plot to <paramref name="path"/> atomically. Either list may be empty.
     /// Drawn with ScottPlot (axis labels "step" and "bits/dim", a legend naming "train" and
-    /// "held-out"); if ScottPlot's native renderer cannot be loaded, a plain plot without text is
+    /// <paramref name="heldOutLabel"/>, "held-out" unless told, for example "validation"); if ScottPlot's native renderer cannot be loaded, a plain plot without text is
     /// drawn instead (see <see cref="RenderPlain"/>), so a missing plotting library never stops a run.
     /// </summary>
     public static void Save(
         IReadOnlyList<(long Step, double Bpd)> train,
         IReadOnlyList<(long Step, double Bpd)> heldOut,
         string path,
-        string title)
+        string title,
+        string heldOutLabel = "held-out")
     {
         ArgumentNullException.ThrowIfNull(train);
         ArgumentNullException.ThrowIfNull(heldOut);
         byte[] png;
         try
         {
-            png = RenderScottPlot(train, heldOut, title);
+            png = RenderScottPlot(train, heldOut, title, heldOutLabel);
         }
         catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException or BadImageFormatException)
         {
@@ -90,7 +91,8 @@ public static class TrainingCurve
     internal static byte[] RenderScottPlot(
         IReadOnlyList<(long Step, double Bpd)> train,
         IReadOnlyList<(long Step, double Bpd)> heldOut,
-        string title)
+        string title,
+        string heldOutLabel = "held-out")
     {
         var plt = new ScottPlot.Plot();
         var (tx, ty) = Finite(train);
@@ -105,7 +107,7 @@ public static class TrainingCurve
         if (hx.Length > 0)
         {
             var s = plt.Add.Scatter(hx, hy, ScottPlot.Colors.C1);
-            s.LegendText = "held-out";
+            s.LegendText = heldOutLabel;
             s.MarkerSize = hx.Length > 50 ? 0 : 5;
             s.LineWidth = 2f;
         }

@@ -31,36 +31,48 @@ public static class Checkpoint
     /// (zero parameters give derivative 1), where earlier versions had softplus(u) + 1e-3. A
     /// spline model of an earlier version is converted as it loads: c is subtracted from the
     /// conditioner biases that produce u, so that it computes exactly what it computed before.
+    /// 5: the header ends with a flag saying whether a weight average's section follows the
+    /// optimiser's (<see cref="WeightAverage"/>): then the model's tensors are the averaged
+    /// parameters (what <c>eval</c>, <c>sample</c> and <c>export</c> use), and that section holds
+    /// the trained parameters and the update count, from which a resumed run continues both.
     /// </remarks>
-    const int Version = 4;
+    const int Version = 5;
+    const int FirstWithAverage = 5;
     const int OldestReadable = 1;
     const int FirstShiftedSplineDerivatives = 4;
     const int FirstChecksummed = 3;
     const int HashBytes = 32;
 
     /// <summary>What a checkpoint's header holds: the model's configuration, the step and epoch it was saved at,
-    /// the best held-out bits/dim so far, whether the optimiser's state follows, and the file format's version.</summary>
-    public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion);
+    /// the best score so far (the bits/dim that chooses best.ckpt: held-out, or validation where the run holds
+    /// images out), whether the optimiser's state follows, the file format's version, and whether a weight
+    /// average's state follows (the model's tensors are then the averaged parameters).</summary>
+    public sealed record Header(ModelConfig Config, long Step, int Epoch, double BestHeldOutBpd, bool HasOptimizer, int FileVersion, bool HasAverage = false);
 
+    /// <summary>
+    /// Writes a checkpoint atomically. With a weight <paramref name="average"/> (which averages
+    /// <paramref name="optimizer"/>'s parameters) the model's tensors are saved with the averaged
+    /// parameters, and the average's state (the trained parameters, the update count) follows.
+    /// </summary>
     public static void Save(string path, ImageFlow model, long step, int epoch, double bestHeldOutBpd,
-                            Adam? optimizer = null)
+                            Adam? optimizer = null, WeightAverage? average = null)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-        AtomicFile.Write(path, Writer(model, step, epoch, bestHeldOutBpd, optimizer));
+        AtomicFile.Write(path, Writer(model, step, epoch, bestHeldOutBpd, optimizer, average));
     }
 
     /// <summary>
     /// A checkpoint in memory, the bytes <see cref="Save"/> would write: how data-parallel training
-    /// hands rank 0's model and optimiser state to the other ranks (<see cref="LoadInto(byte[], string, ImageFlow, Adam?)"/>).
+    /// hands rank 0's model, optimiser and weight-average state to the other ranks (<see cref="LoadInto(byte[], string, ImageFlow, Adam?, WeightAverage?)"/>).
     /// </summary>
-    public static byte[] ToBytes(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer = null)
+    public static byte[] ToBytes(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer = null, WeightAverage? average = null)
     {
         using var ms = new MemoryStream();
-        Writer(model, step, epoch, bestHeldOutBpd, optimizer)(ms);
+        Writer(model, step, epoch, bestHeldOutBpd, optimizer, average)(ms);
         return ms.ToArray();
     }
 
-    static Action<Stream> Writer(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer)
+    static Action<Stream> Writer(ImageFlow model, long step, int epoch, double bestHeldOutBpd, Adam? optimizer, WeightAverage? average)
     {
         var header = new MemoryStream();
         using (var h = new BinaryWriter(header, Encoding.UTF8, leaveOpen: true))
@@ -72,9 +84,12 @@ public static class Checkpoint
             h.Write(epoch);
             h.Write(bestHeldOutBpd);
             h.Write(optimizer is not null);
+            h.Write(average is not null);
         }
-        var tensors = Section(w => model.save(w));
+        byte[] tensors;
+        using (average?.Apply()) tensors = Section(w => model.save(w));
         var optimiser = optimizer is null ? null : Section(w => optimizer.SaveState(w));
+        var averaging = average is null ? null : Section(w => average.SaveState(w));
         return stream =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
@@ -83,6 +98,7 @@ public static class Checkpoint
             w.Write(SHA256.HashData(headerBytes));
             WriteSection(w, tensors);
             if (optimiser is not null) WriteSection(w, optimiser);
+            if (averaging is not null) WriteSection(w, averaging);
         };
     }
 
@@ -141,6 +157,7 @@ public static class Checkpoint
         int epoch = Field(path, r.ReadInt32);
         double best = Field(path, r.ReadDouble);
         bool hasOptimizer = Field(path, r.ReadBoolean);
+        bool hasAverage = version >= FirstWithAverage && Field(path, r.ReadBoolean);
         if (version >= FirstChecksummed)
         {
             long end = r.BaseStream.Position;
@@ -155,7 +172,7 @@ public static class Checkpoint
         }
         CheckFields(path, step, epoch, best);
         var config = ModelConfig.FromJson(json, path);
-        return new Header(config, step, epoch, best, hasOptimizer, version);
+        return new Header(config, step, epoch, best, hasOptimizer, version, hasAverage);
     }
 
     /// <summary>Refuses header values no run writes (a file altered and checksummed again, or written by another program).</summary>
@@ -196,7 +213,7 @@ public static class Checkpoint
 
     /// <summary>
     /// The whole file, for reading it once: <see cref="ReadConfig(byte[], string)"/> and then
-    /// <see cref="LoadInto(byte[], string, ImageFlow, Adam?)"/> (a resume builds the model from the
+    /// <see cref="LoadInto(byte[], string, ImageFlow, Adam?, WeightAverage?)"/> (a resume builds the model from the
     /// configuration before it loads the tensors). Errors name the file.
     /// </summary>
     public static byte[] ReadBytes(string path)
@@ -225,23 +242,26 @@ public static class Checkpoint
 
     /// <summary>
     /// Loads the file's tensors into an existing model of the same configuration and, when both
-    /// the file and the caller have one, its optimiser state into `optimizer`. From version 3 both
-    /// sections are verified against their checksums before either is loaded.
+    /// the file and the caller have one, its optimiser state into `optimizer` and its weight
+    /// average's state into <paramref name="average"/> (which averages `optimizer`'s parameters):
+    /// the model's parameters are then the trained ones and the average continues. Without an
+    /// average given, the model keeps the file's model tensors (the averaged parameters where the
+    /// run averaged them). From version 3 every section is verified against its checksum before any is loaded.
     /// </summary>
-    public static Header LoadInto(string path, ImageFlow model, Adam? optimizer)
+    public static Header LoadInto(string path, ImageFlow model, Adam? optimizer, WeightAverage? average = null)
     {
         using var fs = Open(path);
-        return LoadInto(fs, path, model, optimizer);
+        return LoadInto(fs, path, model, optimizer, average);
     }
 
     /// <summary>
-    /// <see cref="LoadInto(string, ImageFlow, Adam?)"/> from a checkpoint in memory (<see cref="ToBytes"/>);
+    /// <see cref="LoadInto(string, ImageFlow, Adam?, WeightAverage?)"/> from a checkpoint in memory (<see cref="ToBytes"/>);
     /// <paramref name="name"/> names it in errors.
     /// </summary>
-    public static Header LoadInto(byte[] bytes, string name, ImageFlow model, Adam? optimizer)
+    public static Header LoadInto(byte[] bytes, string name, ImageFlow model, Adam? optimizer, WeightAverage? average = null)
     {
         using var ms = new MemoryStream(bytes, writable: false);
-        return LoadInto(ms, name, model, optimizer);
+        return LoadInto(ms, name, model, optimizer, average);
     }
 
     /// <summary>The configuration in a checkpoint in memory (<see cref="ToBytes"/>).</summary>
@@ -252,23 +272,25 @@ public static class Checkpoint
         return ReadHeader(r, name).Config;
     }
 
-    static Header LoadInto(Stream fs, string path, ImageFlow model, Adam? optimizer)
+    static Header LoadInto(Stream fs, string path, ImageFlow model, Adam? optimizer, WeightAverage? average)
     {
         using var r = new BinaryReader(fs, Encoding.UTF8, leaveOpen: true);
         var header = ReadHeader(r, path);
         if (header.Config != model.Config)
             throw new UserError($"{path}: checkpoint of model '{header.Config.Name}' does not match the model '{model.Config.Name}' it is loaded into");
-        BinaryReader tensors = r, optimiser = r;
+        BinaryReader tensors = r, optimiser = r, averaging = r;
         if (header.FileVersion >= FirstChecksummed)
         {
             tensors = ReadSection(r, path, "model tensors");
             if (header.HasOptimizer) optimiser = ReadSection(r, path, "optimiser state");
+            if (header.HasAverage) averaging = ReadSection(r, path, "weight average");
         }
         try
         {
             LoadState(model, tensors, path, header.FileVersion);
             if (header.FileVersion < FirstShiftedSplineDerivatives) ShiftSplineDerivatives(model);
             if (header.HasOptimizer) optimizer?.LoadState(optimiser);
+            if (header.HasAverage) average?.LoadState(averaging);
         }
         catch (Exception e) when (e is not UserError)
         {
@@ -278,6 +300,7 @@ public static class Checkpoint
         {
             if (tensors != r) tensors.Dispose();
             if (optimiser != r) optimiser.Dispose();
+            if (averaging != r) averaging.Dispose();
         }
         return header;
     }

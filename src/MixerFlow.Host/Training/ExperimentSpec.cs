@@ -12,8 +12,9 @@ namespace MixerFlow.Host.Training;
 /// <param name="Steps">The run's optimiser steps (0: no step budget); its own "steps" or the spec's.</param>
 /// <param name="Seconds">The run's seconds of training steps (0: no time budget); its own "seconds" or the spec's.</param>
 /// <param name="PixelPermutationSeed">The seed of the run's fixed pixel permutation ("permutePixels"; 0: none).</param>
+/// <param name="EmaDecay">The decay of the run's weight average ("emaDecay"; 0: none); its own or the spec's.</param>
 public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList<(string Key, string Value)> Set, IReadOnlyList<int> Seeds,
-                                   long Steps = 0, double Seconds = 0, int PixelPermutationSeed = 0);
+                                   long Steps = 0, double Seconds = 0, int PixelPermutationSeed = 0, double EmaDecay = 0);
 
 /// <summary>
 /// An experiment: runs (models) trained under one shared budget and data set, then compared on the
@@ -32,6 +33,9 @@ public sealed record ExperimentRun(string Name, ModelConfig Model, IReadOnlyList
 /// it stops at whichever is reached first. <c>qualityTemperatures</c> (for example <c>[0.7, 1.0]</c>)
 /// and <c>qualitySamples</c> score each seed's samples (<see cref="QualityTemperatures"/>). A run's <c>permutePixels</c> (a seed, 0 for none) trains
 /// and evaluates it on images whose pixel positions are shuffled by one fixed permutation.
+/// <c>validationImages</c> holds that many training images out of every run as a validation set, by
+/// which each run's best.ckpt is chosen (<see cref="TrainingSettings.ValidationImages"/>); <c>emaDecay</c>,
+/// at the top or in a run (a run's own wins), keeps a weight average (<see cref="TrainingSettings.EmaDecay"/>).
 /// <c>data</c>: a folder or file as <c>train --data</c> takes (relative paths from the spec's folder),
 /// null for the bundled Fashion-MNIST test split. The held-out (test) split is the data's own test
 /// split where it has one (IDX t10k-*, CIFAR-10 test_batch), otherwise a seeded 10%. Unset budget
@@ -67,6 +71,10 @@ public sealed record ExperimentSpec
     public IReadOnlyList<double> QualityTemperatures { get; init; } = [];
     /// <summary>Samples scored per temperature; 0: <see cref="Quality.SampleQuality.DefaultSamples"/> or the held-out split's size where smaller.</summary>
     public int QualitySamples { get; init; }
+    /// <summary>Training images every run holds out as a validation set (<see cref="TrainingSettings.ValidationImages"/>; 0: none).</summary>
+    public int ValidationImages { get; init; }
+    /// <summary>The weight average's decay of every run without its own (<see cref="TrainingSettings.EmaDecay"/>; 0: none).</summary>
+    public double EmaDecay { get; init; }
     /// <summary>The feature classifier's settings (code only; the spec file takes the defaults).</summary>
     public Quality.ClassifierSettings QualityClassifier { get; init; } = new();
     /// <summary>The classifier cache folder (code only); null: <see cref="Quality.FeatureClassifier.CacheFolder"/>.</summary>
@@ -102,12 +110,14 @@ public sealed record ExperimentSpec
             SamplesPerRun = (int)(ExperimentSpecFile.InRange(file.SamplesPerRun, "samplesPerRun", source, 1, 64) ?? d.SamplesPerRun),
             QualityTemperatures = ExperimentSpecFile.CheckTemperatures(file.QualityTemperatures, source),
             QualitySamples = (int)(ExperimentSpecFile.InRange(file.QualitySamples, "qualitySamples", source, 4, 100_000) ?? 0),
+            ValidationImages = (int)(ExperimentSpecFile.InRange(file.ValidationImages, "validationImages", source, 0, 100_000_000) ?? 0),
+            EmaDecay = ExperimentSpecFile.CheckEmaDecay(file.EmaDecay, source) ?? 0,
         };
         if (!(spec.LearningRate > 0 && spec.LearningRate < 1)) throw new UserError($"{source}: learningRate: must lie in (0, 1), got {spec.LearningRate}");
         var seeds = ExperimentSpecFile.CheckSeeds(file.Seeds, source) ?? [0];
         if (file.Runs is not { Count: > 0 })
             throw new UserError($"{source}: runs: required, a non-empty list of {{ \"name\", \"preset\" or \"config\", \"set\", \"seeds\" }}");
-        var list = file.Runs.Select((r, i) => ResolveRun(r, $"{source}: runs[{i}]", seeds, baseDirectory))
+        var list = file.Runs.Select((r, i) => ResolveRun(r, $"{source}: runs[{i}]", seeds, baseDirectory, spec.EmaDecay))
             .Select(r => r with { Steps = r.Steps > 0 ? r.Steps : spec.Steps, Seconds = r.Seconds > 0 ? r.Seconds : spec.Seconds }).ToList();
         if (list.FirstOrDefault(r => r.Steps == 0 && r.Seconds == 0) is { } unbounded)
             throw new UserError($"{source}: run '{unbounded.Name}': steps / seconds: required, in the run or at the top of the spec " +
@@ -120,7 +130,7 @@ public sealed record ExperimentSpec
         return spec with { Runs = list };
     }
 
-    static ExperimentRun ResolveRun(ExperimentSpecFile.Run? r, string where, IReadOnlyList<int> defaultSeeds, string baseDirectory)
+    static ExperimentRun ResolveRun(ExperimentSpecFile.Run? r, string where, IReadOnlyList<int> defaultSeeds, string baseDirectory, double emaDecay)
     {
         if (r is null) throw new UserError($"{where}: must be an object with \"name\" and \"preset\" or \"config\"");
         var name = ExperimentSpecFile.NonEmpty(r.Name, "name", where) ?? throw new UserError($"{where}: name: required");
@@ -143,7 +153,8 @@ public sealed record ExperimentSpec
         var model = ConfigOverrides.Apply(baseConfig, set, $"{where}: set");
         return new ExperimentRun(name, model, set, ExperimentSpecFile.CheckSeeds(r.Seeds, where) ?? defaultSeeds,
             ExperimentSpecFile.InRange(r.Steps, "steps", where, 1, 100_000_000) ?? 0, ExperimentSpecFile.CheckSeconds(r.Seconds, where) ?? 0,
-            (int)(ExperimentSpecFile.InRange(r.PermutePixels, "permutePixels", where, 0, int.MaxValue) ?? 0));
+            (int)(ExperimentSpecFile.InRange(r.PermutePixels, "permutePixels", where, 0, int.MaxValue) ?? 0),
+            ExperimentSpecFile.CheckEmaDecay(r.EmaDecay, where) ?? emaDecay);
     }
 
     static string SetValue(string key, JsonElement value, string where) => value.ValueKind switch
@@ -157,7 +168,7 @@ public sealed record ExperimentSpec
     public TrainingSettings SettingsFor(ExperimentRun run, int seed, string folder, bool resume) => new()
     {
         Model = run.Model, Data = Data, RunFolder = folder, Resume = resume, Steps = run.Steps, MaxSeconds = run.Seconds,
-        PixelPermutationSeed = run.PixelPermutationSeed, BatchSize = BatchSize,
+        PixelPermutationSeed = run.PixelPermutationSeed, ValidationImages = ValidationImages, EmaDecay = run.EmaDecay, BatchSize = BatchSize,
         LearningRate = LearningRate, WarmupSteps = WarmupSteps, Seed = seed, Threads = Threads, CheckpointEvery = CheckpointEvery,
     };
 }

@@ -26,6 +26,8 @@ internal sealed partial class ExperimentSpecFile
     public long? SamplesPerRun { get; set; }
     public List<double>? QualityTemperatures { get; set; }
     public long? QualitySamples { get; set; }
+    public long? ValidationImages { get; set; }
+    public double? EmaDecay { get; set; }
     public List<int>? Seeds { get; set; }
     public List<Run?>? Runs { get; set; }
 
@@ -41,12 +43,13 @@ internal sealed partial class ExperimentSpecFile
         public long? Steps { get; set; }
         public double? Seconds { get; set; }
         public long? PermutePixels { get; set; }
+        public double? EmaDecay { get; set; }
     }
 
     static readonly string[] TopKeys =
         ["name", "description", "data", "steps", "seconds", "batchSize", "learningRate", "warmupSteps", "checkpointEvery", "threads",
-         "probeTrainImages", "probeTestImages", "samplesPerRun", "qualityTemperatures", "qualitySamples", "seeds", "runs"];
-    static readonly string[] RunKeys = ["name", "description", "preset", "config", "set", "seeds", "steps", "seconds", "permutePixels"];
+         "probeTrainImages", "probeTestImages", "samplesPerRun", "qualityTemperatures", "qualitySamples", "validationImages", "emaDecay", "seeds", "runs"];
+    static readonly string[] RunKeys = ["name", "description", "preset", "config", "set", "seeds", "steps", "seconds", "permutePixels", "emaDecay"];
 
     const string RunShape = "{ \"name\", \"preset\" or \"config\", \"set\", \"seeds\" }";
 
@@ -62,6 +65,8 @@ internal sealed partial class ExperimentSpecFile
         ["probeTestImages"] = "an integer in [0, 10000000]", ["samplesPerRun"] = "an integer in [1, 64]",
         ["qualityTemperatures"] = "a list of temperatures in [0, 10] (sample quality scored at each; empty or absent: none)",
         ["qualitySamples"] = "an integer in [4, 100000] (samples scored per temperature)",
+        ["validationImages"] = "an integer in [0, 100000000] (training images held out for validation; 0: none)",
+        ["emaDecay"] = "a number in [0, 1) (the decay of the weight average; 0: none)",
         ["seeds"] = "a non-empty list of integers >= 0", ["runs"] = $"a non-empty list of {RunShape}",
         ["set"] = "an object of field: value (for example { \"shift\": false })",
     };
@@ -140,6 +145,11 @@ internal sealed partial class ExperimentSpecFile
     public static double? CheckSeconds(double? value, string where) =>
         value is not double v ? null : v > 0 && v <= 100_000_000 ? v
         : throw new UserError($"{where}: seconds: must be a number of seconds in (0, 100000000], got {v}");
+
+    /// <summary>A weight average's decay: null when absent, refused outside [0, 1).</summary>
+    public static double? CheckEmaDecay(double? value, string where) =>
+        value is not double v ? null : v >= 0 && v < 1 ? v
+        : throw new UserError($"{where}: emaDecay: must be a number in [0, 1) (0: no weight average), got {v}");
 
     /// <summary>A temperatures list: empty when absent, refused outside [0, 10] or repeated.</summary>
     public static IReadOnlyList<double> CheckTemperatures(List<double>? temperatures, string where)

@@ -5,8 +5,19 @@ namespace MixerFlow.Host.Training;
 /// <summary>Progress of a run, reported every few steps.</summary>
 public sealed record StepReport(long Step, long TotalSteps, int Epoch, double TrainBitsPerDim, double LearningRate, double ImagesPerSecond, int DroppedSteps);
 
-/// <summary>A held-out evaluation (after step 0 and at every epoch end).</summary>
-public sealed record EvaluationReport(long Step, int Epoch, double BitsPerDim, double StdErr, bool Best);
+/// <summary>
+/// An evaluation during training (after step 0 and at every epoch end): of the held-out split, or of
+/// the validation images where the run holds some out (<see cref="Split"/>); <see cref="Best"/> when
+/// it is the best so far, which best.ckpt then holds.
+/// </summary>
+public sealed record EvaluationReport(long Step, int Epoch, double BitsPerDim, double StdErr, bool Best)
+{
+    /// <summary>The split scored: "held-out", or "validation" (<see cref="TrainingSettings.ValidationImages"/>).</summary>
+    public string Split { get; init; } = "held-out";
+
+    /// <summary>With a validation set, the held-out (test) bits/dim scored beside it, for the record (best.ckpt is not chosen by it); null otherwise.</summary>
+    public double? HeldOutBitsPerDim { get; init; }
+}
 
 /// <summary>
 /// Watches (and may steer) a training run. Every member has a default that does nothing, so an
@@ -68,8 +79,10 @@ public sealed class TextObserver(TextWriter log) : ITrainingObserver
 
     public void OnEvaluation(EvaluationReport r) =>
         log.WriteLine(r.Step == 0
-            ? $"step 0: held-out {r.BitsPerDim:0.0000} +- {r.StdErr:0.0000} bits/dim"
-            : $"step {r.Step} (epoch {r.Epoch + 1}): held-out {r.BitsPerDim:0.0000} +- {r.StdErr:0.0000} bits/dim");
+            ? $"step 0: {r.Split} {r.BitsPerDim:0.0000} +- {r.StdErr:0.0000} bits/dim{HeldOutBeside(r)}"
+            : $"step {r.Step} (epoch {r.Epoch + 1}): {r.Split} {r.BitsPerDim:0.0000} +- {r.StdErr:0.0000} bits/dim{HeldOutBeside(r)}");
+
+    static string HeldOutBeside(EvaluationReport r) => r.HeldOutBitsPerDim is double h ? $" (held-out {h:0.0000})" : "";
 
     public void OnMessage(string text) => log.WriteLine(text);
 }

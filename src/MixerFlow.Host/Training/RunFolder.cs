@@ -7,6 +7,7 @@ using MixerFlow.Host.Imaging;
 using MixerFlow.Host.Models;
 using TorchSharp.Modules;
 using Adam = MixerFlow.Core.Adam;
+using WeightAverage = MixerFlow.Core.WeightAverage;
 using Ops = MixerFlow.Core.Ops;
 using static TorchSharp.torch;
 
@@ -23,6 +24,8 @@ public sealed partial class RunFolder
     public const string BestCheckpoint = "best.ckpt";
     static readonly string[] MetricColumns =
         ["step", "epoch", "train_bpd", "heldout_bpd", "heldout_stderr", "lr", "images_per_s", "dropped_steps", "rss_mb", "live_tensors"];
+    /// <summary>The columns of a run with a validation set: the validation score after the held-out one.</summary>
+    static readonly string[] ValidationMetricColumns = [.. MetricColumns[..5], "validation_bpd", "validation_stderr", .. MetricColumns[5..]];
 
     readonly CsvLog metrics;
 
@@ -30,16 +33,24 @@ public sealed partial class RunFolder
     public string Last => System.IO.Path.Combine(Path, LastCheckpoint);
     public string Best => System.IO.Path.Combine(Path, BestCheckpoint);
 
-    /// <summary>Training bits/dim (running mean) and held-out bits/dim by step, as far as the run has come.</summary>
+    /// <summary>Training bits/dim (running mean), held-out and validation bits/dim by step, as far as the run has come.</summary>
     public List<(long Step, double Bpd)> TrainCurve { get; } = [];
     public List<(long Step, double Bpd)> HeldOutCurve { get; } = [];
+    /// <summary>Validation bits/dim by step (runs that hold training images out; see <see cref="HasValidation"/>).</summary>
+    public List<(long Step, double Bpd)> ValidationCurve { get; } = [];
 
-    public RunFolder(string path)
+    /// <summary>Whether metrics.csv has validation columns (a run that holds training images out for validation).</summary>
+    public bool HasValidation { get; }
+
+    /// <param name="path">The run folder (created if missing).</param>
+    /// <param name="validation">Whether the run holds training images out for validation: metrics.csv then has the columns validation_bpd and validation_stderr.</param>
+    public RunFolder(string path, bool validation = false)
     {
         Path = path;
+        HasValidation = validation;
         Directory.CreateDirectory(path);
         var file = System.IO.Path.Combine(path, MetricsFile);
-        try { metrics = new CsvLog(file, MetricColumns); }
+        try { metrics = new CsvLog(file, validation ? ValidationMetricColumns : MetricColumns); }
         catch (InvalidDataException e) { throw new UserError($"{file}: damaged: {e.Message.Replace(System.IO.Path.GetFullPath(file), "", StringComparison.Ordinal).Trim()}", e); }
     }
 
@@ -142,6 +153,7 @@ public sealed partial class RunFolder
             if (s > step) continue;
             if (Number(row, "train_bpd", index) is double t) TrainCurve.Add((s, t));
             if (Number(row, "heldout_bpd", index) is double h) HeldOutCurve.Add((s, h));
+            if (HasValidation && Number(row, "validation_bpd", index) is double v) ValidationCurve.Add((s, v));
         }
     }
 
@@ -218,19 +230,32 @@ public sealed partial class RunFolder
         AtomicFile.WriteAllText(System.IO.Path.Combine(Path, ConfigFile), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
     }
 
-    /// <summary>A row of metrics.csv; the training or held-out value may be missing.</summary>
-    public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped)
+    /// <summary>
+    /// A row of metrics.csv; the training, held-out or validation value may be missing (a validation
+    /// value only in a folder opened with validation columns).
+    /// </summary>
+    public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped,
+                       (double Bpd, double StdErr)? validation = null)
     {
+        if (validation is not null && !HasValidation) throw new ArgumentException("this run folder's metrics.csv has no validation columns", nameof(validation));
         if (trainBpd is double t) TrainCurve.Add((step, t));
         if (heldOut is { } h) HeldOutCurve.Add((step, h.Bpd));
-        metrics.Append(step, epoch, trainBpd, heldOut?.Bpd, heldOut?.StdErr, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors());
+        if (validation is { } v) ValidationCurve.Add((step, v.Bpd));
+        object?[] scores = HasValidation ? [heldOut?.Bpd, heldOut?.StdErr, validation?.Bpd, validation?.StdErr] : [heldOut?.Bpd, heldOut?.StdErr];
+        metrics.Append([step, epoch, trainBpd, .. scores, lr, imagesPerSecond, dropped, ResidentMegabytes(), LiveTensors()]);
     }
 
-    public void SaveCheckpoint(string name, ImageFlow model, long step, int epoch, double best, Adam optimizer) =>
-        Checkpoint.Save(System.IO.Path.Combine(Path, name), model, step, epoch, best, optimizer);
+    /// <summary>Saves a checkpoint in the folder (with a weight average: the averaged parameters as the model's, and the average's state).</summary>
+    public void SaveCheckpoint(string name, ImageFlow model, long step, int epoch, double best, Adam optimizer, WeightAverage? average = null) =>
+        Checkpoint.Save(System.IO.Path.Combine(Path, name), model, step, epoch, best, optimizer, average);
 
-    public void SaveCurve(string title) =>
-        TrainingCurve.Save(TrainCurve, HeldOutCurve, System.IO.Path.Combine(Path, "training-curve.png"), title);
+    /// <summary>training-curve.png: training bits/dim, and validation (where the run has some) or else held-out bits/dim.</summary>
+    public void SaveCurve(string title)
+    {
+        var path = System.IO.Path.Combine(Path, "training-curve.png");
+        if (HasValidation) TrainingCurve.Save(TrainCurve, ValidationCurve, path, title, "validation");
+        else TrainingCurve.Save(TrainCurve, HeldOutCurve, path, title);
+    }
 
     /// <summary>Samples at temperatures 0.5, 0.7 and 1.0 and reconstructions of held-out images beside the originals.</summary>
     public void SavePictures(ImageFlow model, ImageDataset heldOut, int seed)

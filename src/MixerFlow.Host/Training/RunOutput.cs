@@ -43,7 +43,7 @@ internal sealed class RunOutput : IDisposable
         var runLock = RunFolder.Lock(run.RunPath);
         try
         {
-            var folder = new RunFolder(run.RunPath) { PixelPermutation = permutation };
+            var folder = new RunFolder(run.RunPath, validation: run.Settings.ValidationImages > 0) { PixelPermutation = permutation };
             foreach (var name in folder.RemoveStaleTemps())
                 report.OnMessage($"removed {name}, the temporary file of an interrupted write");
             if (resumed is not null)
@@ -82,9 +82,9 @@ internal sealed class RunOutput : IDisposable
     /// <summary>Whether last.ckpt, the rollback target, exists (true on the ranks that do not write).</summary>
     public bool HasLast => folder is null || File.Exists(folder.Last);
 
-    /// <summary>Saves last.ckpt.</summary>
-    public void SaveLast(ImageFlow model, long step, int epoch, double best, Adam adam) =>
-        folder?.SaveCheckpoint(RunFolder.LastCheckpoint, model, step, epoch, best, adam);
+    /// <summary>Saves last.ckpt (with the weight average's state, where the run averages its weights).</summary>
+    public void SaveLast(ImageFlow model, long step, int epoch, double best, Adam adam, WeightAverage? average) =>
+        folder?.SaveCheckpoint(RunFolder.LastCheckpoint, model, step, epoch, best, adam, average);
 
     /// <summary>The file beside last.ckpt holding the seconds of training steps up to its step (runs with a time budget).</summary>
     public const string BudgetFile = "budget.json";
@@ -122,12 +122,25 @@ internal sealed class RunOutput : IDisposable
     static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase };
 
     /// <summary>Saves best.ckpt.</summary>
-    public void SaveBest(ImageFlow model, long step, int epoch, double best, Adam adam) =>
-        folder?.SaveCheckpoint(RunFolder.BestCheckpoint, model, step, epoch, best, adam);
+    public void SaveBest(ImageFlow model, long step, int epoch, double best, Adam adam, WeightAverage? average) =>
+        folder?.SaveCheckpoint(RunFolder.BestCheckpoint, model, step, epoch, best, adam, average);
+
+    /// <summary>
+    /// best.ckpt's bytes on every rank (the writer reads them and hands them on): empty where there
+    /// is none (no evaluation was ever finite).
+    /// </summary>
+    public byte[] ShareBest(ICommunicator ranks)
+    {
+        byte[]? mine = null;
+        if (ranks.IsRoot)
+            mine = folder is not null && File.Exists(folder.Best) ? Checkpoint.ReadBytes(folder.Best) : [];
+        return ranks.Broadcast(mine);
+    }
 
     /// <summary>A row of metrics.csv.</summary>
-    public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped) =>
-        folder?.Record(step, epoch, trainBpd, heldOut, lr, imagesPerSecond, dropped);
+    public void Record(long step, int epoch, double? trainBpd, (double Bpd, double StdErr)? heldOut, double? lr, double? imagesPerSecond, int dropped,
+                       (double Bpd, double StdErr)? validation = null) =>
+        folder?.Record(step, epoch, trainBpd, heldOut, lr, imagesPerSecond, dropped, validation);
 
     /// <summary>The training curve and the epoch's sample grid, where pictures are on.</summary>
     public void SaveEpochPictures(ImageFlow model, int epoch)
@@ -146,8 +159,9 @@ internal sealed class RunOutput : IDisposable
     /// <summary>summary.json.</summary>
     public void SaveSummary(TrainSummary summary) => folder?.SaveSummary(summary);
 
-    /// <summary>Reloads last.ckpt into the model and optimiser (the writer); the step it holds, 0 elsewhere.</summary>
-    public long LoadLast(ImageFlow model, Adam adam) => folder is not null ? Checkpoint.LoadInto(folder.Last, model, adam).Step : 0;
+    /// <summary>Reloads last.ckpt into the model, optimiser and weight average (the writer); the step it holds, 0 elsewhere.</summary>
+    public long LoadLast(ImageFlow model, Adam adam, WeightAverage? average) =>
+        folder is not null ? Checkpoint.LoadInto(folder.Last, model, adam, average).Step : 0;
 
     public void Dispose()
     {

@@ -6,16 +6,47 @@ using static TorchSharp.torch;
 
 namespace MixerFlow.Host.Training;
 
-/// <summary>What a training run reports at the end (also written to summary.json).</summary>
+/// <summary>
+/// What a training run reports at the end (also written to summary.json). The held-out split is the
+/// test split: <see cref="HeldOutBpd"/> scores the last model on it and <see cref="BestHeldOutBpd"/> best.ckpt.
+/// </summary>
+/// <param name="Model">The model configuration's name.</param>
+/// <param name="Parameters">Its parameter count.</param>
+/// <param name="Steps">Optimiser steps taken (a resumed run's earlier ones included).</param>
+/// <param name="Epochs">Epochs begun.</param>
+/// <param name="FinalTrainBpd">The last kept step's training bits/dim.</param>
+/// <param name="HeldOutBpd">The last model's held-out (test) bits/dim.</param>
+/// <param name="HeldOutStdErr">Its standard error.</param>
+/// <param name="BestHeldOutBpd">best.ckpt's held-out (test) bits/dim. Without a validation set, the best held-out
+/// score of the evaluations, which chose best.ckpt; with one, best.ckpt (chosen by validation) scored on the test split at the end.</param>
+/// <param name="ImagesPerSecond">Training throughput at the last report (all ranks together).</param>
+/// <param name="WallSeconds">Wall time of this process's part of the run.</param>
+/// <param name="DroppedSteps">Steps dropped by the guards.</param>
+/// <param name="Rollbacks">Rollbacks to the last checkpoint.</param>
+/// <param name="Data">Where the images came from (and how they were split).</param>
+/// <param name="RunFolder">The run folder.</param>
+/// <param name="StoppedEarly">Whether the run stopped before its budget was spent (no summary.json is written then).</param>
+/// <param name="GradientPath">How the last step took its gradients.</param>
+/// <param name="TrainingSeconds">Seconds spent in training steps (evaluations, checkpoints and pictures not counted).</param>
+/// <param name="ValidationImages">The training images held out for validation (0: none; then the validation fields are NaN and <see cref="BestStep"/> -1).</param>
+/// <param name="ValidationBpd">The last model's validation bits/dim.</param>
+/// <param name="BestValidationBpd">best.ckpt's validation bits/dim: the lowest of the run's validation scores.</param>
+/// <param name="BestStep">best.ckpt's step (runs with a validation set).</param>
+/// <param name="BestHeldOutStdErr">The standard error of <see cref="BestHeldOutBpd"/> (runs with a validation set).</param>
 public sealed record TrainSummary(
     string Model, long Parameters, long Steps, int Epochs, double FinalTrainBpd, double HeldOutBpd,
     double HeldOutStdErr, double BestHeldOutBpd, double ImagesPerSecond, double WallSeconds,
-    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly, string GradientPath = "", double TrainingSeconds = 0);
+    int DroppedSteps, int Rollbacks, string Data, string RunFolder, bool StoppedEarly, string GradientPath = "", double TrainingSeconds = 0,
+    int ValidationImages = 0, double ValidationBpd = double.NaN, double BestValidationBpd = double.NaN, long BestStep = -1,
+    double BestHeldOutStdErr = double.NaN);
 
 /// <summary>
 /// The training loop: Adam with a <see cref="LearningRateSchedule"/>, one guarded
 /// <see cref="TrainingStep"/> per batch, held-out <see cref="Evaluation"/> after every epoch, and a
-/// <see cref="RunFolder"/> with atomic checkpoints every N steps and at the best held-out score.
+/// <see cref="RunFolder"/> with atomic checkpoints every N steps and at the best held-out score
+/// (the best validation score where <see cref="TrainingSettings.ValidationImages"/> holds training
+/// images out; then no held-out score decides anything). With <see cref="TrainingSettings.EmaDecay"/>
+/// a <see cref="WeightAverage"/> of the parameters is what is evaluated, pictured and saved.
 /// Seeded and reproducible: data order and dequantisation noise are functions of seed and step,
 /// so a resumed run continues exactly as an uninterrupted one. A step whose loss or gradient is
 /// not finite, or whose loss explodes against the recent kept ones (<see cref="DivergenceGuard"/>),
@@ -57,8 +88,18 @@ public sealed class Trainer
     readonly ITrainingObserver observer;
     readonly ICommunicator ranks;
 
-    /// <summary>The model being trained (set once the run has been set up).</summary>
+    /// <summary>
+    /// The model being trained (set once the run has been set up). After <see cref="Run(CancellationToken)"/>
+    /// returns, with a weight average (<see cref="TrainingSettings.EmaDecay"/>), it holds the averaged parameters.
+    /// </summary>
     public ImageFlow? Model { get; private set; }
+
+    /// <summary>
+    /// The images the run trained on (<see cref="DataSplits.Train"/>), held out and, where it holds
+    /// training images out, validated with (<see cref="DataSplits.Validation"/>); set once
+    /// <see cref="Run(CancellationToken)"/> has loaded them (null for a run that was already finished).
+    /// </summary>
+    public DataSplits? Data { get; private set; }
 
     /// <param name="settings">What to train and how.</param>
     /// <param name="observer">Progress and steering; on rank 0 only for the reports (start,
@@ -121,6 +162,7 @@ public sealed class Trainer
     {
         using var run = new TrainingRun(settings, observer, ranks, Clock);
         Model = run.Model;
-        return run.Train(cancellationToken);
+        try { return run.Train(cancellationToken); }
+        finally { Data = run.Data; }
     }
 }

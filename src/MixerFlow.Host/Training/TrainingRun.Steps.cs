@@ -12,7 +12,7 @@ internal sealed partial class TrainingRun
     int orderEpoch = -1;
     string gradientPath = "";
     double lastTrainBpd = double.NaN, runningBpd = double.NaN, imagesPerSecond;
-    (double Bpd, double StdErr)? lastHeldOut;
+    Scores? lastScores;
     readonly Stopwatch throughput = Stopwatch.StartNew();
     long imagesSinceReport, stepsTimed;
 
@@ -27,7 +27,8 @@ internal sealed partial class TrainingRun
     /// <summary>
     /// One guarded step on this rank's share of the global batch, with its share of the
     /// dequantisation noise one process would draw for the whole batch (the same generator state,
-    /// shape and dtype as its rand_like of the batch): seeded by seed and step.
+    /// shape and dtype as its rand_like of the batch): seeded by seed and step. A kept step updates
+    /// the weight average, if any.
     /// </summary>
     StepOutcome TakeStep(int[] batch, double lr)
     {
@@ -44,7 +45,9 @@ internal sealed partial class TrainingRun
         try
         {
             var mine = data.Train.Batch(batch.AsSpan(first, count)).to(run.Device);
-            return trainingStep.Take(mine, lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
+            var outcome = trainingStep.Take(mine, lr, loss => observer.TransformLoss(stepNow, loss), guard.Judge);
+            if (outcome.Kept) start.Average?.Update();
+            return outcome;
         }
         finally { model.Dequantize.Noise = null!; }
     }
@@ -65,9 +68,9 @@ internal sealed partial class TrainingRun
         drops.CheckRollbackLeft(step);
         if (!output.HasLast)
             throw new UserError($"{s.RollbackAfter} bad steps in a row and no checkpoint to roll back to ({output.Last} is missing); lower the learning rate (now {s.LearningRate})");
-        long restored = output.LoadLast(model, start.Optimizer);
-        var received = ranks.ShareFromRoot(() => Checkpoint.ToBytes(model, restored, 0, 0, start.Optimizer));
-        step = received is null ? restored : Checkpoint.LoadInto(received, "rank 0's restored state", model, start.Optimizer).Step;
+        long restored = output.LoadLast(model, start.Optimizer, start.Average);
+        var received = ranks.ShareFromRoot(() => Checkpoint.ToBytes(model, restored, 0, 0, start.Optimizer, start.Average));
+        step = received is null ? restored : Checkpoint.LoadInto(received, "rank 0's restored state", model, start.Optimizer, start.Average).Step;
         guard.ForgetAfter(step);
         drops.RolledBack();
         report.OnMessage($"rolled back to step {step} ({output.Last}); learning rate now x{drops.LearningRateScale}");
@@ -91,45 +94,57 @@ internal sealed partial class TrainingRun
         report.OnProgress(new StepReport(step, budget.ReportedTotal(step, stepsTimed), epoch, runningBpd, lr, imagesPerSecond, drops.Dropped));
     }
 
-    /// <summary>Held-out evaluation, best and last checkpoints, and the epoch's pictures.</summary>
+    /// <summary>
+    /// The epoch's evaluation (held-out, or validation where the run holds images out), best and last
+    /// checkpoints, and the epoch's pictures.
+    /// </summary>
     void EndEpoch(int epoch, double lr)
     {
-        var (held, se) = Evaluate();
-        lastHeldOut = (held, se);
-        output.Record(step, epoch, runningBpd, (held, se), lr, imagesPerSecond, drops.Dropped);
-        bool isBest = double.IsFinite(held) && held < best;
-        report.OnEvaluation(new EvaluationReport(step, epoch, held, se, isBest));
+        var scores = Evaluate();
+        lastScores = scores;
+        output.Record(step, epoch, runningBpd, scores.HeldOut, lr, imagesPerSecond, drops.Dropped, scores.Validation);
+        var (score, se) = scores.Choosing;
+        bool isBest = double.IsFinite(score) && score < best;
+        report.OnEvaluation(scores.Report(step, epoch, isBest));
         if (isBest)
         {
-            best = held;
-            output.SaveBest(model, step, epoch, best, start.Optimizer);
+            best = score;
+            output.SaveBest(model, step, epoch, best, start.Optimizer, start.Average);
         }
         SaveLast(epoch);
-        output.SaveEpochPictures(model, (int)Math.Ceiling(step / (double)stepsPerEpoch));
+        using (start.Average?.Apply()) output.SaveEpochPictures(model, (int)Math.Ceiling(step / (double)stepsPerEpoch));
         // The evaluation's and the pictures' buffers, freed: back to the system, not left resident
         // for the rest of the run (malloc keeps freed memory; see HugePages).
         HugePages.ReleaseFreedMemory();
         throughput.Restart();
     }
 
-    /// <summary>The final pictures, score and summary.json.</summary>
+    /// <summary>
+    /// The final pictures, scores and summary.json; then, with a weight average, the model keeps the
+    /// averaged parameters (<see cref="Trainer.Model"/>: what was evaluated and saved).
+    /// </summary>
     TrainSummary Finish(bool stoppedEarly)
     {
         // The tensors the hand-written passes kept from step to step (a training step's activations).
         HandGradient.Release(model);
         drops.CheckSomeKept(step);
-        if (!stoppedEarly) output.SaveFinalPictures(model, data.HeldOut, s.Seed);
-        // The last step ends an epoch, so its evaluation is the final score; a run that was
-        // already finished evaluates once; one stopped early reports its last evaluation, if any.
-        var (finalHeld, finalSe) = lastHeldOut is { } lh ? lh : stoppedEarly ? (double.NaN, double.NaN) : Evaluate();
-        var summary = new TrainSummary(model.Config.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
-            lastTrainBpd, finalHeld, finalSe, Math.Min(best, finalHeld), imagesPerSecond, wall.Elapsed.TotalSeconds,
-            drops.Dropped, drops.Rollbacks, data.Description, output.Path, stoppedEarly, gradientPath, budget.UsedSeconds);
+        if (!stoppedEarly)
+            using (start.Average?.Apply()) output.SaveFinalPictures(model, data.HeldOut, s.Seed);
+        var summary = Summarise(stoppedEarly, FinalScoresOf(stoppedEarly));
         if (!stoppedEarly) output.SaveSummary(summary);
-        report.OnMessage($"held-out bits/dim: {finalHeld:0.0000} +- {finalSe:0.0000} ({data.HeldOut.Count} images); " +
+        report.OnMessage($"held-out bits/dim: {summary.HeldOutBpd:0.0000} +- {summary.HeldOutStdErr:0.0000} ({data.HeldOut.Count} images); " +
+                         (data.Validation is null ? "" : $"best.ckpt (step {summary.BestStep}, validation {summary.BestValidationBpd:0.0000}): " +
+                                                         $"held-out {summary.BestHeldOutBpd:0.0000} +- {summary.BestHeldOutStdErr:0.0000}; ") +
                          $"{step} steps, {summary.WallSeconds:0} s ({budget.UsedSeconds:0} s in training steps), {imagesPerSecond:0} images/s, {drops.Dropped} dropped steps; run folder {summary.RunFolder}");
+        start.Average?.Assign();
         return summary;
     }
+
+    TrainSummary Summarise(bool stoppedEarly, FinalScores f) =>
+        new(model.Config.Name, model.ParameterCount, step, (int)Math.Ceiling(step / (double)stepsPerEpoch),
+            lastTrainBpd, f.HeldOut.Bpd, f.HeldOut.StdErr, f.BestHeldOut.Bpd, imagesPerSecond, wall.Elapsed.TotalSeconds,
+            drops.Dropped, drops.Rollbacks, data.Description, output.Path, stoppedEarly, gradientPath, budget.UsedSeconds,
+            data.Validation?.Count ?? 0, f.Validation.Bpd, f.BestValidation, f.BestStep, f.BestHeldOut.StdErr);
 
     /// <summary>
     /// ActNorm's data-dependent initialisation on the whole global batch with its noise, as one

@@ -10,7 +10,7 @@ namespace MixerFlow.Host.Training;
 /// <summary>
 /// One run of the <see cref="Trainer"/>: its loop (<see cref="Train"/>) sequences the collaborators
 /// set up here: <see cref="RunSetup"/> (settings, threads, device), <see cref="StartingState"/>
-/// (model and optimiser), the data, <see cref="RunOutput"/> (run folder, checkpoints, pictures),
+/// (model, optimiser, weight average), the data (with its validation set, if any), <see cref="RunOutput"/> (run folder, checkpoints, pictures),
 /// the <see cref="LearningRateSchedule"/>, <see cref="DivergenceGuard"/> and <see cref="DroppedSteps"/>
 /// (rollbacks), <see cref="Evaluation"/> and the observer. Ranks differ only through the
 /// <see cref="ICommunicator"/>.
@@ -57,11 +57,15 @@ internal sealed partial class TrainingRun : IDisposable
     /// <summary>The model being trained.</summary>
     public ImageFlow Model => model;
 
+    /// <summary>The run's images, once loaded (null before, and for a run that was already finished).</summary>
+    public DataSplits? Data => data;
+
     /// <summary>Trains to the end (see <see cref="Trainer.Run(CancellationToken)"/>).</summary>
     public TrainSummary Train(CancellationToken cancellationToken)
     {
         if (start.Finished is { } finished)
         {
+            start.Average?.Assign();
             report.OnMessage(s.MaxSeconds > 0
                 ? $"run already finished at step {start.Resumed!.Step} (its budget of {s.MaxSeconds} s of training steps spent, or its steps)"
                 : $"run already finished at step {start.Resumed!.Step}; use --extend-steps N to train N more steps");
@@ -113,7 +117,8 @@ internal sealed partial class TrainingRun : IDisposable
     {
         var cfg = model.Config;
         permutation = PixelPermutation.Of(s.PixelPermutationSeed, cfg.Height, cfg.Width);
-        data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed).Permuted(permutation);
+        data = DatasetLoader.Load(s.Data, cfg.Channels, cfg.Height, cfg.Width, s.Seed)
+            .WithValidation(s.ValidationImages, s.Seed).Permuted(permutation);
         int globalBatch = s.GlobalBatchSize;
         if (globalBatch > data.Train.Count) throw BatchTooLarge(globalBatch);
         output = RunOutput.Open(run, ranks, model, start.Resumed, report, permutation);
@@ -134,10 +139,10 @@ internal sealed partial class TrainingRun : IDisposable
         if (start.Resumed is not null) return;
         // A rollback target from the start: a run that goes bad before its first checkpoint rolls
         // back to the untrained model, whose held-out score starts the curve.
-        output.SaveLast(model, 0, 0, best, start.Optimizer);
-        var (held0, se0) = Evaluate();
-        output.Record(0, 0, null, (held0, se0), null, null, 0);
-        report.OnEvaluation(new EvaluationReport(0, 0, held0, se0, false));
+        output.SaveLast(model, 0, 0, best, start.Optimizer, start.Average);
+        var scores = Evaluate();
+        output.Record(0, 0, null, scores.HeldOut, null, null, 0, scores.Validation);
+        report.OnEvaluation(scores.Report(0, 0, false));
     }
 
     UserError BatchTooLarge(int globalBatch) => new(ranks.Size == 1
@@ -146,8 +151,6 @@ internal sealed partial class TrainingRun : IDisposable
         : $"global batch {globalBatch} ({ranks.Size} ranks x batch {s.BatchSize}) is larger than the training set " +
           $"({data.Train.Count} images: {data.Description}); use a batch size of at most {data.Train.Count / ranks.Size} per rank");
 
-    (double Bpd, double StdErr) Evaluate() =>
-        Evaluation.BitsPerDim(model, data.HeldOut, Evaluation.DefaultBatchSize, run.Device, communicator: ranks);
 
     /// <summary>
     /// The seconds a resumed run under a time budget spent before its checkpoint (rank 0 reads
@@ -164,7 +167,7 @@ internal sealed partial class TrainingRun : IDisposable
     /// <summary>last.ckpt, with the seconds spent so far where the run has a time budget.</summary>
     void SaveLast(int epoch)
     {
-        output.SaveLast(model, step, epoch, best, start.Optimizer);
+        output.SaveLast(model, step, epoch, best, start.Optimizer, start.Average);
         if (s.MaxSeconds > 0) output.SaveUsedSeconds(step, budget.UsedSeconds);
     }
 

@@ -79,6 +79,25 @@ public sealed record TrainingSettings
     /// </summary>
     public int PixelPermutationSeed { get; init; }
 
+    /// <summary>
+    /// Images of the training split held out as a validation set (chosen by a shuffle seeded with
+    /// <see cref="Seed"/>, never trained on; the same images in every process and after a resume);
+    /// 0 for none. With a validation set, the evaluations during training (at step 0 and at every
+    /// epoch's end) score it, best.ckpt is the checkpoint with the best validation bits/dim, and the
+    /// held-out (test) split is scored only at the end, for the last and the best checkpoint: the
+    /// choice of best.ckpt never reads a test score. Decides what the run computes: a resume may not change it.
+    /// </summary>
+    public int ValidationImages { get; init; }
+
+    /// <summary>
+    /// The decay of an exponential moving average of the parameters (<see cref="MixerFlow.Core.WeightAverage"/>),
+    /// updated after every optimiser step; 0 for none. With an average, evaluations, pictures and the
+    /// checkpoints' model tensors use the averaged parameters, and each checkpoint also holds the trained
+    /// ones, so a resume continues both. For example 0.999 (about the last 1,000 steps). Decides what the
+    /// run computes: a resume may not change it.
+    /// </summary>
+    public double EmaDecay { get; init; }
+
     /// <summary>Images per step.</summary>
     public int BatchSize { get; init; } = 64;
 
@@ -136,6 +155,8 @@ public sealed record TrainingSettings
         if (!(MaxSeconds >= 0 && double.IsFinite(MaxSeconds))) p.Add($"maxSeconds: must be a finite number >= 0 (0: no time budget), got {MaxSeconds}");
         if (PixelPermutationSeed < 0) p.Add($"pixelPermutationSeed: must be >= 0 (0: no permutation), got {PixelPermutationSeed}");
         if (Steps < 0) p.Add($"steps: must be >= 0, got {Steps}");
+        if (ValidationImages < 0) p.Add($"validationImages: must be >= 0 (0: no validation set), got {ValidationImages}");
+        if (!(EmaDecay >= 0 && EmaDecay < 1)) p.Add($"emaDecay: must lie in [0, 1) (0: no weight average), got {EmaDecay}");
         if (BatchSize < 1) p.Add($"batchSize: must be >= 1, got {BatchSize}");
         if (!(LearningRate > 0 && LearningRate < 1)) p.Add($"learningRate: must lie in (0, 1), got {LearningRate}");
         if (WarmupSteps < 0) p.Add($"warmupSteps: must be >= 0, got {WarmupSteps}");
