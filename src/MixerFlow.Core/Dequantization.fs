@@ -14,6 +14,7 @@ type DequantizationNoiseSample(noise: Tensor, logDensity: Tensor) =
     member _.Noise = noise
     /// log q(u | x) per sample, [B] (nats; 0 for uniform noise).
     member _.LogDensity = logDensity
+    /// The noise and its log density, for C#'s `var (u, logQ) = ...`.
     member _.Deconstruct([<Out>] u: byref<Tensor>, [<Out>] logQ: byref<Tensor>) =
         u <- noise
         logQ <- logDensity
@@ -138,7 +139,7 @@ type DequantizationFlow(eventShape: int64[], layers: int, width: int64) as this 
 /// <param name="flow">q(u | x)'s flow, of the same shape.</param>
 /// <param name="levels">Values per pixel (256 for 8 bits).</param>
 type VariationalDequantize(eventShape: int64[], flow: DequantizationFlow, levels: int) as this =
-    inherit Dequantize(eventShape, levels)
+    inherit Dequantize("VariationalDequantize", eventShape, levels)
     do
         if isNull (box flow) then nullArg "flow"
         if flow.InputShape <> eventShape then

@@ -65,7 +65,7 @@ module internal BuiltInRules =
           typeof<VariationalDequantize>,
           HandRule.Create<VariationalDequantize>(
               "variational dequantisation",
-              (fun _ _ -> "variational dequantisation: its noise flow q(u|x) has no hand-written rule"),
+              (fun _ _ -> "its noise flow q(u|x) has no hand-written rule"),
               (fun _ _ -> invalidOp "variational dequantisation has no hand-written step"))
           typeof<Logit>,
           HandRule.Create<Logit>("logit", (fun _ x -> floating x), (fun l _ -> LogitStep l :> IHandStep))
