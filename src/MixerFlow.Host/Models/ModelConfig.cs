@@ -37,7 +37,7 @@ public enum DequantizationKind
 [JsonPolymorphic(TypeDiscriminatorPropertyName = "kind")]
 [JsonDerivedType(typeof(MixerFlowConfig), "mixerFlow")]
 [JsonDerivedType(typeof(GlowConfig), "glow")]
-public abstract record ModelConfig
+public abstract partial record ModelConfig
 {
     public string Name { get; init; } = "custom";
     public int Channels { get; init; } = 1;
@@ -45,18 +45,6 @@ public abstract record ModelConfig
     public int Width { get; init; } = 28;
     /// <summary>Logit margin alpha (RealNVP): pixels in [0, 1] map to logit(alpha + (1 - 2 alpha) x).</summary>
     public double Alpha { get; init; } = 0.05;
-    /// <summary>
-    /// Uniform (the default) or variational dequantisation: the noise u added to the pixels comes
-    /// from a flow q(u | x) trained with the model, and log-likelihoods and bits/dim are the
-    /// variational bound E_q[log p(x + u) - log q(u | x)] (<see cref="VariationalDequantize"/>).
-    /// Configurations written before the field existed read as Uniform.
-    /// </summary>
-    public DequantizationKind Dequantization { get; init; } = DequantizationKind.Uniform;
-    /// <summary>Variational dequantisation: affine couplings of the noise flow (<see cref="DequantizationFlow"/>).</summary>
-    public int DequantizationLayers { get; init; } = 4;
-    /// <summary>Variational dequantisation: channels of the noise flow's hidden convolutions.</summary>
-    public int DequantizationWidth { get; init; } = 16;
-
     [JsonIgnore] public abstract ModelKind Kind { get; }
     [JsonIgnore] public long[] ImageShape => new long[] { Channels, Height, Width };
     [JsonIgnore] public long Dimensions => (long)Channels * Height * Width;
@@ -80,37 +68,6 @@ public abstract record ModelConfig
         if (!(Alpha > 0 && Alpha < 0.5)) p.Add($"alpha: must lie in (0, 0.5), got {Alpha}");
         return p;
     }
-
-    [JsonIgnore] bool Variational => Dequantization == DequantizationKind.Variational;
-
-    /// <summary>The problems of the dequantisation fields (the image shape is valid when this is called).</summary>
-    void DequantizationProblems(List<string> p)
-    {
-        if (!Enum.IsDefined(Dequantization)) p.Add($"dequantization: must be one of uniform, variational, got {Dequantization}");
-        InRange(p, "dequantizationLayers", DequantizationLayers, 1, MaxDequantizationLayers);
-        InRange(p, "dequantizationWidth", DequantizationWidth, 1, MaxDequantizationWidth);
-        if (Variational && (long)Height * Width < 2)
-            p.Add($"dequantization: variational needs images of at least 2 pixels (its noise flow's checkerboard), got {Height}x{Width}");
-    }
-
-    /// <summary>The most couplings of a variational dequantiser's noise flow.</summary>
-    public const int MaxDequantizationLayers = 64;
-    /// <summary>The widest hidden convolutions of a variational dequantiser's noise flow.</summary>
-    public const int MaxDequantizationWidth = 4096;
-
-    /// <summary>Parameters of the variational dequantiser's noise flow (0 for uniform): per coupling a
-    /// 3x3 convolution from 2C channels to the width, a 1x1 one and a 3x3 one back to 2C.</summary>
-    double DequantizerParameters()
-    {
-        if (!Variational) return 0;
-        double w = DequantizationWidth, c2 = 2.0 * Channels;
-        return DequantizationLayers * ((9 * c2 + 1) * w + (w + 1) * w + (9 * w + 1) * c2);
-    }
-
-    /// <summary>The noise flow's activations per image (0 for uniform): per coupling its hidden
-    /// feature maps (before and after the activation) and a few image-sized tensors.</summary>
-    double DequantizerActivationsPerImage() =>
-        Variational ? DequantizationLayers * (double)Height * Width * (4.0 * DequantizationWidth + 8 * Channels) : 0;
 
     // Bounds on every size field, so that a crafted configuration (a checkpoint's, a file's) is
     // refused by name instead of failing in a native allocation or building for hours.
@@ -154,12 +111,6 @@ public abstract record ModelConfig
 
     /// <summary>Builds the model's bijector (everything after dequantisation), with its parts grouped.</summary>
     public abstract BuiltFlow Build();
-
-    /// <summary>Builds the model's dequantisation: <see cref="Dequantize"/> (uniform) or
-    /// <see cref="VariationalDequantize"/> with its noise flow.</summary>
-    public Dequantize BuildDequantizer() => Variational
-        ? new VariationalDequantize(ImageShape, DequantizationLayers, DequantizationWidth)
-        : new Dequantize(ImageShape);
 
     static readonly JsonSerializerOptions Json = new()
     {
