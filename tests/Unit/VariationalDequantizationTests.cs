@@ -117,6 +117,27 @@ public class VariationalDequantizationTests
     }
 
     [Fact]
+    public void A_glow_model_takes_it_too_and_trains_its_noise_flow_under_autograd()
+    {
+        manual_seed(2);
+        var model = new ImageFlow(Presets.Get("glow-tiny").With([("dequantization", "variational"), ("dequantizationWidth", "4")]));
+        model.train();
+        var step = new TrainingStep(model, new MixerFlow.Core.Adam(model.parameters(), 1e-3), 1e6);
+        var batch = randint(0, 256, new long[] { 8, 1, 8, 8 }).to(float32);
+        // Two steps: the first moves the couplings' zero-initialised last layers, the second reaches every parameter.
+        for (int i = 0; i < 2; i++)
+        {
+            var outcome = step.Take(batch, 1e-3);
+            Assert.True(outcome.Kept && double.IsFinite(outcome.BitsPerDim), outcome.DroppedBecause);
+        }
+        Assert.Equal(GradientPath.Autograd, step.LastGradientPath);
+        var flowParameters = model.named_parameters().Where(p => p.name.StartsWith("transform.parts.0.flow.")).ToList();
+        Assert.Equal(24, flowParameters.Count);
+        foreach (var (name, p) in flowParameters)
+            Assert.True(p.grad is not null && p.grad.abs().max().item<float>() > 0, $"{name}: no gradient");
+    }
+
+    [Fact]
     public void Samples_ignore_the_dequantiser()
     {
         manual_seed(1);
