@@ -233,6 +233,21 @@ module Catalogue =
                 let n = b.InputSize
                 torch.stack([| torch.zeros(b.InputShape); torch.full(b.InputShape, scalar 255.0) |])))
             null
+    /// Pixel values 0..255 of a bijector's input shape.
+    let private pixels = Func<Bijector, int64, Tensor>(fun b n -> torch.randint(0L, 256L, batchShape n b.InputShape).to_type(torch.float32))
+    /// q(u | x)'s flow of variational dequantisation at a fixed pixel context (a random row).
+    [<CompiledName("DequantizationFlow")>]
+    let dequantizationFlow =
+        spec "dequantization-flow" (fun r ->
+            let flow = new DequantizationFlow([| between r 1 2; between r 1 3; between r 2 3 |], r.Next(1, 4), between r 4 8)
+            new FixedContext(flow, addScalar (torch.rand(flow.ContextFeatures) * scalar 2.0) -1.0) :> Bijector)
+    /// Variational dequantisation with a random noise flow.
+    [<CompiledName("VariationalDequantize")>]
+    let variationalDequantize =
+        specWith "variational-dequantize" (fun r -> new VariationalDequantize([| between r 1 2; between r 1 3; between r 2 3 |], r.Next(1, 4), between r 4 8))
+            pixels
+            (Func<Bijector, Tensor>(fun b -> torch.stack([| torch.zeros(b.InputShape); torch.full(b.InputShape, scalar 255.0) |])))
+            null
     [<CompiledName("Logit")>]
     let logit =
         specWith "logit" (fun r -> new Logit(anyShape r, pick r [| 0.05; 0.01; 1e-3 |]))
@@ -260,7 +275,8 @@ module Catalogue =
         [| actNorm; batchNorm; affineCoupling; affineCouplingBfloat16; affineCouplingConv; additiveCoupling; splineCoupling; maf
            permutationReverse; permutationRandom; luLinear; conv1x1; squeeze; patchifySquare; patchifyBands
            patchifyStripes; shift; reshape; rowWise; columnWise; partial; partialColumns; matrixSplit; splitPrior; dequantize; logit; chain; inverted
-           coupling; splineMaf; conditionalCoupling; conditionalMaf; affineCouplingKan; couplingKan |]
+           coupling; splineMaf; conditionalCoupling; conditionalMaf; affineCouplingKan; couplingKan; dequantizationFlow
+           variationalDequantize |]
 
     /// The public concrete (non-abstract) subclasses of Bijector in an assembly: for the Core
     /// assembly, what the catalogue must cover.

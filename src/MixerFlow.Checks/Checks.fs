@@ -67,10 +67,17 @@ module PropertyChecks =
             }
         Arb.fromGenShrink (gen, shrink)
 
+    /// Whether the family's forward log-det is a variational bound's term (BijectorTraits.VariationalLogDet).
+    let private variationalLogDet (probe: unit -> Bijector) =
+        use _ = torch.NewDisposeScope()
+        (probe ()).Traits.VariationalLogDet
+
     /// Whether a check applies to `probe()` (an instance of the family) at a dtype, and why not.
     let private applicableTo (spec: BijectorSpec) (probe: unit -> Bijector) (kind: CheckKind) (o: CheckOptions) =
         match kind with
         | CheckKind.LogDet when o.DType <> torch.float64 -> Some "the Jacobian oracle runs in float64 only"
+        | CheckKind.LogDet | CheckKind.InverseLogDet when variationalLogDet probe ->
+            Some "its forward log-det is a variational bound's term (-log q of its noise), not log|det J|: its noise flow is checked on its own"
         | CheckKind.Edges when isNull (box spec.EdgeInputs) && isNull (box spec.EdgeOutputs) -> Some "no edge cases declared"
         | CheckKind.HandGradient ->
             // Whether a hand-written rule runs the instance (or a part of it) at this dtype.

@@ -10,8 +10,12 @@ type BijectorTraits =
       /// holds on the discrete data, the inverse is a rounding with no useful Jacobian.
       Surjective: bool
       /// Samples interact in training mode (batch normalisation uses batch statistics).
-      BatchCoupledInTraining: bool }
-    static member Bijective = { Surjective = false; BatchCoupledInTraining = false }
+      BatchCoupledInTraining: bool
+      /// The forward log-det is a term of a variational bound rather than log|det J|: variational
+      /// dequantisation adds -log q(u | x) of the noise it drew. It is not compared with the
+      /// Jacobian, and the inverse's log-det (a rounding's) is not its negative.
+      VariationalLogDet: bool }
+    static member Bijective = { Surjective = false; BatchCoupledInTraining = false; VariationalLogDet = false }
 
 /// Known zeros and ones of the Jacobian dy/dx (flattened per sample, row = output element):
 /// NaN where the entry is free. Couplings pin the rows of their conditioning half to the
@@ -258,7 +262,8 @@ type Chain private (partArray: Bijector[], _dummy: unit) as this =
 
     override _.Traits =
         { Surjective = parts |> Seq.exists (fun p -> p.Traits.Surjective)
-          BatchCoupledInTraining = parts |> Seq.exists (fun p -> p.Traits.BatchCoupledInTraining) }
+          BatchCoupledInTraining = parts |> Seq.exists (fun p -> p.Traits.BatchCoupledInTraining)
+          VariationalLogDet = parts |> Seq.exists (fun p -> p.Traits.VariationalLogDet) }
 
 /// The inverse of a bijector as a bijector: forward and inverse swapped.
 type Inverted(inner: Bijector) as this =

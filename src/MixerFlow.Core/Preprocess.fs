@@ -9,10 +9,16 @@ open MixerFlow.Core.Ops
 /// [0, 1). log|det dy/dx| = -n log 256, which makes a continuous density on y a bound on the
 /// probability of the discrete x (bits/dim of the 8-bit data). The inverse rounds down:
 /// inverse(forward(x)) = x; it is a surjection, not a bijection.
-type Dequantize(eventShape: int64[], levels: int) =
-    inherit Bijector("Dequantize", eventShape, eventShape)
+type Dequantize internal (name: string, eventShape: int64[], levels: int) =
+    inherit Bijector(name, eventShape, eventShape)
     let logLevels = Math.Log(float levels) * float (Shapes.numel eventShape)
-    new(eventShape) = new Dequantize(eventShape, 256)
+    /// Uniform dequantisation of `levels` values per element.
+    /// <param name="eventShape">The shape of one sample.</param>
+    /// <param name="levels">Values per element (256 for 8 bits).</param>
+    new(eventShape: int64[], levels: int) = new Dequantize("Dequantize", eventShape, levels)
+    /// Uniform dequantisation of 8-bit values.
+    /// <param name="eventShape">The shape of one sample.</param>
+    new(eventShape: int64[]) = new Dequantize("Dequantize", eventShape, 256)
     member _.Levels = levels
     /// Use u = 1/2 instead of uniform noise: a deterministic map, for embeddings and for
     /// measuring reconstruction error.

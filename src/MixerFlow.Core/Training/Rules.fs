@@ -60,6 +60,13 @@ module internal BuiltInRules =
           HandRule.Create<ActNorm>("ActNorm", (fun a x -> ActNormStep.Refusal(a, x)), (fun a _ -> ActNormStep a :> IHandStep))
           typeof<Dequantize>,
           HandRule.Create<Dequantize>("dequantisation", (fun _ x -> floating x), (fun d _ -> DequantizeStep d :> IHandStep))
+          // A Dequantize whose noise comes from a learned flow: Dequantize's step would draw
+          // uniform noise, so it runs as an autograd island (its noise flow's gradients by autograd).
+          typeof<VariationalDequantize>,
+          HandRule.Create<VariationalDequantize>(
+              "variational dequantisation",
+              (fun _ _ -> "its noise flow q(u|x) has no hand-written rule"),
+              (fun _ _ -> invalidOp "variational dequantisation has no hand-written step"))
           typeof<Logit>,
           HandRule.Create<Logit>("logit", (fun _ x -> floating x), (fun l _ -> LogitStep l :> IHandStep))
           typeof<Patchify>, HandRule.Create<Bijector>("permutation", (fun _ x -> floating x), (fun b _ -> permutation b))

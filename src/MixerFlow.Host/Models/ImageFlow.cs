@@ -5,12 +5,14 @@ using static TorchSharp.torch;
 namespace MixerFlow.Host.Models;
 
 /// <summary>
-/// An image model as a Core <see cref="Flow"/>: dequantisation of the 8-bit pixels, then a
+/// An image model as a Core <see cref="Flow"/>: dequantisation of the 8-bit pixels (uniform, or
+/// variational with a learned noise flow: <see cref="ModelConfig.Dequantization"/>), then a
 /// bijector (the body, MixerFlow or Glow) to a latent of the image's shape under a standard
 /// normal base. <c>LogProb</c>, <c>Sample</c> and <c>SampleWithLogProb</c> work on pixel values
-/// 0..255 (batches [B, C, H, W], any float dtype), like any other flow's.
-/// Registered state: <c>transform.parts.0</c> (dequantisation), <c>transform.parts.1</c> (the body),
-/// <c>baseDistribution</c>.
+/// 0..255 (batches [B, C, H, W], any float dtype), like any other flow's; with variational
+/// dequantisation <c>LogProb</c> is the variational bound at one noise draw.
+/// Registered state: <c>transform.parts.0</c> (dequantisation; its noise flow under
+/// <c>transform.parts.0.flow</c>), <c>transform.parts.1</c> (the body), <c>baseDistribution</c>.
 /// </summary>
 public sealed class ImageFlow : Flow
 {
@@ -21,10 +23,16 @@ public sealed class ImageFlow : Flow
     public ImageFlow(ModelConfig config) : this(config, Assemble(config)) { }
 
     ImageFlow(ModelConfig config, BuiltFlow built)
-        : base(new Chain(new Bijector[] { new Dequantize(config.ImageShape), built.Body }), new StandardNormal(config.ImageShape))
+        : this(config, built, config.BuildDequantizer()) { }
+
+    ImageFlow(ModelConfig config, BuiltFlow built, Dequantize dequantizer)
+        : base(new Chain(new Bijector[] { dequantizer, built.Body }), new StandardNormal(config.ImageShape))
     {
         Config = config;
-        parts = built.Parts;
+        parts = dequantizer is VariationalDequantize v
+            ? new[] { new KeyValuePair<string, IReadOnlyList<nn.Module>>("dequantisation (noise flow)", new nn.Module[] { v.Flow }) }
+                .Concat(built.Parts).ToDictionary(kv => kv.Key, kv => kv.Value)
+            : built.Parts;
     }
 
     static BuiltFlow Assemble(ModelConfig config)
@@ -39,7 +47,8 @@ public sealed class ImageFlow : Flow
 
     // Read through the transform, not kept in fields: TorchSharp registers Module-typed fields by
     // reflection, and a second name for the same module would save its tensors twice.
-    /// <summary>Uniform dequantisation of the 8-bit pixels, the transform's first part.</summary>
+    /// <summary>Dequantisation of the 8-bit pixels, the transform's first part: a
+    /// <see cref="VariationalDequantize"/> where the configuration asks for variational dequantisation.</summary>
     public Dequantize Dequantize => (Dequantize)((Chain)Transform).Parts[0];
     /// <summary>The model's bijector after dequantisation (MixerFlow's or Glow's).</summary>
     public Bijector Body => ((Chain)Transform).Parts[1];
@@ -53,7 +62,8 @@ public sealed class ImageFlow : Flow
         return this;
     }
 
-    /// <summary>log p(x) of the discrete pixels in nats per image (a dequantisation bound): the flow's <c>LogProb</c>.</summary>
+    /// <summary>log p(x) of the discrete pixels in nats per image (a dequantisation bound, at one draw of the noise;
+    /// with variational dequantisation log p(x + u) - log q(u | x)): the flow's <c>LogProb</c>.</summary>
     public Tensor LogLikelihood(Tensor x) => LogProb(x);
 
     /// <summary>One-hot class contexts [B, classes] for a class-conditional model, in its dtype and on its device.</summary>

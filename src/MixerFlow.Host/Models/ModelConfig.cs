@@ -20,6 +20,15 @@ public enum ConditionerPrecision { Float32, Bfloat16 }
 /// <summary>The network of MixerFlow's coupling conditioners (see <see cref="MixerFlowConfig.Conditioner"/>).</summary>
 public enum ConditionerKind { Mlp, Kan }
 
+/// <summary>How an image model dequantises its 8-bit pixels (see <see cref="ModelConfig.Dequantization"/>).</summary>
+public enum DequantizationKind
+{
+    /// <summary>Uniform noise u ~ U[0, 1) (Core's <see cref="Dequantize"/>).</summary>
+    Uniform,
+    /// <summary>Noise from a learned flow q(u | x) (Flow++; Core's <see cref="VariationalDequantize"/>).</summary>
+    Variational,
+}
+
 /// <summary>
 /// Everything that defines an image model; saved with every checkpoint (as JSON with a
 /// <c>kind</c> field), so a model can be rebuilt from its file alone. The fields every family
@@ -28,7 +37,7 @@ public enum ConditionerKind { Mlp, Kan }
 [JsonPolymorphic(TypeDiscriminatorPropertyName = "kind")]
 [JsonDerivedType(typeof(MixerFlowConfig), "mixerFlow")]
 [JsonDerivedType(typeof(GlowConfig), "glow")]
-public abstract record ModelConfig
+public abstract partial record ModelConfig
 {
     public string Name { get; init; } = "custom";
     public int Channels { get; init; } = 1;
@@ -36,7 +45,6 @@ public abstract record ModelConfig
     public int Width { get; init; } = 28;
     /// <summary>Logit margin alpha (RealNVP): pixels in [0, 1] map to logit(alpha + (1 - 2 alpha) x).</summary>
     public double Alpha { get; init; } = 0.05;
-
     [JsonIgnore] public abstract ModelKind Kind { get; }
     [JsonIgnore] public long[] ImageShape => new long[] { Channels, Height, Width };
     [JsonIgnore] public long Dimensions => (long)Channels * Height * Width;
@@ -53,8 +61,9 @@ public abstract record ModelConfig
         {
             int before = p.Count;
             FamilyProblems(p);
-            if (p.Count == before && EstimatedParameters() is var n && n > MaxParameters)
-                p.Add($"{SizeFields}: the model would have about {n:0.##e0} parameters, more than {MaxParameters:0.##e0}");
+            DequantizationProblems(p);
+            if (p.Count == before && EstimatedParameters() + DequantizerParameters() is var n && n > MaxParameters)
+                p.Add($"{SizeFields}{(Variational ? " / dequantizationLayers / dequantizationWidth" : "")}: the model would have about {n:0.##e0} parameters, more than {MaxParameters:0.##e0}");
         }
         if (!(Alpha > 0 && Alpha < 0.5)) p.Add($"alpha: must lie in (0, 0.5), got {Alpha}");
         return p;
@@ -83,7 +92,8 @@ public abstract record ModelConfig
     /// magnitude matters; call it on a configuration without <see cref="Problems"/>.
     /// </summary>
     public double EstimatedTrainingBytes(int batchSize) =>
-        sizeof(float) * (4 * EstimatedParameters() + (double)batchSize * EstimatedActivationsPerImage());
+        sizeof(float) * (4 * (EstimatedParameters() + DequantizerParameters())
+                         + (double)batchSize * (EstimatedActivationsPerImage() + DequantizerActivationsPerImage()));
 
     /// <summary>The fields that set the model's size, named when the parameter bound is exceeded.</summary>
     protected abstract string SizeFields { get; }
