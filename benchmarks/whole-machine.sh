@@ -22,6 +22,8 @@ if [ $((batch % ranks)) -ne 0 ]; then echo "whole-machine.sh: --batch $batch is 
 mpiexec=$(command -v mpiexec.mpich || command -v mpiexec.hydra || true)
 [ -n "$mpiexec" ] || { echo "whole-machine.sh: needs MPICH's mpiexec (apt-get install mpich)" >&2; exit 2; }
 dotnet build src/MixerFlow.Cli -c Release -v q -nologo >/dev/null
+# The commit the binaries were built from (HEAD may move while the rounds run).
+commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (with uncommitted changes)')"
 cli=src/MixerFlow.Cli/bin/Release/net10.0/mixerflow.dll
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 dataArgs=(); [ -n "$data" ] && dataArgs=(--data "$data")
@@ -54,7 +56,7 @@ for i, n in enumerate(names):
 PY
 )
 header="command: benchmarks/whole-machine.sh $args
-commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (with uncommitted changes)')
+commit: $commit
 machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)
 date: $(date -u +%FT%TZ)
 model: $preset ${sets[*]}; global batch $batch; $steps steps per run; $rounds rounds, configurations interleaved"
