@@ -26,15 +26,24 @@ let private splineCoupling (r: Random) : Bijector =
 let private wide = Func<Bijector, int64, Tensor>(fun b n -> torch.randn(batchShape n b.InputShape) * scalar 2.5)
 let private spec = BijectorSpec("spline-coupling-by-hand", Func<Random, Bijector>(splineCoupling), wide)
 
+/// Runs f with the fused CPU loops on or off (tensor operations, as on other devices).
+let private withKernels (fused: bool) (f: unit -> unit) =
+    let saved = HandKernels.Enabled
+    HandKernels.Enabled <- fused
+    try f () finally HandKernels.Enabled <- saved
+
 [<Theory>]
-[<InlineData("float64")>]
-[<InlineData("float32")>]
-let ``spline couplings by hand: the taped pass and every gradient equal autograd's at random parameters`` (dtype: string) =
-    let o = (if dtype = "float64" then CheckOptions.Float64 else CheckOptions.Float32).WithCases(8).WithParameterNoise(0.5)
-    let r = PropertyChecks.run spec CheckKind.HandGradient o
-    Assert.True(r.Applicable, r.Message)
-    Assert.True(r.Passed, r.Message)
-    Assert.True(r.WorstError > 0.0, "nothing was compared: " + r.Message)
+[<InlineData("float64", true)>]
+[<InlineData("float32", true)>]
+[<InlineData("float64", false)>]
+[<InlineData("float32", false)>]
+let ``spline couplings by hand: the taped pass and every gradient equal autograd's at random parameters`` (dtype: string, fused: bool) =
+    withKernels fused (fun () ->
+        let o = (if dtype = "float64" then CheckOptions.Float64 else CheckOptions.Float32).WithCases(8).WithParameterNoise(0.5)
+        let r = PropertyChecks.run spec CheckKind.HandGradient o
+        Assert.True(r.Applicable, r.Message)
+        Assert.True(r.Passed, r.Message)
+        Assert.True(r.WorstError > 0.0, "nothing was compared: " + r.Message))
 
 /// A float64 spline coupling with random parameters (the conditioner's last layer is zero at
 /// initialisation: the identity), and a batch that reaches every bin and both tails.
@@ -91,16 +100,20 @@ let private problems (bins: int) (nB: int64) (expected: (string * Tensor) list) 
     if found.IsEmpty then null else String.Join("; ", found)
 
 [<Theory>]
-[<InlineData(2)>]
-[<InlineData(5)>]
-[<InlineData(8)>]
-let ``every spline parameter (widths, heights, derivatives at the knots, conditioner weights) gets a nonzero gradient equal to autograd's`` (bins: int) =
+[<InlineData(2, true)>]
+[<InlineData(5, true)>]
+[<InlineData(8, true)>]
+[<InlineData(2, false)>]
+[<InlineData(5, false)>]
+[<InlineData(8, false)>]
+let ``every spline parameter (widths, heights, derivatives at the knots, conditioner weights) gets a nonzero gradient equal to autograd's`` (bins: int, fused: bool) =
     use _ = torch.NewDisposeScope()
-    let c, x = randomCoupling (int64 (40 + bins)) bins
-    let expected, got = gradients c x
-    Assert.Equal(4, expected.Length)
-    let problem = problems bins 3L expected got
-    Assert.True(isNull problem, problem)
+    withKernels fused (fun () ->
+        let c, x = randomCoupling (int64 (40 + bins)) bins
+        let expected, got = gradients c x
+        Assert.Equal(4, expected.Length)
+        let problem = problems bins 3L expected got
+        Assert.True(isNull problem, problem))
 
 [<Fact>]
 let ``a spline gradient whose knot derivatives never train is caught`` () =

@@ -87,6 +87,11 @@ type internal SplinePass(ws: Workspace, widths: int64[], features: int64, nB: in
     member val OnesNB = ws.Ones nB
     member val OnesPerSample = ws.Ones ws.RowsPerSample
     member val OnesRows = ws.Ones rows
+    /// The fused loops' outputs (y, log|dy/dx|; dL/dx), and what the forward loop keeps for the backward one.
+    member val KernelY = ws.Empty [| e |]
+    member val KernelLd = ws.Empty [| e |]
+    member val KernelDx = ws.Empty [| e |]
+    member val Saved = ws.Empty [| 4L; e |]
     member val Y = y
     member val Ya = conditioningPart y
     member val Yb = transformedPart y
@@ -95,6 +100,17 @@ type internal SplinePass(ws: Workspace, widths: int64[], features: int64, nB: in
     member val Dxb = transformedPart dx
     member _.Bins = k
     member _.Elements = e
+    /// The fused loops' constants and pointers (the workspace's tensors stay where they are).
+    member this.Constants : SplineConstants =
+        { Bins = int k; Bound = bound
+          FloorW = 2.0 * bound * Spline.minBinWidth; ScaleW = 2.0 * bound * (1.0 - Spline.minBinWidth * float k)
+          FloorH = 2.0 * bound * Spline.minBinHeight; ScaleH = 2.0 * bound * (1.0 - Spline.minBinHeight * float k) }
+    /// Forward: y and log|dy/dx| into KernelY and KernelLd; backward: dL/dy from Gy, dL/dx into KernelDx.
+    member this.Buffers(backward: bool) : SplineBuffers =
+        { Elements = int e; Soft = TensorNative.dataPtr p; Raw = TensorNative.dataPtr this.PUd; X = TensorNative.dataPtr xb
+          Y = TensorNative.dataPtr (if backward then gy else this.KernelY)
+          LogDerivative = TensorNative.dataPtr (if backward then this.KernelDx else this.KernelLd)
+          Saved = TensorNative.dataPtr this.Saved; DSoft = TensorNative.dataPtr dp; DRaw = TensorNative.dataPtr this.DPUd }
 
 /// What a spline coupling's backward pass needs of its taped forward pass: the masks' products
 /// with the softmax, the bin's quantities and the rational quadratic's intermediates, [E] each
@@ -105,6 +121,8 @@ type internal SplineTape(pass: SplinePass, generation: int64, xa: Tensor) =
     member _.Generation = generation
     member _.Xa = xa
     member val Used = false with get, set
+    /// Whether the fused CPU loops ran the pass (SplineKernel) rather than tensor operations.
+    member val Fused = false with get, set
     /// Whether x lies in [-B, B] (bool), and the same as 0 or 1 in the pass's dtype.
     member val Inside : Tensor = null with get, set
     member val InsideF : Tensor = null with get, set
@@ -140,15 +158,24 @@ type internal SplineTape(pass: SplinePass, generation: int64, xa: Tensor) =
 /// one-hot; the backward pass is the same masks times per-element coefficients.
 module internal SplinePlanes =
     /// y_b (transposed) and the log-det's row sums into the pass's tensors; fills the tape.
-    let forward (p: SplinePass) (xbT: Tensor) (logDet: Tensor) (bound: float) (t: SplineTape) =
-        let e = p.Elements
-        let k = p.Bins
-        // Softmax of widths and heights in place of their raw values.
+    /// The softmax of widths and heights in place of their raw values (P2).
+    let softmax (p: SplinePass) =
         p.P2.amax([| 1L |], true, p.Max) |> ignore
         let soft = p.P2.sub_(p.Max).exp_()
         soft.div_(soft.sum(1L, true, Nullable())) |> ignore
+
+    /// The log-det's per-sample sums of the elementwise log|dy/dx| [E].
+    let addLogDet (p: SplinePass) (ld: Tensor) (logDet: Tensor) =
+        p.RowLd.addmv_(ld.view(p.Xb.shape.[0], -1L).t(), p.OnesNB, 0.0f, 1.0f) |> ignore
+        logDet.addmv_(p.RowLd.view(logDet.shape.[0], -1L), p.OnesPerSample, 1.0f, 1.0f) |> ignore
+
+    /// y_b (transposed) and the log-det's row sums into the pass's tensors, after softmax and with
+    /// x_b in Xb; fills the tape.
+    let forward (p: SplinePass) (logDet: Tensor) (bound: float) (t: SplineTape) =
+        let e = p.Elements
+        let k = p.Bins
+        let soft = p.P2
         // L_j = [X_(j+1) <= x], x clamped into [-B, B]; the one-hot of the bin; the sums.
-        p.Xb.copy_(xbT) |> ignore
         let xc = p.Xc.copy_(p.XbFlat).clamp_(scalar -bound, scalar bound)
         p.LowerInner.addmm_(p.InnerKnots, p.SoftW, 0.0f, 1.0f).sub_(xc).le_(Scalars.Of 0.0) |> ignore
         let oneHot = p.LShifted.sub(p.L)
@@ -183,8 +210,7 @@ module internal SplinePlanes =
         let insideF = inside.to_type(xc.dtype)
         let ld = dydx.log().mul_(insideF)
         p.Yb.copy_(torch.where(inside, yIn, p.XbFlat).view(p.Xb.shape.[0], -1L).t()) |> ignore
-        p.RowLd.addmv_(ld.view(p.Xb.shape.[0], -1L).t(), p.OnesNB, 0.0f, 1.0f) |> ignore
-        logDet.addmv_(p.RowLd.view(logDet.shape.[0], -1L), p.OnesPerSample, 1.0f, 1.0f) |> ignore
+        addLogDet p ld logDet
         t.Inside <- inside; t.InsideF <- insideF; t.ProdL <- prodL; t.ProdO <- prodO; t.SumL <- sumL; t.SumO <- sumO
         t.OneHotPair <- pair; t.Wk <- wk; t.Hk <- hk; t.S <- s; t.Th2 <- th2; t.Sq2 <- sq2; t.T1t <- t1t
         t.D2 <- d2; t.Sig2 <- sig2; t.Qv <- qv; t.Dn <- dn; t.N <- n; t.R <- r; t.A <- a; t.Dydx <- dydx
@@ -192,10 +218,10 @@ module internal SplinePlanes =
     /// dL/d(raw parameters) into DOutT's spline planes; returns dL/dx_b [E].
     /// <param name="c">dL/dlogdet.</param>
     /// <param name="c2">2 dL/dlogdet.</param>
-    let backward (t: SplineTape) (dybT: Tensor) (c: Scalar) (c2: Scalar) =
+    let backward (t: SplineTape) (c: Scalar) (c2: Scalar) =
         let p = t.Pass
         let e = p.Elements
-        let gy = p.Gy.copy_(dybT).view(e)
+        let gy = p.GyFlat
         let invDn = t.Dn.reciprocal()
         let invA = t.A.reciprocal()
         let ghd = gy.mul(t.Hk).mul_(invDn).mul_(invDn)
@@ -305,7 +331,15 @@ type internal SplineCouplingStep(coupling: Coupling) =
             let xa, xbT = v.[0], v.[1]
             conditioner p xa
             let tape = SplineTape(p, workspace.Generation, xa)
-            SplinePlanes.forward p xbT logDet map.Bound tape
+            SplinePlanes.softmax p
+            p.Xb.copy_(xbT) |> ignore
+            if SplineKernel.applies x p.Elements then
+                tape.Fused <- true
+                if x.dtype = torch.float32 then SplineKernel.forward<float32> p.Constants (p.Buffers false)
+                else SplineKernel.forward<float> p.Constants (p.Buffers false)
+                p.Yb.copy_(p.KernelY.view(nB, -1L).t()) |> ignore
+                SplinePlanes.addLogDet p p.KernelLd logDet
+            else SplinePlanes.forward p logDet map.Bound tape
             p.Ya.copy_(xa) |> ignore
             struct (p.Y, box tape)
         member _.Backward(tape, dy, logDetGradient, inputGradient) =
@@ -315,13 +349,19 @@ type internal SplineCouplingStep(coupling: Coupling) =
             let p = tape.Pass
             let v = gradViews.Of(dy, fun g -> [| g.narrow(1L, conditioningStart, nA); g.narrow(1L, transformedStart, nB).t() |])
             let dya, dybT = v.[0], v.[1]
-            let c = Scalar.op_Implicit logDetGradient
-            let c2 = Scalar.op_Implicit (2.0 * logDetGradient)
+            p.Gy.copy_(dybT) |> ignore
             let dxb =
-                try SplinePlanes.backward tape dybT c c2
-                finally
-                    c.Dispose()
-                    c2.Dispose()
+                if tape.Fused then
+                    if p.Xb.dtype = torch.float32 then SplineKernel.backward<float32> p.Constants (p.Buffers true) logDetGradient
+                    else SplineKernel.backward<float> p.Constants (p.Buffers true) logDetGradient
+                    p.KernelDx
+                else
+                    let c = Scalar.op_Implicit logDetGradient
+                    let c2 = Scalar.op_Implicit (2.0 * logDetGradient)
+                    try SplinePlanes.backward tape c c2
+                    finally
+                        c.Dispose()
+                        c2.Dispose()
             if inputGradient then p.Dxb.copy_(dxb.view(nB, -1L).t()) |> ignore
             conditionerBackward p tape.Xa dya inputGradient
             if inputGradient then p.Dx else null
