@@ -28,40 +28,58 @@ type internal SplineConstants =
       FloorH: float
       ScaleH: float }
 
-/// Pointers (addresses of contiguous tensors' first elements) of one fused pass over E elements.
+/// The addresses (of first elements) and row strides, in elements, of one fused pass over a
+/// coupling's rows: each row holds Width transformed elements and their Q = 3K - 1 parameters.
 [<Struct>]
-type internal SplineBuffers =
-    { /// Elements (the planes' length).
-      Elements: int
-      /// Softmax of widths then heights [2K, E].
-      Soft: nativeint
-      /// Raw inner derivatives [K-1, E].
-      Raw: nativeint
-      /// The inputs [E].
+type internal SplineRows =
+    { Rows: int
+      /// Transformed elements per row (nB), a multiple of the lanes.
+      Width: int
+      /// The conditioner's output without its bias [rows, Q Width] (parameter j of element b at
+      /// j Width + b: widths, heights, inner derivatives), and the bias [Q Width].
+      Params: nativeint
+      Bias: nativeint
+      /// x_b: row 0's first transformed value, and the row stride.
       X: nativeint
-      /// Forward: outputs [E]; backward: dL/dy [E].
+      XStride: int
+      /// Forward: y_b; backward: dL/dy_b (as X).
       Y: nativeint
-      /// Forward: log|dy/dx| [E]; backward: dL/dx [E].
-      LogDerivative: nativeint
-      /// The derivatives at the bin's knots and softplus' of their raw values [4, E]: written by
-      /// the forward loop, read by the backward one.
+      YStride: int
+      /// Forward: each row's sum of log|dy/dx| [rows].
+      RowLogDet: nativeint
+      /// What the forward loop keeps for the backward one [rows, 4 Width]: the derivatives at the
+      /// bin's lower and upper knots and softplus' of their raw values.
       Saved: nativeint
-      /// Backward: dL/d(softmax) [2K, E] and dL/d(raw derivatives) [K-1, E].
-      DSoft: nativeint
-      DRaw: nativeint }
+      /// Backward: dL/dx_b (as X); dL/d(conditioner output) [rows, Q Width]; its sum over the rows
+      /// (the bias's gradient) [Q Width].
+      Dx: nativeint
+      DxStride: int
+      DParams: nativeint
+      DBias: nativeint }
 
-/// The spline of Spline.apply (forward direction) and its backward pass, fused into one loop over
-/// the elements, Vector<'T>.Count elements at a time (float32 or float64), on softmax planes that
-/// tensor operations computed: no intermediate tensor, the bin's quantities selected in registers
-/// as the knots are accumulated. The last vector overlaps the one before when E is not a multiple
-/// of the lanes (each element's results are written, never accumulated, so twice is the same).
-/// The same maths as SplinePlanes, which runs it as tensor operations on other devices.
+/// The spline of Spline.apply (forward direction) and its backward pass fused into one loop over
+/// a coupling's rows, Vector<'T>.Count elements at a time (float32 or float64), reading the
+/// conditioner's output as it lies (row-major, bias added here): softmax, knots and the bin's
+/// quantities in registers, no intermediate tensor. The backward loop computes the softmax again
+/// (cheaper than storing it) and writes every parameter's gradient. The same maths as SplinePlanes,
+/// which runs it as tensor operations (other devices, other layouts).
 module internal SplineKernel =
     let private isSingle<'T> () = Type.op_Equality(typeof<'T>, typeof<float32>)
     let private constant<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: float) : Vector<'T> =
         if isSingle<'T> () then Vector.As<float32, 'T>(Vector<float32>(float32 v)) else Vector.As<float, 'T>(Vector<float>(v))
+    /// exp for float32 (Cephes' expf: a degree-6 polynomial on [-ln2/2, ln2/2] times 2^n; inputs
+    /// clamped to [-87.3, 88], within 2 ulp there).
+    let private expSingle (v: Vector<float32>) : Vector<float32> =
+        let x = Vector.Max(Vector.Min(v, Vector<float32>(88.0f)), Vector<float32>(-87.3365478515625f))
+        let fx = Vector.Floor(x * Vector<float32>(1.44269504088896341f) + Vector<float32>(0.5f))
+        let x = x - fx * Vector<float32>(0.693359375f) + fx * Vector<float32>(2.12194440e-4f)
+        let p =
+            ((((Vector<float32>(1.9875691500e-4f) * x + Vector<float32>(1.3981999507e-3f)) * x + Vector<float32>(8.3334519073e-3f)) * x
+              + Vector<float32>(4.1665795894e-2f)) * x + Vector<float32>(1.6666665459e-1f)) * x + Vector<float32>(5.0000001201e-1f)
+        let y = p * (x * x) + x + Vector<float32>.One
+        y * Vector.As<int, float32>(Vector.ShiftLeft(Vector.ConvertToInt32 fx + Vector<int>(127), 23))
     let private exp<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: Vector<'T>) : Vector<'T> =
-        if isSingle<'T> () then Vector.As<float32, 'T>(Vector.Exp(Vector.As<'T, float32> v)) else Vector.As<float, 'T>(Vector.Exp(Vector.As<'T, float> v))
+        if isSingle<'T> () then Vector.As<float32, 'T>(expSingle (Vector.As<'T, float32> v)) else Vector.As<float, 'T>(Vector.Exp(Vector.As<'T, float> v))
     let private log<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: Vector<'T>) : Vector<'T> =
         if isSingle<'T> () then Vector.As<float32, 'T>(Vector.Log(Vector.As<'T, float32> v)) else Vector.As<float, 'T>(Vector.Log(Vector.As<'T, float> v))
     let inline private load<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (baseAddress: nativeint) (index: int) : Vector<'T> =
@@ -69,36 +87,58 @@ module internal SplineKernel =
     let inline private store<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (baseAddress: nativeint) (index: int) (v: Vector<'T>) =
         Unsafe.WriteUnaligned<Vector<'T>>(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (baseAddress + nativeint index * nativeint sizeof<'T>)), v)
 
-    /// The bin of x (clamped) and its quantities, accumulated over the knots: the bin (as a value),
-    /// the softmax sums below it and at it, widths and heights.
+    /// Parameter j of the elements b0.. of a row (with its bias).
+    let inline private parameter<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (b: SplineRows) (row: int) (j: int) (b0: int) =
+        load<'T> b.Params (row + j * b.Width + b0) + load<'T> b.Bias (j * b.Width + b0)
+
+    /// The softmax of the widths (soft.[0..K-1]) and of the heights (soft.[K..2K-1]).
+    let private softmax<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
+            (k: int) (b: SplineRows) (row: int) (b0: int) (soft: Vector<'T>[]) =
+        for part in 0 .. 1 do
+            let first = part * k
+            let mutable largest = parameter<'T> b row first b0
+            soft.[first] <- largest
+            for j in first + 1 .. first + k - 1 do
+                let v = parameter<'T> b row j b0
+                soft.[j] <- v
+                largest <- Vector.Max(largest, v)
+            let mutable total = Vector<'T>.Zero
+            for j in first .. first + k - 1 do
+                let v = exp<'T> (soft.[j] - largest)
+                soft.[j] <- v
+                total <- total + v
+            let inverse = Vector<'T>.One / total
+            for j in first .. first + k - 1 do soft.[j] <- soft.[j] * inverse
+
+    /// The bin of x (clamped) and its quantities, accumulated over the knots.
     [<Struct; NoEquality; NoComparison>]
     type private Bin<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> =
-        { K: Vector<'T>; BelowW: Vector<'T>; AtW: Vector<'T>; BelowH: Vector<'T>; AtH: Vector<'T>
-          /// The raw derivatives of the knots below and above the bin (0 where there is none).
+        { /// The bin, as a value.
+          K: Vector<'T>
+          /// The softmax's sum below the bin and its value at the bin, widths and heights.
+          BelowW: Vector<'T>; AtW: Vector<'T>; BelowH: Vector<'T>; AtH: Vector<'T>
+          /// The raw derivatives of the bin's lower and upper knots (0 where it is an end).
           RawLow: Vector<'T>; RawHigh: Vector<'T> }
 
     let private bin<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
-            (c: SplineConstants) (b: SplineBuffers) (i: int) (xc: Vector<'T>) : Bin<'T> =
-        let e = b.Elements
+            (c: SplineConstants) (b: SplineRows) (row: int) (b0: int) (soft: Vector<'T>[]) (xc: Vector<'T>) (raw: bool) : Bin<'T> =
         let k = c.Bins
         let negB, floorW, scaleW = constant<'T> -c.Bound, constant<'T> c.FloorW, constant<'T> c.ScaleW
-        let mutable cumW, cumH = Vector<'T>.Zero, Vector<'T>.Zero
-        let mutable prevW, prevH = load<'T> b.Soft i, load<'T> b.Soft (k * e + i)
-        let mutable r = { K = Vector<'T>.Zero; BelowW = Vector<'T>.Zero; AtW = prevW; BelowH = Vector<'T>.Zero; AtH = prevH
-                          RawLow = Vector<'T>.Zero; RawHigh = load<'T> b.Raw i }
+        let zero = Vector<'T>.Zero
+        let mutable cumW, cumH = zero, zero
+        let mutable r = { K = zero; BelowW = zero; AtW = soft.[0]; BelowH = zero; AtH = soft.[k]
+                          RawLow = zero; RawHigh = (if raw then parameter<'T> b row (2 * k) b0 else zero) }
         for j in 1 .. k - 1 do
-            cumW <- cumW + prevW
-            cumH <- cumH + prevH
-            prevW <- load<'T> b.Soft (j * e + i)
-            prevH <- load<'T> b.Soft ((k + j) * e + i)
+            cumW <- cumW + soft.[j - 1]
+            cumH <- cumH + soft.[k + j - 1]
             let jv = constant<'T> (float j)
             // Knot j of the widths: x at or above it puts the bin at j or above.
             let m = Vector.GreaterThanOrEqual(xc, negB + floorW * jv + scaleW * cumW)
             r <- { K = Vector.ConditionalSelect(m, jv, r.K)
-                   BelowW = Vector.ConditionalSelect(m, cumW, r.BelowW); AtW = Vector.ConditionalSelect(m, prevW, r.AtW)
-                   BelowH = Vector.ConditionalSelect(m, cumH, r.BelowH); AtH = Vector.ConditionalSelect(m, prevH, r.AtH)
-                   RawLow = Vector.ConditionalSelect(m, load<'T> b.Raw ((j - 1) * e + i), r.RawLow)
-                   RawHigh = Vector.ConditionalSelect(m, (if j < k - 1 then load<'T> b.Raw (j * e + i) else Vector<'T>.Zero), r.RawHigh) }
+                   BelowW = Vector.ConditionalSelect(m, cumW, r.BelowW); AtW = Vector.ConditionalSelect(m, soft.[j], r.AtW)
+                   BelowH = Vector.ConditionalSelect(m, cumH, r.BelowH); AtH = Vector.ConditionalSelect(m, soft.[k + j], r.AtH)
+                   RawLow = (if raw then Vector.ConditionalSelect(m, parameter<'T> b row (2 * k + j - 1) b0, r.RawLow) else zero)
+                   RawHigh = (if raw then Vector.ConditionalSelect(m, (if j < k - 1 then parameter<'T> b row (2 * k + j) b0 else zero), r.RawHigh) else zero) }
         r
 
     /// softplus(u + shift) + min and softplus' (the sigmoid); 1 and 0 where `atEnd` is set.
@@ -111,10 +151,10 @@ module internal SplineKernel =
         struct (Vector.ConditionalSelect(atEnd, one, softplus + constant<'T> Spline.minDerivative),
                 Vector.ConditionalSelect(atEnd, Vector<'T>.Zero, sigmoid))
 
-    /// The rational quadratic's intermediates in bin r at x (clamped).
+    /// The rational quadratic's intermediates in the bin at x (clamped).
     [<Struct; NoEquality; NoComparison>]
     type private Rq<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> =
-        { Wk: Vector<'T>; Hk: Vector<'T>; Xk: Vector<'T>; Yk: Vector<'T>; Theta: Vector<'T>; S: Vector<'T>; T1t: Vector<'T>
+        { Wk: Vector<'T>; Hk: Vector<'T>; Yk: Vector<'T>; Theta: Vector<'T>; S: Vector<'T>; T1t: Vector<'T>
           N: Vector<'T>; Qv: Vector<'T>; Dn: Vector<'T>; R: Vector<'T>; A: Vector<'T>; Dydx: Vector<'T> }
 
     let private rq<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
@@ -122,8 +162,8 @@ module internal SplineKernel =
         let negB = constant<'T> -c.Bound
         let wk = constant<'T> c.FloorW + constant<'T> c.ScaleW * r.AtW
         let hk = constant<'T> c.FloorH + constant<'T> c.ScaleH * r.AtH
+        // The same expression as the bin's knot comparison: theta >= 0.
         let xk = negB + constant<'T> c.FloorW * r.K + constant<'T> c.ScaleW * r.BelowW
-        let yk = negB + constant<'T> c.FloorH * r.K + constant<'T> c.ScaleH * r.BelowH
         let theta = (xc - xk) / wk
         let omt = Vector<'T>.One - theta
         let t1t = theta * omt
@@ -133,95 +173,106 @@ module internal SplineKernel =
         let dn = s + qv * t1t
         let a = dk1 * theta * theta + (s + s) * t1t + dk * omt * omt
         let q = s / dn
-        { Wk = wk; Hk = hk; Xk = xk; Yk = yk; Theta = theta; S = s; T1t = t1t; N = n; Qv = qv; Dn = dn
-          R = n / dn; A = a; Dydx = q * q * a }
+        { Wk = wk; Hk = hk; Yk = negB + constant<'T> c.FloorH * r.K + constant<'T> c.ScaleH * r.BelowH
+          Theta = theta; S = s; T1t = t1t; N = n; Qv = qv; Dn = dn; R = n / dn; A = a; Dydx = q * q * a }
 
-    /// The forward pass: y and log|dy/dx| (identity and 0 outside [-B, B]); the bin's derivatives
-    /// and their softplus' into Saved.
-    let forward<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (c: SplineConstants) (b: SplineBuffers) =
-        let e = b.Elements
-        let lanes = Vector<'T>.Count
-        let bound = constant<'T> c.Bound
-        let last = constant<'T> (float (c.Bins - 1))
-        let mutable i = 0
-        while i < e do
-            let i' = min i (e - lanes)
-            let x = load<'T> b.X i'
-            let xc = Vector.Min(Vector.Max(x, -bound), bound)
-            let inside = Vector.Equals(x, xc)
-            let r = bin c b i' xc
-            let struct (dk, sigK) = derivative<'T> r.RawLow (Vector.Equals(r.K, Vector<'T>.Zero))
-            let struct (dk1, sigK1) = derivative<'T> r.RawHigh (Vector.Equals(r.K, last))
-            let q = rq c r xc dk dk1
-            store b.Y i' (Vector.ConditionalSelect(inside, q.Yk + q.Hk * q.R, x))
-            store b.LogDerivative i' (Vector.ConditionalSelect(inside, log<'T> q.Dydx, Vector<'T>.Zero))
-            store b.Saved i' dk
-            store b.Saved (e + i') dk1
-            store b.Saved (2 * e + i') sigK
-            store b.Saved (3 * e + i') sigK1
-            i <- i + lanes
-
-    /// The backward pass from dL/dy (in Y) and dL/dlogdet (gl): dL/d(softmax) into DSoft,
-    /// dL/d(raw derivatives) into DRaw, dL/dx into LogDerivative.
-    let backward<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (c: SplineConstants) (b: SplineBuffers) (gl: float) =
-        let e = b.Elements
+    /// The forward pass: y_b (x_b outside [-B, B]), each row's log|det| (0 outside), and Saved.
+    let forward<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (c: SplineConstants) (b: SplineRows) =
         let k = c.Bins
         let lanes = Vector<'T>.Count
+        let q = (3 * k - 1) * b.Width
+        let soft = Array.zeroCreate<Vector<'T>> (2 * k)
         let bound = constant<'T> c.Bound
-        let one = Vector<'T>.One
-        let two = constant<'T> 2.0
-        let c1, c2 = constant<'T> gl, constant<'T> (2.0 * gl)
-        let mutable i = 0
-        while i < e do
-            let i' = min i (e - lanes)
-            let x = load<'T> b.X i'
-            let gy = load<'T> b.Y i'
-            let xc = Vector.Min(Vector.Max(x, -bound), bound)
-            let inside = Vector.Equals(x, xc)
-            let r = bin c b i' xc
-            let dk, dk1 = load<'T> b.Saved i', load<'T> b.Saved (e + i')
-            let q = rq c r xc dk dk1
-            let theta, omt = q.Theta, one - q.Theta
-            let invDn, invA = one / q.Dn, one / q.A
-            let ghd = gy * q.Hk * invDn * invDn
-            let om2t = omt - theta
-            // As SplinePlanes.backward: G_theta, G_s, and the derivatives' gradients.
-            let ldTheta = (dk1 * theta - dk * omt + q.S * om2t) * invA - q.Qv * om2t * invDn
-            let gTheta = gy * q.Wk * q.Dydx + c2 * ldTheta
-            let o2 = one - two * q.T1t
-            let gS = (theta * theta * q.Dn - q.N * o2) * ghd + c2 * (one / q.S + q.T1t * invA - o2 * invDn)
-            let twoT = two * q.T1t * invDn
-            let zero = Vector<'T>.Zero
-            let gdk1 = Vector.ConditionalSelect(inside, ((zero - q.N) * ghd * q.T1t + c1 * (theta * theta * invA - twoT)) * load<'T> b.Saved (3 * e + i'), zero)
-            let gdk = Vector.ConditionalSelect(inside, ((q.Dn - q.N) * ghd * q.T1t + c1 * (omt * omt * invA - twoT)) * load<'T> b.Saved (2 * e + i'), zero)
-            let invW = one / q.Wk
-            let gThetaW = gTheta * invW
-            let scaleW, scaleH = constant<'T> c.ScaleW, constant<'T> c.ScaleH
-            let lW = Vector.ConditionalSelect(inside, zero - scaleW * gThetaW, zero)
-            let oW = Vector.ConditionalSelect(inside, zero - scaleW * (q.S * gS * invW + theta * gThetaW), zero)
-            let lH = Vector.ConditionalSelect(inside, scaleH * gy, zero)
-            let oH = Vector.ConditionalSelect(inside, scaleH * (gy * q.R + gS * invW), zero)
-            let totalW = r.BelowW * lW + r.AtW * oW
-            let totalH = r.BelowH * lH + r.AtH * oH
-            // Through the softmax: s_j (L_j l + [j = bin] o - total), L_j = [j < bin].
-            for j in 0 .. k - 1 do
-                let jv = constant<'T> (float j)
-                let below, at = Vector.GreaterThan(r.K, jv), Vector.Equals(r.K, jv)
-                let termW = Vector.ConditionalSelect(below, lW, Vector.ConditionalSelect(at, oW, zero)) - totalW
-                let termH = Vector.ConditionalSelect(below, lH, Vector.ConditionalSelect(at, oH, zero)) - totalH
-                store b.DSoft (j * e + i') (load<'T> b.Soft (j * e + i') * termW)
-                store b.DSoft ((k + j) * e + i') (load<'T> b.Soft ((k + j) * e + i') * termH)
-            // Raw derivative j belongs to knot j + 1: the bin's lower knot when bin = j + 1, its upper when bin = j.
-            for j in 0 .. k - 2 do
-                let jv = constant<'T> (float j)
-                let v = Vector.ConditionalSelect(Vector.Equals(r.K, jv + one), gdk, zero) + Vector.ConditionalSelect(Vector.Equals(r.K, jv), gdk1, zero)
-                store b.DRaw (j * e + i') v
-            store b.LogDerivative i' (Vector.ConditionalSelect(inside, gThetaW, gy))
-            i <- i + lanes
+        let lastBin = constant<'T> (float (k - 1))
+        for r in 0 .. b.Rows - 1 do
+            let row = r * q
+            let mutable rowSum = Vector<'T>.Zero
+            let mutable b0 = 0
+            while b0 < b.Width do
+                softmax<'T> k b row b0 soft
+                let x = load<'T> b.X (r * b.XStride + b0)
+                let xc = Vector.Min(Vector.Max(x, -bound), bound)
+                let inside = Vector.Equals(x, xc)
+                let bn = bin<'T> c b row b0 soft xc true
+                let struct (dk, sigK) = derivative<'T> bn.RawLow (Vector.Equals(bn.K, Vector<'T>.Zero))
+                let struct (dk1, sigK1) = derivative<'T> bn.RawHigh (Vector.Equals(bn.K, lastBin))
+                let v = rq<'T> c bn xc dk dk1
+                store b.Y (r * b.YStride + b0) (Vector.ConditionalSelect(inside, v.Yk + v.Hk * v.R, x))
+                rowSum <- rowSum + Vector.ConditionalSelect(inside, log<'T> v.Dydx, Vector<'T>.Zero)
+                let saved = r * 4 * b.Width + b0
+                store b.Saved saved dk
+                store b.Saved (saved + b.Width) dk1
+                store b.Saved (saved + 2 * b.Width) sigK
+                store b.Saved (saved + 3 * b.Width) sigK1
+                b0 <- b0 + lanes
+            Unsafe.Write<'T>(NativePtr.toVoidPtr (NativePtr.ofNativeInt<byte> (b.RowLogDet + nativeint r * nativeint sizeof<'T>)), Vector.Sum rowSum)
 
-    /// Whether the fused loops can run on x's pass (a CPU batch of float32 or float64 whose E
-    /// elements fill at least one vector).
-    let applies (x: Tensor) (elements: int64) =
-        HandKernels.Enabled && x.device_type = DeviceType.CPU
-        && (x.dtype = torch.float32 && elements >= int64 Vector<float32>.Count
-            || x.dtype = torch.float64 && elements >= int64 Vector<float>.Count)
+    /// The backward pass from dL/dy_b (in Y) and dL/dlogdet (gl): every parameter's gradient into
+    /// DParams and their sums over the rows into DBias, dL/dx_b into Dx.
+    let backward<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (c: SplineConstants) (b: SplineRows) (gl: float) =
+        let k = c.Bins
+        let lanes = Vector<'T>.Count
+        let q = (3 * k - 1) * b.Width
+        let soft = Array.zeroCreate<Vector<'T>> (2 * k)
+        let dBias = Array.zeroCreate<Vector<'T>> (q / lanes)
+        let bound = constant<'T> c.Bound
+        let one, zero, two = Vector<'T>.One, Vector<'T>.Zero, constant<'T> 2.0
+        let c1, c2 = constant<'T> gl, constant<'T> (2.0 * gl)
+        let scaleW, scaleH = constant<'T> c.ScaleW, constant<'T> c.ScaleH
+        for r in 0 .. b.Rows - 1 do
+            let row = r * q
+            let mutable b0 = 0
+            while b0 < b.Width do
+                softmax<'T> k b row b0 soft
+                let x = load<'T> b.X (r * b.XStride + b0)
+                let gy = load<'T> b.Y (r * b.YStride + b0)
+                let xc = Vector.Min(Vector.Max(x, -bound), bound)
+                let inside = Vector.Equals(x, xc)
+                let bn = bin<'T> c b row b0 soft xc false
+                let saved = r * 4 * b.Width + b0
+                let dk, dk1 = load<'T> b.Saved saved, load<'T> b.Saved (saved + b.Width)
+                let v = rq<'T> c bn xc dk dk1
+                let theta, omt = v.Theta, one - v.Theta
+                let invDn, invA = one / v.Dn, one / v.A
+                let ghd = gy * v.Hk * invDn * invDn
+                let om2t = omt - theta
+                // As SplinePlanes.backward: G_theta, G_s, the derivatives' gradients, the knots' coefficients.
+                let gTheta = gy * v.Wk * v.Dydx + c2 * ((dk1 * theta - dk * omt + v.S * om2t) * invA - v.Qv * om2t * invDn)
+                let o2 = one - two * v.T1t
+                let gS = (theta * theta * v.Dn - v.N * o2) * ghd + c2 * (one / v.S + v.T1t * invA - o2 * invDn)
+                let twoT = two * v.T1t * invDn
+                let gdk1 = Vector.ConditionalSelect(inside, ((zero - v.N) * ghd * v.T1t + c1 * (theta * theta * invA - twoT)) * load<'T> b.Saved (saved + 3 * b.Width), zero)
+                let gdk = Vector.ConditionalSelect(inside, ((v.Dn - v.N) * ghd * v.T1t + c1 * (omt * omt * invA - twoT)) * load<'T> b.Saved (saved + 2 * b.Width), zero)
+                let invW = one / v.Wk
+                let gThetaW = gTheta * invW
+                let lW = Vector.ConditionalSelect(inside, zero - scaleW * gThetaW, zero)
+                let oW = Vector.ConditionalSelect(inside, zero - scaleW * (v.S * gS * invW + theta * gThetaW), zero)
+                let lH = Vector.ConditionalSelect(inside, scaleH * gy, zero)
+                let oH = Vector.ConditionalSelect(inside, scaleH * (gy * v.R + gS * invW), zero)
+                let totalW = bn.BelowW * lW + bn.AtW * oW
+                let totalH = bn.BelowH * lH + bn.AtH * oH
+                // Through the softmax: s_j (L_j l + [j = bin] o - total), L_j = [j < bin]; raw
+                // derivative j belongs to knot j + 1: the bin's lower knot when bin = j + 1, its upper when bin = j.
+                for j in 0 .. 3 * k - 2 do
+                    let g =
+                        if j < 2 * k then
+                            let jv = constant<'T> (float (j % k))
+                            let below, at = Vector.GreaterThan(bn.K, jv), Vector.Equals(bn.K, jv)
+                            if j < k then soft.[j] * (Vector.ConditionalSelect(below, lW, Vector.ConditionalSelect(at, oW, zero)) - totalW)
+                            else soft.[j] * (Vector.ConditionalSelect(below, lH, Vector.ConditionalSelect(at, oH, zero)) - totalH)
+                        else
+                            let jv = constant<'T> (float (j - 2 * k))
+                            Vector.ConditionalSelect(Vector.Equals(bn.K, jv + one), gdk, zero) + Vector.ConditionalSelect(Vector.Equals(bn.K, jv), gdk1, zero)
+                    store b.DParams (row + j * b.Width + b0) g
+                    let slot = (j * b.Width + b0) / lanes
+                    dBias.[slot] <- dBias.[slot] + g
+                store b.Dx (r * b.DxStride + b0) (Vector.ConditionalSelect(inside, gThetaW, gy))
+                b0 <- b0 + lanes
+        for slot in 0 .. dBias.Length - 1 do store b.DBias (slot * lanes) dBias.[slot]
+
+    /// Whether the fused loops can run a pass: a CPU batch of float32 or float64 whose transformed
+    /// elements per row fill whole vectors.
+    let applies (x: Tensor) (width: int64) =
+        HandKernels.Enabled && x.device_type = DeviceType.CPU && x.stride(1) = 1L
+        && (x.dtype = torch.float32 && width % int64 Vector<float32>.Count = 0L
+            || x.dtype = torch.float64 && width % int64 Vector<float>.Count = 0L)

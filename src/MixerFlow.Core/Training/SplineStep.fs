@@ -87,11 +87,13 @@ type internal SplinePass(ws: Workspace, widths: int64[], features: int64, nB: in
     member val OnesNB = ws.Ones nB
     member val OnesPerSample = ws.Ones ws.RowsPerSample
     member val OnesRows = ws.Ones rows
-    /// The fused loops' outputs (y, log|dy/dx|; dL/dx), and what the forward loop keeps for the backward one.
-    member val KernelY = ws.Empty [| e |]
-    member val KernelLd = ws.Empty [| e |]
-    member val KernelDx = ws.Empty [| e |]
+    /// The conditioner's output and its gradient row-major [rows, Q nB] (the same memory as OutT,
+    /// DOutT), for the fused loops; what the forward loop keeps for the backward one; the bias's gradient.
+    member val OutRows = ws.Keep(outT.view(rows, q * nB))
+    member val DOutRows = ws.Keep(dOutT.view(rows, q * nB))
+    member val DOutRowsT = ws.Keep(dOutT.view(rows, q * nB).t())
     member val Saved = ws.Empty [| 4L; e |]
+    member val DBias = ws.Empty [| q * nB |]
     member val Y = y
     member val Ya = conditioningPart y
     member val Yb = transformedPart y
@@ -105,12 +107,18 @@ type internal SplinePass(ws: Workspace, widths: int64[], features: int64, nB: in
         { Bins = int k; Bound = bound
           FloorW = 2.0 * bound * Spline.minBinWidth; ScaleW = 2.0 * bound * (1.0 - Spline.minBinWidth * float k)
           FloorH = 2.0 * bound * Spline.minBinHeight; ScaleH = 2.0 * bound * (1.0 - Spline.minBinHeight * float k) }
-    /// Forward: y and log|dy/dx| into KernelY and KernelLd; backward: dL/dy from Gy, dL/dx into KernelDx.
-    member this.Buffers(backward: bool) : SplineBuffers =
-        { Elements = int e; Soft = TensorNative.dataPtr p; Raw = TensorNative.dataPtr this.PUd; X = TensorNative.dataPtr xb
-          Y = TensorNative.dataPtr (if backward then gy else this.KernelY)
-          LogDerivative = TensorNative.dataPtr (if backward then this.KernelDx else this.KernelLd)
-          Saved = TensorNative.dataPtr this.Saved; DSoft = TensorNative.dataPtr dp; DRaw = TensorNative.dataPtr this.DPUd }
+    /// The fused loops' addresses: x_b (and dL/dy_b) as they lie, y_b and dL/dx_b into Y and Dx.
+    /// <param name="x">The batch (unit stride along its rows).</param>
+    /// <param name="bias">The conditioner's last bias.</param>
+    /// <param name="dy">dL/dy (unit stride along its rows), or null in the forward pass.</param>
+    member this.Rows(x: Tensor, bias: Tensor, dy: Tensor) : SplineRows =
+        let size = nativeint (x.element_size())
+        let column (t: Tensor) = TensorNative.dataPtr t + nativeint transformedStart * size
+        { Rows = int rows; Width = int nB; Params = TensorNative.dataPtr outT; Bias = TensorNative.dataPtr bias
+          X = column x; XStride = int (x.stride(0))
+          Y = (if isNull dy then column y else column dy); YStride = (if isNull dy then int features else int (dy.stride(0)))
+          RowLogDet = TensorNative.dataPtr this.RowLd; Saved = TensorNative.dataPtr this.Saved
+          Dx = column dx; DxStride = int features; DParams = TensorNative.dataPtr dOutT; DBias = TensorNative.dataPtr this.DBias }
 
 /// What a spline coupling's backward pass needs of its taped forward pass: the masks' products
 /// with the softmax, the bin's quantities and the rational quadratic's intermediates, [E] each
@@ -121,8 +129,10 @@ type internal SplineTape(pass: SplinePass, generation: int64, xa: Tensor) =
     member _.Generation = generation
     member _.Xa = xa
     member val Used = false with get, set
-    /// Whether the fused CPU loops ran the pass (SplineKernel) rather than tensor operations.
+    /// Whether the fused CPU loops ran the pass (SplineKernel) rather than tensor operations, and
+    /// the batch they read (again in the backward pass).
     member val Fused = false with get, set
+    member val X : Tensor = null with get, set
     /// Whether x lies in [-B, B] (bool), and the same as 0 or 1 in the pass's dtype.
     member val Inside : Tensor = null with get, set
     member val InsideF : Tensor = null with get, set
@@ -278,26 +288,34 @@ type internal SplineCouplingStep(coupling: Coupling) =
     let inputViews = ViewCache()
     let gradViews = ViewCache()
 
-    /// The conditioner: hidden layers row-major, the last one transposed into OutT.
-    let conditioner (p: SplinePass) (xa: Tensor) =
+    /// The conditioner: hidden layers row-major; the last one row-major without its bias for the
+    /// fused loops (which add it), else transposed into OutT with it.
+    let conditioner (p: SplinePass) (xa: Tensor) (fused: bool) =
         for i in 0 .. layers.Length - 2 do
             let l = layers.[i]
             let input = if i = 0 then xa else p.Hidden.[i - 1]
             p.Hidden.[i].copy_(l.bias).addmm_(input, HandGradients.transposeOf l.weight, 1.0f, 1.0f).relu_() |> ignore
-        let inputT = if layers.Length = 1 then xa.t() else p.HiddenT.[layers.Length - 2]
-        p.OutT.copy_(last.bias.unsqueeze(1L)).addmm_(last.weight, inputT, 1.0f, 1.0f) |> ignore
+        if fused then
+            let input = if layers.Length = 1 then xa else p.Hidden.[layers.Length - 2]
+            p.OutRows.addmm_(input, HandGradients.transposeOf last.weight, 0.0f, 1.0f) |> ignore
+        else
+            let inputT = if layers.Length = 1 then xa.t() else p.HiddenT.[layers.Length - 2]
+            p.OutT.copy_(last.bias.unsqueeze(1L)).addmm_(last.weight, inputT, 1.0f, 1.0f) |> ignore
 
-    /// The perceptron's backward pass from DOutT (parameter-major), each gradient added in place.
-    let conditionerBackward (p: SplinePass) (xa: Tensor) (dya: Tensor) (inputGradient: bool) =
+    /// The perceptron's backward pass from dL/d(its output), [Q nB, rows] and [rows, Q nB] views of
+    /// it (the layout the pass took), each gradient added in place; the fused loops summed the bias's.
+    let conditionerBackward (p: SplinePass) (xa: Tensor) (dya: Tensor) (inputGradient: bool) (fused: bool) =
         let depth = layers.Length
         let lastInput = if depth = 1 then xa else p.Hidden.[depth - 2]
-        (HandGradients.gradOf last.weight).addmm_(p.DOutT, lastInput, 1.0f, 1.0f) |> ignore
-        (HandGradients.gradOf last.bias).addmv_(p.DOutT, p.OnesRows, 1.0f, 1.0f) |> ignore
+        let dOutQR, dOutRQ = if fused then p.DOutRowsT, p.DOutRows else p.DOutT, p.DOutTT
+        (HandGradients.gradOf last.weight).addmm_(dOutQR, lastInput, 1.0f, 1.0f) |> ignore
+        if fused then (HandGradients.gradOf last.bias).add_(p.DBias, Scalars.One) |> ignore
+        else (HandGradients.gradOf last.bias).addmv_(p.DOutT, p.OnesRows, 1.0f, 1.0f) |> ignore
         if depth = 1 then
-            if inputGradient then p.Dxa.copy_(dya).addmm_(p.DOutTT, last.weight, 1.0f, 1.0f) |> ignore
+            if inputGradient then p.Dxa.copy_(dya).addmm_(dOutRQ, last.weight, 1.0f, 1.0f) |> ignore
         else
             // Through the last ReLU: times its output's sign, in place of that output.
-            let product = workspace.Scratch(1, p.Widths.[depth - 2]).addmm_(p.DOutTT, last.weight, 0.0f, 1.0f)
+            let product = workspace.Scratch(1, p.Widths.[depth - 2]).addmm_(dOutRQ, last.weight, 0.0f, 1.0f)
             let mutable dOut = lastInput.sign_().mul_(product)
             let mutable dOutT = p.HiddenT.[depth - 2]
             for i in depth - 2 .. -1 .. 0 do
@@ -329,17 +347,19 @@ type internal SplineCouplingStep(coupling: Coupling) =
             let p = pass
             let v = inputViews.Of(x, fun x -> [| x.narrow(1L, conditioningStart, nA); x.narrow(1L, transformedStart, nB).t() |])
             let xa, xbT = v.[0], v.[1]
-            conditioner p xa
+            let fused = SplineKernel.applies x nB && last.bias.is_contiguous()
+            conditioner p xa fused
             let tape = SplineTape(p, workspace.Generation, xa)
-            SplinePlanes.softmax p
-            p.Xb.copy_(xbT) |> ignore
-            if SplineKernel.applies x p.Elements then
-                tape.Fused <- true
-                if x.dtype = torch.float32 then SplineKernel.forward<float32> p.Constants (p.Buffers false)
-                else SplineKernel.forward<float> p.Constants (p.Buffers false)
-                p.Yb.copy_(p.KernelY.view(nB, -1L).t()) |> ignore
-                SplinePlanes.addLogDet p p.KernelLd logDet
-            else SplinePlanes.forward p logDet map.Bound tape
+            tape.Fused <- fused
+            if fused then
+                tape.X <- x
+                if x.dtype = torch.float32 then SplineKernel.forward<float32> p.Constants (p.Rows(x, last.bias, null))
+                else SplineKernel.forward<float> p.Constants (p.Rows(x, last.bias, null))
+                logDet.addmv_(p.RowLd.view(logDet.shape.[0], -1L), p.OnesPerSample, 1.0f, 1.0f) |> ignore
+            else
+                SplinePlanes.softmax p
+                p.Xb.copy_(xbT) |> ignore
+                SplinePlanes.forward p logDet map.Bound tape
             p.Ya.copy_(xa) |> ignore
             struct (p.Y, box tape)
         member _.Backward(tape, dy, logDetGradient, inputGradient) =
@@ -349,21 +369,22 @@ type internal SplineCouplingStep(coupling: Coupling) =
             let p = tape.Pass
             let v = gradViews.Of(dy, fun g -> [| g.narrow(1L, conditioningStart, nA); g.narrow(1L, transformedStart, nB).t() |])
             let dya, dybT = v.[0], v.[1]
-            p.Gy.copy_(dybT) |> ignore
-            let dxb =
-                if tape.Fused then
-                    if p.Xb.dtype = torch.float32 then SplineKernel.backward<float32> p.Constants (p.Buffers true) logDetGradient
-                    else SplineKernel.backward<float> p.Constants (p.Buffers true) logDetGradient
-                    p.KernelDx
-                else
-                    let c = Scalar.op_Implicit logDetGradient
-                    let c2 = Scalar.op_Implicit (2.0 * logDetGradient)
+            if tape.Fused then
+                // dL/dx_b goes straight into Dx.
+                let g = if dy.stride(1) = 1L then dy else dy.contiguous()
+                if g.dtype = torch.float32 then SplineKernel.backward<float32> p.Constants (p.Rows(tape.X, last.bias, g)) logDetGradient
+                else SplineKernel.backward<float> p.Constants (p.Rows(tape.X, last.bias, g)) logDetGradient
+            else
+                p.Gy.copy_(dybT) |> ignore
+                let c = Scalar.op_Implicit logDetGradient
+                let c2 = Scalar.op_Implicit (2.0 * logDetGradient)
+                let dxb =
                     try SplinePlanes.backward tape c c2
                     finally
                         c.Dispose()
                         c2.Dispose()
-            if inputGradient then p.Dxb.copy_(dxb.view(nB, -1L).t()) |> ignore
-            conditionerBackward p tape.Xa dya inputGradient
+                if inputGradient then p.Dxb.copy_(dxb.view(nB, -1L).t()) |> ignore
+            conditionerBackward p tape.Xa dya inputGradient tape.Fused
             if inputGradient then p.Dx else null
         member _.Release() =
             workspace.Clear()
