@@ -36,7 +36,8 @@ type internal SplineRows =
       /// Transformed elements per row (nB), a multiple of the lanes.
       Width: int
       /// The conditioner's output without its bias [rows, Q Width] (parameter j of element b at
-      /// j Width + b: widths, heights, inner derivatives), and the bias [Q Width].
+      /// j Width + b: widths, heights, inner derivatives), and the bias [Q Width]. The forward
+      /// loop leaves the softmax of the widths and heights in their place, for the backward loop.
       Params: nativeint
       Bias: nativeint
       /// x_b: row 0's first transformed value, and the row stride.
@@ -60,26 +61,30 @@ type internal SplineRows =
 /// The spline of Spline.apply (forward direction) and its backward pass fused into one loop over
 /// a coupling's rows, Vector<'T>.Count elements at a time (float32 or float64), reading the
 /// conditioner's output as it lies (row-major, bias added here): softmax, knots and the bin's
-/// quantities in registers, no intermediate tensor. The backward loop computes the softmax again
-/// (cheaper than storing it) and writes every parameter's gradient. The same maths as SplinePlanes,
+/// quantities in registers, no intermediate tensor. The forward loop leaves the softmax in place of
+/// the raw widths and heights; the backward loop reads it and writes every parameter's gradient. The same maths as SplinePlanes,
 /// which runs it as tensor operations (other devices, other layouts).
 module internal SplineKernel =
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private isSingle<'T> () = Type.op_Equality(typeof<'T>, typeof<float32>)
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private constant<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: float) : Vector<'T> =
         if isSingle<'T> () then Vector.As<float32, 'T>(Vector<float32>(float32 v)) else Vector.As<float, 'T>(Vector<float>(v))
-    /// exp for float32 (Cephes' expf: a degree-6 polynomial on [-ln2/2, ln2/2] times 2^n; inputs
-    /// clamped to [-87.3, 88], within 2 ulp there).
+    /// exp for float32 (Cephes' expf: a polynomial on [-ln2/2, ln2/2] times 2^n; inputs clamped
+    /// to [-87.3, 88], within 2 ulp there).
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private expSingle (v: Vector<float32>) : Vector<float32> =
-        let x = Vector.Max(Vector.Min(v, Vector<float32>(88.0f)), Vector<float32>(-87.3365478515625f))
+        let x = Vector.MaxNative(Vector.MinNative(v, Vector<float32>(88.0f)), Vector<float32>(-87.3365478515625f))
         let fx = Vector.Floor(x * Vector<float32>(1.44269504088896341f) + Vector<float32>(0.5f))
-        let x = x - fx * Vector<float32>(0.693359375f) + fx * Vector<float32>(2.12194440e-4f)
-        let p =
-            ((((Vector<float32>(1.9875691500e-4f) * x + Vector<float32>(1.3981999507e-3f)) * x + Vector<float32>(8.3334519073e-3f)) * x
-              + Vector<float32>(4.1665795894e-2f)) * x + Vector<float32>(1.6666665459e-1f)) * x + Vector<float32>(5.0000001201e-1f)
-        let y = p * (x * x) + x + Vector<float32>.One
-        y * Vector.As<int, float32>(Vector.ShiftLeft(Vector.ConvertToInt32 fx + Vector<int>(127), 23))
+        let x = Vector.FusedMultiplyAdd(fx, Vector<float32>(2.12194440e-4f), Vector.FusedMultiplyAdd(fx, Vector<float32>(-0.693359375f), x))
+        let inline fma (a: Vector<float32>) (c: float32) = Vector.FusedMultiplyAdd(a, x, Vector<float32>(c))
+        let p = fma (fma (fma (fma (fma (Vector<float32>(1.9875691500e-4f)) 1.3981999507e-3f) 8.3334519073e-3f) 4.1665795894e-2f) 1.6666665459e-1f) 5.0000001201e-1f
+        let y = Vector.FusedMultiplyAdd(p, x * x, x + Vector<float32>.One)
+        y * Vector.As<int, float32>(Vector.ShiftLeft(Vector.ConvertToInt32Native fx + Vector<int>(127), 23))
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private exp<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: Vector<'T>) : Vector<'T> =
         if isSingle<'T> () then Vector.As<float32, 'T>(expSingle (Vector.As<'T, float32> v)) else Vector.As<float, 'T>(Vector.Exp(Vector.As<'T, float> v))
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private log<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (v: Vector<'T>) : Vector<'T> =
         if isSingle<'T> () then Vector.As<float32, 'T>(Vector.Log(Vector.As<'T, float32> v)) else Vector.As<float, 'T>(Vector.Log(Vector.As<'T, float> v))
     let inline private load<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (baseAddress: nativeint) (index: int) : Vector<'T> =
@@ -92,6 +97,7 @@ module internal SplineKernel =
         load<'T> b.Params (row + j * b.Width + b0) + load<'T> b.Bias (j * b.Width + b0)
 
     /// The softmax of the widths (soft.[0..K-1]) and of the heights (soft.[K..2K-1]).
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private softmax<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
             (k: int) (b: SplineRows) (row: int) (b0: int) (soft: Vector<'T>[]) =
         for part in 0 .. 1 do
@@ -101,7 +107,7 @@ module internal SplineKernel =
             for j in first + 1 .. first + k - 1 do
                 let v = parameter<'T> b row j b0
                 soft.[j] <- v
-                largest <- Vector.Max(largest, v)
+                largest <- Vector.MaxNative(largest, v)
             let mutable total = Vector<'T>.Zero
             for j in first .. first + k - 1 do
                 let v = exp<'T> (soft.[j] - largest)
@@ -120,6 +126,7 @@ module internal SplineKernel =
           /// The raw derivatives of the bin's lower and upper knots (0 where it is an end).
           RawLow: Vector<'T>; RawHigh: Vector<'T> }
 
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private bin<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
             (c: SplineConstants) (b: SplineRows) (row: int) (b0: int) (soft: Vector<'T>[]) (xc: Vector<'T>) (raw: bool) : Bin<'T> =
         let k = c.Bins
@@ -142,11 +149,12 @@ module internal SplineKernel =
         r
 
     /// softplus(u + shift) + min and softplus' (the sigmoid); 1 and 0 where `atEnd` is set.
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private derivative<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType> (raw: Vector<'T>) (atEnd: Vector<'T>) =
         let one = Vector<'T>.One
         let u = raw + constant<'T> Spline.derivativeShift
         let ex = exp<'T> (-Vector.Abs u)
-        let softplus = Vector.Max(u, Vector<'T>.Zero) + log<'T> (one + ex)
+        let softplus = Vector.MaxNative(u, Vector<'T>.Zero) + log<'T> (one + ex)
         let sigmoid = Vector.ConditionalSelect(Vector.GreaterThanOrEqual(u, Vector<'T>.Zero), one, ex) / (one + ex)
         struct (Vector.ConditionalSelect(atEnd, one, softplus + constant<'T> Spline.minDerivative),
                 Vector.ConditionalSelect(atEnd, Vector<'T>.Zero, sigmoid))
@@ -157,6 +165,7 @@ module internal SplineKernel =
         { Wk: Vector<'T>; Hk: Vector<'T>; Yk: Vector<'T>; Theta: Vector<'T>; S: Vector<'T>; T1t: Vector<'T>
           N: Vector<'T>; Qv: Vector<'T>; Dn: Vector<'T>; R: Vector<'T>; A: Vector<'T>; Dydx: Vector<'T> }
 
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private rq<'T when 'T : struct and 'T : (new : unit -> 'T) and 'T :> ValueType>
             (c: SplineConstants) (r: Bin<'T>) (xc: Vector<'T>) (dk: Vector<'T>) (dk1: Vector<'T>) : Rq<'T> =
         let negB = constant<'T> -c.Bound
@@ -190,8 +199,10 @@ module internal SplineKernel =
             let mutable b0 = 0
             while b0 < b.Width do
                 softmax<'T> k b row b0 soft
+                // The softmax in place of the raw widths and heights, for the backward loop.
+                for j in 0 .. 2 * k - 1 do store b.Params (row + j * b.Width + b0) soft.[j]
                 let x = load<'T> b.X (r * b.XStride + b0)
-                let xc = Vector.Min(Vector.Max(x, -bound), bound)
+                let xc = Vector.MinNative(Vector.MaxNative(x, -bound), bound)
                 let inside = Vector.Equals(x, xc)
                 let bn = bin<'T> c b row b0 soft xc true
                 let struct (dk, sigK) = derivative<'T> bn.RawLow (Vector.Equals(bn.K, Vector<'T>.Zero))
@@ -223,10 +234,10 @@ module internal SplineKernel =
             let row = r * q
             let mutable b0 = 0
             while b0 < b.Width do
-                softmax<'T> k b row b0 soft
+                for j in 0 .. 2 * k - 1 do soft.[j] <- load<'T> b.Params (row + j * b.Width + b0)
                 let x = load<'T> b.X (r * b.XStride + b0)
                 let gy = load<'T> b.Y (r * b.YStride + b0)
-                let xc = Vector.Min(Vector.Max(x, -bound), bound)
+                let xc = Vector.MinNative(Vector.MaxNative(x, -bound), bound)
                 let inside = Vector.Equals(x, xc)
                 let bn = bin<'T> c b row b0 soft xc false
                 let saved = r * 4 * b.Width + b0
