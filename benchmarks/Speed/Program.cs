@@ -6,7 +6,8 @@
 // Each preset's PyTorch mirror (benchmarks/mirror/mixerflow_mirror.py, Debian's python3-torch)
 // takes the same training steps, evaluations and samplings, interleaved with ours, unless --no-mirror.
 // A preset name with "+bfloat16" (cifar10+bfloat16) is that MixerFlow preset with its conditioners
-// computing in bfloat16 (conditionerPrecision), its mirror under torch.autocast(bfloat16).
+// computing in bfloat16 (conditionerPrecision), its mirror under torch.autocast(bfloat16); with
+// "+spline" (fashion-mnist+spline) its channel flows are rational-quadratic spline couplings.
 // Method and the measured table: docs/benchmarks.md. Follows the codebase's Scalar rule (no
 // temporary TorchSharp Scalars), although benchmarks/ is not scanned by the unit test.
 using System.Diagnostics;
@@ -53,6 +54,7 @@ for (int i = 0; i < args.Length; i++)
         case "--help" or "-h":
             Console.WriteLine("dotnet run --project benchmarks/Speed -c Release -- [--presets a,b] [--repeats N] [--quick] [--threads 1] [--batch 64] [--no-mirror] [--conv-probe] [--mirror-threads N] [--mirror-blas-threads N] [--autograd] [--onednn] [--out FILE]");
             Console.WriteLine("a preset name ending in +bfloat16 (cifar10+bfloat16): its conditioners compute in bfloat16");
+            Console.WriteLine("a preset name ending in +spline (fashion-mnist+spline): its channel flows are spline couplings (channelFlow=spline)");
             return 0;
         default: Console.Error.WriteLine($"unknown argument '{args[i]}'"); return 2;
     }
@@ -89,17 +91,26 @@ Console.WriteLine();
 var fmaPeaks = new List<double>();
 var benches = presets.Select(p => new Bench(Preset(p), batch, sampleBatch, mirrorProblem is null ? mirrorThreads : 0, mirrorBlasThreads)).ToList();
 
-// A preset by name; "cifar10+bfloat16" is the preset with its conditioners computing in bfloat16
-// (MixerFlowConfig.ConditionerPrecision), and its mirror under torch.autocast(bfloat16).
+// A preset by name, with modifiers after "+": "cifar10+bfloat16" is the preset with its
+// conditioners computing in bfloat16 (MixerFlowConfig.ConditionerPrecision), its mirror under
+// torch.autocast(bfloat16); "fashion-mnist+spline" is the preset with rational-quadratic spline
+// channel flows (channelFlow = spline, as `--set channelFlow=spline`), its mirror the same.
 static ModelConfig Preset(string spec)
 {
-    const string reduced = "+bfloat16";
-    if (!spec.EndsWith(reduced, StringComparison.OrdinalIgnoreCase)) return Presets.Get(spec);
-    return Presets.Get(spec[..^reduced.Length]) switch
+    var parts = spec.Split('+');
+    var config = Presets.Get(parts[0]);
+    foreach (var modifier in parts.Skip(1))
     {
-        MixerFlowConfig m => m with { ConditionerPrecision = ConditionerPrecision.Bfloat16, Name = spec },
-        var other => throw new ArgumentException($"{spec}: bfloat16 conditioners are a MixerFlow setting; {other.Name} is {other.Kind}"),
-    };
+        if (config is not MixerFlowConfig m)
+            throw new ArgumentException($"{spec}: +{modifier} is a MixerFlow setting; {config.Name} is {config.Kind}");
+        config = modifier.ToLowerInvariant() switch
+        {
+            "bfloat16" => m with { ConditionerPrecision = ConditionerPrecision.Bfloat16 },
+            "spline" => m with { ChannelFlow = InnerFlow.Spline },
+            _ => throw new ArgumentException($"{spec}: unknown modifier +{modifier} (bfloat16, spline)"),
+        };
+    }
+    return parts.Length == 1 ? config : config with { Name = spec };
 }
 // Warm-up (ActNorm's data initialisation, allocator, MKL's first calls), FLOP count, chunk sizes.
 foreach (var b in benches)

@@ -60,6 +60,11 @@ type HandRule(name: string) =
     /// <param name="part">The bijector.</param>
     /// <param name="x">The flow's batch (its dtype and device).</param>
     abstract Refusal: part: Bijector * x: Tensor -> string
+    /// The rule's name for one part it runs, in a plan's description: <see cref="Name"/> unless
+    /// the rule runs several kinds of part (a coupling: "affine coupling", "spline coupling").
+    /// <param name="part">The bijector.</param>
+    abstract NameOf: part: Bijector -> string
+    default this.NameOf(_part: Bijector) = this.Name
     /// The step that runs the part (only asked where <see cref="Refusal"/> is null).
     /// <param name="part">The bijector.</param>
     /// <param name="planner">Plans the parts inside it, if any.</param>

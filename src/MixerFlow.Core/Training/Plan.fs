@@ -55,7 +55,7 @@ type HandGradientPlan private (root: IHandStep, parts: HandPlanPart[], checks: s
                 else rule.Refusal(part, x)
             if not (isNull (box rule)) then checks.Add(struct (part, rule, isNull refusal))
             if isNull refusal then
-                parts.Add { Depth = depth; Part = part.Name; Rule = rule.Name; AutogradReason = null }
+                parts.Add { Depth = depth; Part = part.Name; Rule = rule.NameOf part; AutogradReason = null }
                 let note (p: Bijector) (how: string) = parts.Add { Depth = depth + 1; Part = p.Name; Rule = how; AutogradReason = null }
                 rule.Make(part, HandPlanner(x, Func<_, _>(compile (depth + 1)), Action<_, _>(note)))
             else

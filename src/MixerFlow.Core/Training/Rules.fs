@@ -5,9 +5,10 @@ open System.Collections.Concurrent
 open TorchSharp
 open MixerFlow.Core.Ops
 
-/// MixerFlow's own rules: affine couplings with a soft-clamped scale and a perceptron conditioner,
-/// ActNorm, dequantisation, the logit, permutations (patchify, shifts and their inverses, runs of
-/// them in a chain as one gather), row- and column-wise liftings, partial maps and chains.
+/// MixerFlow's own rules: affine couplings with a soft-clamped scale and rational-quadratic spline
+/// couplings, each with a perceptron conditioner, ActNorm, dequantisation, the logit, permutations
+/// (patchify, shifts and their inverses, runs of them in a chain as one gather), row- and column-wise
+/// liftings, partial maps and chains.
 module internal BuiltInRules =
     let private floating (x: Tensor) = if x.is_floating_point() then null else "the batch is not floating point"
 
@@ -53,9 +54,22 @@ module internal BuiltInRules =
         let first = match Seq.tryFindIndex HandGradients.hasParameters parts with Some k -> k | None -> parts.Count
         ChainStep(steps.ToArray(), starts.ToArray(), first) :> _
 
+    /// Couplings: the affine step for an affine map, the spline step for a rational-quadratic one.
+    let private coupling =
+        let isSpline (c: Coupling) = c.Map.GetType() = typeof<RationalQuadratic>
+        { new HandRule("coupling") with
+            member _.NameOf(part) = if isSpline (part :?> Coupling) then "spline coupling" else "affine coupling"
+            member _.Refusal(part, x) =
+                let c = part :?> Coupling
+                if c.IsAffine then AffineCouplingStep.Refusal(c, x)
+                elif isSpline c then SplineCouplingStep.Refusal(c, x)
+                else sprintf "its map is %s, not the affine or the rational-quadratic spline one" c.Map.Name
+            member _.Make(part, _) =
+                let c = part :?> Coupling
+                if isSpline c then SplineCouplingStep c :> IHandStep else AffineCouplingStep c :> IHandStep }
+
     let all : (Type * HandRule) list =
-        [ typeof<Coupling>,
-          HandRule.Create<Coupling>("affine coupling", (fun c x -> AffineCouplingStep.Refusal(c, x)), (fun c _ -> AffineCouplingStep c :> IHandStep))
+        [ typeof<Coupling>, coupling
           typeof<ActNorm>,
           HandRule.Create<ActNorm>("ActNorm", (fun a x -> ActNormStep.Refusal(a, x)), (fun a _ -> ActNormStep a :> IHandStep))
           typeof<Dequantize>,
@@ -91,8 +105,9 @@ module internal BuiltInRules =
           typeof<Chain>, HandRule.Create<Chain>("chain", null, (fun c planner -> chain c planner)) ]
 
 /// The rules that run bijectors by hand, by bijector type: MixerFlow's own (affine couplings with
-/// a soft-clamped scale and a perceptron conditioner, ActNorm, dequantisation, the logit,
-/// permutations, liftings, partial maps, chains) and any registered. A part is run by the rule of its type, else
+/// a soft-clamped scale and rational-quadratic spline couplings, each with a perceptron conditioner,
+/// ActNorm, dequantisation, the logit, permutations, liftings, partial maps, chains) and any
+/// registered. A part is run by the rule of its type, else
 /// of its nearest base type with one; a part without one runs as an autograd island.
 [<Sealed>]
 type HandRules private () =

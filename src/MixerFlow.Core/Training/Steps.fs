@@ -5,6 +5,22 @@ open TorchSharp
 open TorchSharp.Modules
 open MixerFlow.Core.Ops
 
+/// What the hand-written coupling steps (affine, spline) share.
+module internal CouplingSteps =
+    /// Why a coupling's structure keeps it from a hand-written step (null: it does not): halves
+    /// that are runs of consecutive slices, vector events, a float perceptron conditioner whose
+    /// parameters all take a gradient.
+    let structureRefusal (c: Coupling) : string =
+        let struct (a, b) = c.Starts
+        if a < 0L || b < 0L then "its partition's halves are not runs of consecutive slices"
+        elif c.InputShape.Length <> 1 then "its events are not vectors"
+        elif isNull c.PerceptronLayers then "its conditioner is not a perceptron (Linear, ReLU, ..., Linear with biases)"
+        elif (c.Conditioner :?> ReluNetwork).ComputeType.HasValue then "its conditioner computes in a reduced type"
+        // Frozen parameters get no gradient from autograd; this backward would give them one.
+        elif not (c.PerceptronLayers |> Array.forall (fun l -> l.weight.requires_grad && l.bias.requires_grad)) then
+            "a frozen parameter (autograd gives it no gradient)"
+        else null
+
 /// The tensors of an affine coupling's hand-written pass for one batch layout (rows of
 /// `samples` samples, dtype, device), kept in a Workspace: the ReLU outputs (overwritten by their
 /// gradients in the backward pass), the conditioner's output [shift | raw], the clamp's slope,
@@ -76,19 +92,11 @@ type internal AffineCouplingStep(coupling: Coupling) =
 
     /// Why the step cannot run this coupling (null: it can).
     static member Refusal(c: Coupling, x: Tensor) : string =
-        let struct (a, b) = c.Starts
         if not (x.is_floating_point()) then "the batch is not floating point"
         elif c.ContextFeatures <> 0L then "a conditional coupling"
         elif not c.IsAffine then sprintf "its map is %s, not the affine one" c.Map.Name
         elif (c.Map :?> Affine).ScaleBound.IsSigmoid then "its scale is bounded by a sigmoid, not soft-clamped"
-        elif a < 0L || b < 0L then "its partition's halves are not runs of consecutive slices"
-        elif c.InputShape.Length <> 1 then "its events are not vectors"
-        elif isNull c.PerceptronLayers then "its conditioner is not a perceptron (Linear, ReLU, ..., Linear with biases)"
-        elif (c.Conditioner :?> ReluNetwork).ComputeType.HasValue then "its conditioner computes in a reduced type"
-        // Frozen parameters get no gradient from autograd; this backward would give them one.
-        elif not (c.PerceptronLayers |> Array.forall (fun l -> l.weight.requires_grad && l.bias.requires_grad)) then
-            "a frozen parameter (autograd gives it no gradient)"
-        else null
+        else CouplingSteps.structureRefusal c
 
     interface IHandStep with
         member _.Forward(x, logDet) =

@@ -138,6 +138,10 @@ type internal Workspace() =
     /// A new tensor of the pass's dtype and device, kept (a normal tensor even under inference mode:
     /// passes outside inference mode write into it too).
     member this.Empty(shape: int64[]) : Tensor = this.Keep(empty shape)
+    /// A new tensor of another dtype (indices, say) on the pass's device, kept.
+    member this.Empty(shape: int64[], ofType: torch.ScalarType) : Tensor =
+        use _normal = torch.inference_mode(false)
+        this.Keep(torch.empty(shape, dtype = ofType, device = torch.Device(deviceType, deviceIndex)))
     /// Ones [n] of the pass's dtype and device, kept: addmv_ with them sums a matrix's rows or
     /// columns into a tensor in place.
     member this.Ones(n: int64) : Tensor = this.Empty([| n |]).fill_(Scalars.One)
