@@ -46,7 +46,7 @@ public class ConfigOverrideTests
     }
 
     [Theory]
-    [InlineData("foo=1", "unknown key 'foo'", "valid keys: name, channels, height, width, alpha, patches")]
+    [InlineData("foo=1", "unknown key 'foo'", "valid keys: name, channels, height, width, alpha, dequantization")]
     [InlineData("glowWidth=3", "unknown key 'glowWidth'", "channelFlow")]
     [InlineData("patches=diagonal", "patches must be one of square, bands, stripes", "")]
     [InlineData("channelFlow=glow", "channelFlow must be one of affine, additive, spline, maf", "")]
